@@ -1,0 +1,72 @@
+# Copyright: lanyard.machine_id contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Shared pytest wiring: import paths and the real test bed fixtures.
+
+Fixtures:
+  testbed_bins  -- paths of the real binaries (fails with the fix command when any is missing)
+  testbed       -- ONE bed per session: kube-apiserver + Teleport in both listener modes
+  kube          -- the bed's KubeCluster (admin kubeconfig, kubectl, server, CA)
+  teleport      -- parametrised over both listener modes ("multiplex", "separate")
+  teleport_multiplex / teleport_separate -- one mode only
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+COLLECTIONS = REPO / "build" / "collections"
+
+sys.path.insert(0, str(TESTS))
+# `ansible_collections.lanyard.machine_id` resolves through build/collections (made by scripts/bootstrap.sh).
+_link = COLLECTIONS / "ansible_collections" / "lanyard" / "machine_id"
+if not _link.exists():
+    _link.parent.mkdir(parents=True, exist_ok=True)
+    _link.symlink_to(REPO)
+sys.path.insert(0, str(COLLECTIONS))
+os.environ.setdefault("ANSIBLE_COLLECTIONS_PATH", str(COLLECTIONS))
+
+import testbed as _tb  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def testbed_bins():
+    try:
+        return _tb.require_binaries()
+    except _tb.BuildError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def testbed(testbed_bins):
+    try:
+        bed = _tb.Testbed.start()
+    except (_tb.TestbedError, _tb.BuildError) as exc:
+        pytest.fail(f"the real test bed failed to start: {exc}", pytrace=False)
+    yield bed
+    bed.stop()
+
+
+@pytest.fixture(scope="session")
+def kube(testbed):
+    return testbed.kube
+
+
+@pytest.fixture(scope="session", params=_tb.MODES)
+def teleport(testbed, request):
+    return testbed.teleport[request.param]
+
+
+@pytest.fixture(scope="session")
+def teleport_multiplex(testbed):
+    return testbed.teleport["multiplex"]
+
+
+@pytest.fixture(scope="session")
+def teleport_separate(testbed):
+    return testbed.teleport["separate"]

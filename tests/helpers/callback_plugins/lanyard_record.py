@@ -1,0 +1,50 @@
+# Copyright: lanyard.machine_id contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Test-only callback: append every task result as one JSON line to $LANYARD_RECORD_FILE."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from ansible.plugins.callback import CallbackBase
+
+DOCUMENTATION = """
+name: lanyard_record
+type: aggregate
+short_description: record task results as JSON lines (tests only)
+description: Writes one JSON object per task result to the file named by LANYARD_RECORD_FILE.
+"""
+
+
+class CallbackModule(CallbackBase):
+    CALLBACK_VERSION = 2.0
+    CALLBACK_TYPE = "aggregate"
+    CALLBACK_NAME = "lanyard_record"
+    CALLBACK_NEEDS_ENABLED = True
+
+    def _record(self, result, status):
+        path = os.environ.get("LANYARD_RECORD_FILE")
+        if not path:
+            return
+        entry = {
+            "host": result._host.get_name(),
+            "task": result._task.get_name(),
+            "action": result._task.action,
+            "status": status,
+            "result": self._clean_results(dict(result._result), result._task.action) or dict(result._result),
+        }
+        with open(path, "a") as fh:
+            fh.write(json.dumps(entry, default=str) + "\n")
+
+    def v2_runner_on_ok(self, result):
+        self._record(result, "ok")
+
+    def v2_runner_on_failed(self, result, ignore_errors=False):
+        self._record(result, "failed")
+
+    def v2_runner_on_skipped(self, result):
+        self._record(result, "skipped")
+
+    def v2_runner_on_unreachable(self, result):
+        self._record(result, "unreachable")
