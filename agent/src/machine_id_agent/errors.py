@@ -1,0 +1,58 @@
+# -*- coding: utf-8 -*-
+# Copyright: lanyard.machine_id contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The exceptions the agent raises. Every message is one line naming the object, the cause and the fix."""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """A failure the user can act on; ``str()`` is one line naming the cause and the fix."""
+
+    exit_code = 1
+
+    def __init__(self, msg: str, **details):
+        msg = " ".join(str(msg).split("\n"))
+        super().__init__(msg)
+        self.msg = msg
+        self.details = details
+
+    def __str__(self) -> str:
+        return self.msg
+
+
+class ConfigError(AgentError):
+    """The configuration file (or a command-line argument) is wrong. Exit code 2."""
+
+    exit_code = 2
+
+
+class JoinError(AgentError):
+    """Joining failed: token rejected, used or expired, CA pin mismatch."""
+
+    exit_code = 3
+
+
+class RenewError(AgentError):
+    """A renewal failed. ``retryable`` says whether trying again later can help."""
+
+    exit_code = 4
+
+    def __init__(self, msg: str, retryable: bool = True, **details):
+        super().__init__(msg, **details)
+        self.retryable = retryable
+
+
+class LockedError(RenewError):
+    """The bot is locked (e.g. generation mismatch): renewing again cannot help."""
+
+    exit_code = 5
+
+    def __init__(self, msg: str, retryable: bool = False, **details):
+        super().__init__(msg, retryable=retryable, **details)
+
+
+class OutputError(AgentError):
+    """Writing an output (files, ACLs, reload command) failed."""
+
+    exit_code = 6
