@@ -93,6 +93,8 @@ class KubeCluster:
     # -- API helpers (admin identity) -------------------------------------------------------------
     def session(self) -> requests.Session:
         s = requests.Session()
+        # REQUESTS_CA_BUNDLE in the environment would override Session.verify; the bed trusts only its CA.
+        s.trust_env = False
         s.cert = (str(self.admin.cert), str(self.admin.key))
         s.verify = str(self.ca.cert_path)
         return s

@@ -101,17 +101,31 @@ class TeleportCluster:
         self.config_path = d / "teleport.yaml"
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         self.env = dict(os.environ, SSL_CERT_FILE=str(self.web_ca_path))
+        self.start_process(timeout)
+        self._make_admin_identity()
+        return self
+
+    def start_process(self, timeout: float = 90.0) -> None:
+        """Start (or start again, with the same config, ports and data) the teleport process."""
         proc = Process(f"teleport-{self.mode}", [
             str(self.bins["teleport"]), "start", "-c", str(self.config_path),
             f"--diag-addr=127.0.0.1:{self.diag_port}",
-        ], d / "logs", env=self.env)
+        ], self.workdir / "logs", env=self.env)
         self.procs.append(proc)
         self.process = proc
         proc.wait_until(lambda: requests.get(f"http://127.0.0.1:{self.diag_port}/readyz", timeout=1).ok,
                         timeout, "ready (/readyz)")
         proc.wait_until(self._kube_registered, timeout, f"serving kube cluster {KUBE_CLUSTER_NAME}")
-        self._make_admin_identity()
-        return self
+
+    def stop_process(self) -> None:
+        """Stop teleport but keep its state, so :meth:`start_process` brings the same cluster back."""
+        self.process.stop()
+        self.procs.remove(self.process)
+
+    def restart(self, down_for: float = 0.0, timeout: float = 90.0) -> None:
+        self.stop_process()
+        time.sleep(down_for)
+        self.start_process(timeout)
 
     def _kube_registered(self) -> bool:
         out = self.tctl("get", "kube_server", "--format=json", check=True).stdout
@@ -143,6 +157,14 @@ class TeleportCluster:
             raise TestbedError(f"tctl {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()[-800:]}")
         return proc
 
+    def bot_add(self, name: str, roles: list[str]) -> str:
+        """``tctl bots add NAME --roles=...`` as the guide runs it; returns the join token it prints."""
+        out = self.tctl("bots", "add", name, f"--roles={','.join(roles)}", check=True).stdout
+        for line in out.splitlines():
+            if line.strip().lower().startswith("the bot token:"):
+                return line.split(":", 1)[1].strip()
+        raise TestbedError(f"tctl bots add {name} printed no token line:\n{out}")
+
     # -- facts -------------------------------------------------------------------------------------
     def ping(self) -> dict:
         r = requests.get(f"{self.web_url}/webapi/ping", verify=str(self.web_ca_path), timeout=10)
@@ -169,9 +191,6 @@ class TeleportCluster:
             if line.strip().startswith("CA pin"):
                 return line.split()[-1]
         raise TestbedError("tctl status printed no CA pin")
-
-    def wait_kube_access(self, timeout: float = 30) -> None:
-        time.sleep(0)
 
     def stop(self) -> None:
         for p in reversed(self.procs):
