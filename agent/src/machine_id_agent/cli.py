@@ -1,0 +1,289 @@
+# -*- coding: utf-8 -*-
+# Copyright: lanyard.machine_id contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Command line: check, init, start, status, wait, kube credentials, version.
+
+Exit codes: 0 ok; 1 internal error or wait timeout; 2 bad configuration or arguments; 3 join failed;
+4 renewal failed (--oneshot); 5 bot locked; 6 output could not be written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from machine_id_agent import __version__
+from machine_id_agent import config as configmod
+from machine_id_agent import logs
+from machine_id_agent.errors import AgentError, ConfigError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like every other user mistake
+        sys.stderr.write("machine-id-agent: error: %s; see 'machine-id-agent %s--help'\n"
+                         % (message, (self.prog.split(" ", 1)[1] + " ") if " " in self.prog else ""))
+        sys.exit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="machine-id-agent", description="Teleport Machine ID renewal agent for Kubernetes outputs.")
+    p.add_argument("--version", action="version", version="machine-id-agent " + __version__)
+    sub = p.add_subparsers(dest="cmd", parser_class=_Parser)
+
+    def cfg_arg(sp, required=True):
+        sp.add_argument("-c", "--config", default=None if not required else configmod.DEFAULT_PATH,
+                        help="configuration file (default %s)" % configmod.DEFAULT_PATH)
+
+    sp = sub.add_parser("check", help="validate the configuration offline")
+    cfg_arg(sp)
+    sp.add_argument("--json", action="store_true")
+
+    sp = sub.add_parser("init", help="create a destination directory and set its ACLs (tbot init flags)")
+    cfg_arg(sp, required=False)
+    sp.add_argument("--init-dir", "--destination-dir", dest="init_dir")
+    sp.add_argument("--bot-user", required=True, help="the user the agent runs as (gets rw)")
+    sp.add_argument("--owner", help="USER:GROUP owning the directory (default: bot user and its group)")
+    sp.add_argument("--reader-user", action="append", default=[], help="user that reads the outputs (repeatable)")
+    sp.add_argument("--acls", choices=configmod.ACL_MODES, help="override acls from the config")
+    sp.add_argument("--json", action="store_true")
+
+    sp = sub.add_parser("start", help="run the renewal service (or one renewal with --oneshot)")
+    cfg_arg(sp)
+    sp.add_argument("--oneshot", action="store_true", help="renew once, write outputs and exit")
+    sp.add_argument("--debug", action="store_true")
+
+    sp = sub.add_parser("status", help="report the stored identity and the outputs (offline)")
+    cfg_arg(sp)
+    sp.add_argument("--json", action="store_true")
+
+    sp = sub.add_parser("wait", help="wait until the outputs are usable")
+    sp.add_argument("-c", "--config", help="wait for every output of this config (file-based)")
+    sp.add_argument("--diag-addr", help="wait for /readyz on this diagnostics address")
+    sp.add_argument("--destination-dir", action="append", default=[], help="wait for this output directory")
+    sp.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
+
+    sp = sub.add_parser("kube", help="Kubernetes helpers")
+    ksub = sp.add_subparsers(dest="kube_cmd", parser_class=_Parser)
+    kc = ksub.add_parser("credentials", help="print an ExecCredential for kubectl (exec plugin mode)")
+    kc.add_argument("--destination-dir", required=True)
+
+    sub.add_parser("version", help="print the version")
+    return p
+
+
+def _err(msg: str) -> None:
+    sys.stderr.write("machine-id-agent: %s\n" % msg)
+
+
+def cmd_check(args) -> int:
+    cfg = configmod.load(args.config)
+    if args.json:
+        print(json.dumps({"ok": True, "config": str(cfg.source), "version": cfg.version,
+                          "outputs": [str(o.destination) for o in cfg.outputs]}))
+    else:
+        print("ok: %s (%s, %d output%s, credential_ttl %s, renewal_interval %s)" % (
+            cfg.source, cfg.version, len(cfg.outputs), "" if len(cfg.outputs) == 1 else "s",
+            configmod.format_duration(cfg.credential_ttl), configmod.format_duration(cfg.renewal_interval)))
+    return 0
+
+
+def cmd_init(args) -> int:
+    from machine_id_agent import acl
+    cfg = configmod.load(args.config) if args.config else None
+    init_dir = args.init_dir
+    readers: List[str] = list(args.reader_user)
+    if cfg is not None:
+        match = [o for o in cfg.outputs if init_dir and Path(os.path.normpath(init_dir)) == o.destination]
+        if init_dir is None:
+            if len(cfg.outputs) != 1:
+                raise ConfigError("--init-dir: missing and %s has %d outputs; pass the destination to initialise"
+                                  % (cfg.source, len(cfg.outputs)))
+            match = cfg.outputs
+            init_dir = str(cfg.outputs[0].destination)
+        elif not match:
+            raise ConfigError("--init-dir: %s is not a destination in %s; pass one of: %s" % (
+                init_dir, cfg.source, ", ".join(str(o.destination) for o in cfg.outputs)))
+        readers += [r for r in match[0].readers if r not in readers]
+    if not init_dir:
+        raise ConfigError("--init-dir: missing; pass the destination directory, e.g. --init-dir=/opt/machine-id")
+    mode = args.acls or (cfg.acls if cfg else "try")
+    bot_uid = acl.resolve_user(args.bot_user, "--bot-user")
+    if args.owner:
+        user, sep, group = args.owner.partition(":")
+        if not user:
+            raise ConfigError("--owner: %r is not USER:GROUP; pass it like --owner=teleport:teleport" % args.owner)
+        owner_uid = acl.resolve_user(user, "--owner")
+        if sep and group:
+            owner_gid = acl.resolve_group(group, "--owner")
+        else:
+            owner_gid = _primary_gid(owner_uid)
+    else:
+        owner_uid, owner_gid = bot_uid, _primary_gid(bot_uid)
+    reader_uids = [acl.resolve_user(r, "--reader-user") for r in readers]
+    warnings: List[str] = []
+    res = acl.init_dir(init_dir, owner_uid, owner_gid, bot_uid, reader_uids, mode, warn=warnings.append)
+    for w in warnings:
+        _err("warning: " + w)
+    if args.json:
+        print(json.dumps({"changed": res.changed, "path": res.path, "acl": res.acl, "acls": res.acls_used,
+                          "actions": res.actions, "warnings": warnings}))
+    else:
+        print("changed" if res.changed else "unchanged")
+    return 0
+
+
+def _primary_gid(uid: int) -> int:
+    import pwd
+    try:
+        return pwd.getpwuid(uid).pw_gid
+    except KeyError:
+        return uid
+
+
+def cmd_start(args) -> int:
+    cfg = configmod.load(args.config)
+    from machine_id_agent.service import Agent
+    log = logs.setup(debug=args.debug or cfg.debug)
+    agent = Agent(cfg, log=log)
+    if args.oneshot or cfg.oneshot:
+        return agent.run_oneshot()
+    log.info("machine-id-agent %s starting: %d output(s), credential_ttl %s, renewal_interval %s", __version__,
+             len(cfg.outputs), configmod.format_duration(cfg.credential_ttl),
+             configmod.format_duration(cfg.renewal_interval))
+    return agent.run()
+
+
+def status_doc(cfg: configmod.Config, backend=None) -> Dict[str, Any]:
+    from machine_id_agent import outputs
+    now = _dt.datetime.now(_dt.timezone.utc)
+    ident_doc: Dict[str, Any] = {"present": False, "valid": False, "expires": None, "bot": None,
+                                 "token_hash_matches": None}
+    if backend is None:
+        from machine_id_agent.service import Backend
+        backend = Backend()
+    try:
+        ident = backend.load_identity(cfg.storage_dir)
+    except PermissionError as e:
+        raise ConfigError("storage %s: cannot read it (%s); run status as root or as the agent's user"
+                          % (cfg.storage_dir, e.strerror or e)) from None
+    except AgentError as e:
+        ident = None
+        ident_doc.update(present=True, error=str(e))
+    if ident is not None:
+        ident_doc.update(present=True, valid=bool(ident.valid()), expires=ident.not_after.isoformat())
+        try:
+            ident_doc["bot"] = ident.bot_name
+        except Exception:
+            ident_doc["bot"] = None
+        stored = backend.stored_token_hash(cfg.storage_dir)
+        if stored is not None and cfg.token:
+            ident_doc["token_hash_matches"] = stored == backend.token_hash(cfg.token)
+        ident_doc["seconds_to_expiry"] = int((ident.not_after - now).total_seconds())
+    outs = []
+    for o in cfg.outputs:
+        d = outputs.inspect(o.destination, now)
+        d["kubernetes_cluster"] = o.kubernetes_cluster
+        outs.append(d)
+    return {"identity": ident_doc, "outputs": outs}
+
+
+def cmd_status(args) -> int:
+    cfg = configmod.load(args.config)
+    doc = status_doc(cfg)
+    if args.json:
+        print(json.dumps(doc))
+    else:
+        i = doc["identity"]
+        if not i["present"]:
+            print("identity: none (the agent has not joined yet)")
+        else:
+            print("identity: %s, %s until %s%s" % (
+                i.get("bot") or "?", "valid" if i["valid"] else "NOT valid", i.get("expires"),
+                "" if i["token_hash_matches"] in (None, True) else " (configured token differs: re-join pending)"))
+        for o in doc["outputs"]:
+            print("output %s: %s%s" % (o["destination"], "valid until %s" % o["expires"] if o["valid"] else "not valid",
+                                       (" (%s)" % o["error"]) if o.get("error") else ""))
+    return 0
+
+
+def _readyz(addr: str) -> (bool, str):
+    url = "http://%s/readyz" % addr
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status == 200, "ready"
+    except urllib.error.HTTPError as e:
+        try:
+            reason = json.loads(e.read() or b"{}").get("reason") or "HTTP %d" % e.code
+        except ValueError:
+            reason = "HTTP %d" % e.code
+        return False, reason
+    except (urllib.error.URLError, OSError) as e:
+        return False, "no answer from %s (%s)" % (url, getattr(e, "reason", e))
+
+
+def cmd_wait(args) -> int:
+    from machine_id_agent import outputs
+    dests = [Path(d) for d in args.destination_dir]
+    if args.config:
+        dests += [o.destination for o in configmod.load(args.config).outputs]
+    if not dests and not args.diag_addr:
+        raise ConfigError("wait: nothing to wait for; pass --diag-addr, -c FILE or --destination-dir")
+    if args.diag_addr:
+        configmod.check_addr(args.diag_addr, "--diag-addr", "127.0.0.1:9191")
+    deadline = time.monotonic() + args.timeout
+    reason = ""
+    while True:
+        ok = True
+        if args.diag_addr:
+            ok, reason = _readyz(args.diag_addr)
+        if ok:
+            for d in dests:
+                st = outputs.inspect(d)
+                if not st["valid"]:
+                    ok, reason = False, "%s: %s" % (d, st.get("error") or "not valid")
+                    break
+        if ok:
+            print("ready")
+            return 0
+        if time.monotonic() >= deadline:
+            _err("wait: not ready after %gs: %s; check 'machine-id-agent status' and the agent's log"
+                 % (args.timeout, reason))
+            return 1
+        time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+
+def cmd_kube(args) -> int:
+    from machine_id_agent import outputs
+    if args.kube_cmd != "credentials":
+        raise ConfigError("kube: missing subcommand; use 'machine-id-agent kube credentials --destination-dir D'")
+    print(json.dumps(outputs.exec_credential(Path(args.destination_dir))))
+    return 0
+
+
+COMMANDS = {"check": cmd_check, "init": cmd_init, "start": cmd_start, "status": cmd_status, "wait": cmd_wait,
+            "kube": cmd_kube}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.cmd in (None, "version"):
+        if args.cmd is None:
+            _err("a command is needed: check, init, start, status, wait, kube credentials, version")
+            return 2
+        print("machine-id-agent " + __version__)
+        return 0
+    try:
+        return COMMANDS[args.cmd](args)
+    except AgentError as e:
+        _err(logs.REDACTOR.scrub(str(e)))
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130

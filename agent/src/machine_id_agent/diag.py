@@ -1,0 +1,120 @@
+# -*- coding: utf-8 -*-
+# Copyright: lanyard.machine_id contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Diagnostics HTTP server (``diag_addr``): ``/livez``, ``/readyz`` and ``/metrics`` (Prometheus text).
+
+The server only reads a snapshot the service loop publishes; it never touches credentials."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Dict, Tuple
+
+from machine_id_agent.errors import ConfigError
+
+PREFIX = "machine_id_agent_"
+
+
+def _esc(v: str) -> str:
+    return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def render_metrics(snap: Dict) -> str:
+    """Prometheus text exposition (version 0.0.4) from a service snapshot."""
+    lines = []
+
+    def metric(name, kind, help_, samples):
+        lines.append("# HELP %s%s %s" % (PREFIX, name, help_))
+        lines.append("# TYPE %s%s %s" % (PREFIX, name, kind))
+        for labels, value in samples:
+            lab = ",".join('%s="%s"' % (k, _esc(v)) for k, v in labels.items())
+            lines.append("%s%s%s %s" % (PREFIX, name, ("{%s}" % lab) if lab else "", _num(value)))
+
+    metric("renewals_total", "counter", "Successful renewal cycles (identity and all outputs).",
+           [({}, snap.get("renewals", 0))])
+    metric("renewal_failures_total", "counter", "Failed renewal cycles.", [({}, snap.get("failures", 0))])
+    metric("ready", "gauge", "1 when every output holds a valid certificate and the last renewal succeeded.",
+           [({}, 1 if snap.get("ready") else 0)])
+    ident = snap.get("identity_seconds_to_expiry")
+    if ident is not None:
+        metric("identity_seconds_to_expiry", "gauge", "Seconds until the bot identity expires.", [({}, ident)])
+    outs = [o for o in snap.get("outputs", []) if o.get("seconds_to_expiry") is not None]
+    metric("seconds_to_expiry", "gauge", "Seconds until the certificate of each output expires.",
+           [({"destination": o["destination"], "kubernetes_cluster": o.get("kubernetes_cluster", "")},
+             o["seconds_to_expiry"]) for o in outs])
+    if snap.get("last_success_unix") is not None:
+        metric("last_success_timestamp_seconds", "gauge", "Unix time of the last successful renewal.",
+               [({}, snap["last_success_unix"])])
+    return "\n".join(lines) + "\n"
+
+
+def _num(v) -> str:
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, int):
+        return str(v)
+    return repr(float(v))
+
+
+class DiagServer:
+    def __init__(self, addr: str, snapshot: Callable[[], Dict]):
+        host, _, port = addr.rpartition(":")
+        host = host.strip("[]")
+        self.snapshot = snapshot
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            server_version = "machine-id-agent"
+
+            def log_message(self, *args):  # quiet: the journal is for the agent's own events
+                pass
+
+            def do_GET(self):
+                path = self.path.split("?", 1)[0]
+                snap = outer.snapshot()
+                if path == "/livez":
+                    code, body, ctype = (200 if snap.get("alive", True) else 503), {"status": "ok" if snap.get("alive", True) else "stalled"}, "json"
+                elif path == "/readyz":
+                    ok = bool(snap.get("ready"))
+                    code, ctype = (200 if ok else 503), "json"
+                    body = {"status": "ready" if ok else "not ready", "reason": snap.get("reason") or "",
+                            "outputs": snap.get("outputs", [])}
+                elif path == "/metrics":
+                    code, body, ctype = 200, render_metrics(snap), "text"
+                else:
+                    code, body, ctype = 404, {"error": "not found; try /livez, /readyz or /metrics"}, "json"
+                if ctype == "json":
+                    data = (json.dumps(body, default=str) + "\n").encode()
+                    content_type = "application/json"
+                else:
+                    data = body.encode()
+                    content_type = "text/plain; version=0.0.4; charset=utf-8"
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            address_family = __import__("socket").AF_INET6 if ":" in host else __import__("socket").AF_INET
+
+        try:
+            self.httpd = Server((host, int(port)), Handler)
+        except OSError as e:
+            raise ConfigError("diag_addr: cannot listen on %s (%s); pick a free port or remove diag_addr"
+                              % (addr, e.strerror or e)) from None
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="diag", daemon=True)
+
+    @property
+    def address(self) -> Tuple[str, int]:
+        return self.httpd.server_address[:2]
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

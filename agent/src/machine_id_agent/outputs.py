@@ -1,0 +1,305 @@
+# -*- coding: utf-8 -*-
+# Copyright: lanyard.machine_id contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Kubernetes outputs: rendering ``kubeconfig.yaml`` like tbot and writing the destination files.
+
+Files in each destination directory (each written atomically, ACL set before it appears):
+``key`` (PEM private key), ``tlscert`` (PEM certificate routed to the Kubernetes cluster),
+``teleport-host-ca.crt`` (PEM host CA bundle), ``identity`` (exec mode only: key + certificate in one file,
+so the exec plugin reads a matching pair) and, last, ``kubeconfig.yaml``.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import ipaddress
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from machine_id_agent import acl as aclmod
+from machine_id_agent import fsutil
+from machine_id_agent.config import KubeOutput
+from machine_id_agent.errors import OutputError
+
+KUBECONFIG = "kubeconfig.yaml"
+KEY = "key"
+TLSCERT = "tlscert"
+HOST_CA = "teleport-host-ca.crt"
+IDENTITY = "identity"
+ALPN_SNI_PREFIX = "kube-teleport-proxy-alpn."
+DEFAULT_KUBE_PORT = 3026
+EXEC_API_VERSION = "client.authentication.k8s.io/v1beta1"
+
+
+@dataclass
+class KubeEndpoint:
+    server: str
+    tls_server_name: Optional[str] = None
+
+
+def _split_hostport(addr: str):
+    addr = addr.strip()
+    if addr.startswith("["):
+        host, _, rest = addr[1:].partition("]")
+        return host, rest[1:] if rest.startswith(":") else ""
+    if addr.count(":") == 1:
+        host, _, port = addr.partition(":")
+        return host, port
+    return addr, ""
+
+
+def _join_hostport(host: str, port: Any) -> str:
+    if ":" in host:
+        host = "[%s]" % host
+    return "%s:%s" % (host, port) if port not in (None, "") else host
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def _raw_get(raw: Any, *keys) -> Any:
+    cur = raw
+    for k in keys:
+        if not isinstance(cur, dict):
+            return None
+        cur = cur.get(k)
+    return cur or None
+
+
+def kube_endpoint(facts: Any, proxy_addr: Optional[str] = None) -> KubeEndpoint:
+    """Where kubectl connects, from the proxy's ping answer (tbot's rules).
+
+    TLS routing: ``https://<proxy public addr>`` with SNI ``kube-teleport-proxy-alpn.<proxy host>``
+    (``...teleport.cluster.local`` when the host is empty or an IP). Without TLS routing:
+    ``https://<kube public addr>``, else ``https://<proxy host>:<kube listen port>``.
+    """
+    if facts is None:
+        raise OutputError("kubeconfig: the Teleport proxy address is unknown (no /webapi/ping answer); set "
+                          "proxy_server (v2) or point auth_server at the proxy's web address")
+    raw = getattr(facts, "raw", None) or {}
+    public = (_raw_get(raw, "proxy", "ssh", "public_addr") or getattr(facts, "web_addr", None) or proxy_addr or "")
+    host, port = _split_hostport(public)
+    if getattr(facts, "tls_routing", False):
+        sni_host = "teleport.cluster.local" if (not host or _is_ip(host)) else host
+        return KubeEndpoint("https://" + _join_hostport(host or "127.0.0.1", port or 443), ALPN_SNI_PREFIX + sni_host)
+    kpub = getattr(facts, "kube_public_addr", None)
+    if kpub:
+        kh, kp = _split_hostport(kpub)
+        return KubeEndpoint("https://" + _join_hostport(kh, kp or DEFAULT_KUBE_PORT))
+    listen = getattr(facts, "kube_listen_addr", None)
+    lport = _split_hostport(listen)[1] if listen else ""
+    if not host:
+        raise OutputError("kubeconfig: the proxy reports no public address and no kube public_addr; set "
+                          "proxy_service.kube_public_addr in teleport.yaml or use TLS routing")
+    return KubeEndpoint("https://" + _join_hostport(host, lport or DEFAULT_KUBE_PORT))
+
+
+def exec_command(destination: Path) -> Dict[str, Any]:
+    """The exec stanza that calls ``machine-id-agent kube credentials --destination-dir D``."""
+    args = ["kube", "credentials", "--destination-dir", str(destination)]
+    prog = None
+    argv0 = sys.argv[0] if sys.argv else ""
+    if os.path.basename(argv0) == "machine-id-agent" and os.path.exists(argv0):
+        prog = os.path.abspath(argv0)
+    else:
+        found = shutil.which("machine-id-agent")
+        prog = os.path.abspath(found) if found else None
+    if prog is None:
+        prog, args = sys.executable, ["-m", "machine_id_agent"] + args
+    return {"apiVersion": EXEC_API_VERSION, "command": prog, "args": args, "interactiveMode": "Never",
+            "provideClusterInfo": False}
+
+
+def render_kubeconfig(teleport_cluster: str, kube_cluster: str, endpoint: KubeEndpoint, host_ca_pems: Sequence[bytes],
+                      key_pem: Optional[bytes] = None, cert_pem: Optional[bytes] = None,
+                      exec_stanza: Optional[Dict[str, Any]] = None) -> bytes:
+    name = "%s-%s" % (teleport_cluster, kube_cluster)
+    cluster: Dict[str, Any] = {
+        "certificate-authority-data": base64.b64encode(b"".join(_nl(p) for p in host_ca_pems)).decode(),
+        "server": endpoint.server,
+    }
+    if endpoint.tls_server_name:
+        cluster["tls-server-name"] = endpoint.tls_server_name
+    if exec_stanza is not None:
+        user: Dict[str, Any] = {"exec": exec_stanza}
+    else:
+        if key_pem is None or cert_pem is None:
+            raise ValueError("inline credentials need key and certificate")
+        user = {"client-certificate-data": base64.b64encode(cert_pem).decode(),
+                "client-key-data": base64.b64encode(key_pem).decode()}
+    doc = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "preferences": {},
+        "clusters": [{"name": name, "cluster": cluster}],
+        "users": [{"name": name, "user": user}],
+        "contexts": [{"name": name, "context": {"cluster": name, "user": name}}],
+        "current-context": name,
+    }
+    return yaml.safe_dump(doc, default_flow_style=False, sort_keys=False).encode()
+
+
+def _nl(pem: bytes) -> bytes:
+    return pem if pem.endswith(b"\n") else pem + b"\n"
+
+
+def cert_not_after(cert_pem: bytes) -> _dt.datetime:
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    na = getattr(cert, "not_valid_after_utc", None)
+    if na is None:
+        na = cert.not_valid_after.replace(tzinfo=_dt.timezone.utc)
+    return na
+
+
+def key_matches_cert(key_pem: bytes, cert_pem: bytes) -> bool:
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return key.public_key().public_bytes(*fmt) == cert.public_key().public_bytes(*fmt)
+
+
+@dataclass
+class WriteResult:
+    destination: str
+    not_after: _dt.datetime
+    acl_changes: List[str] = field(default_factory=list)
+
+
+def write_kube(output: KubeOutput, creds: Any, teleport_cluster: str, endpoint: KubeEndpoint, acls: str = "try",
+               reader_uids: Sequence[int] = (), warn: Optional[Callable[[str], None]] = None) -> WriteResult:
+    """Write one Kubernetes output. ``creds`` is a renew.KubeCredentials (key_pem, cert_pem, host_ca_pems,
+    not_after). Each file is atomic; kubeconfig.yaml is written last."""
+    dest = Path(output.destination)
+    warn = warn or (lambda m: None)
+    if dest.is_symlink():
+        raise OutputError("%s: the destination is a symlink; point the output at the real directory" % dest)
+    if not dest.exists():
+        try:
+            os.makedirs(str(dest), 0o700)
+        except OSError as e:
+            raise OutputError("%s: the destination does not exist and cannot be created (%s); run "
+                              "'machine-id-agent init' as root first" % (dest, e.strerror or e)) from None
+    fsutil.clean_temp_files(dest)
+    policy = aclmod.runtime_policy(dest, acls, reader_uids, warn=warn)
+    changes: List[str] = []
+    try:
+        if policy.ensure(dest, True, str(dest)):
+            changes.append(str(dest))
+    except OutputError as e:
+        if acls == "required":
+            raise
+        warn(str(e))
+
+    def prep(name: str) -> Callable[[int], None]:
+        return lambda fd: policy.ensure(fd, False, str(dest / name))
+
+    host_cas = b"".join(_nl(p) for p in creds.host_ca_pems)
+    files = [(KEY, creds.key_pem), (TLSCERT, creds.cert_pem), (HOST_CA, host_cas)]
+    if output.exec_plugin:
+        files.append((IDENTITY, _nl(creds.key_pem) + _nl(creds.cert_pem)))
+        kc = render_kubeconfig(teleport_cluster, output.kubernetes_cluster, endpoint, creds.host_ca_pems,
+                               exec_stanza=exec_command(dest))
+    else:
+        kc = render_kubeconfig(teleport_cluster, output.kubernetes_cluster, endpoint, creds.host_ca_pems,
+                               key_pem=creds.key_pem, cert_pem=creds.cert_pem)
+    files.append((KUBECONFIG, kc))
+    for name, data in files:
+        fsutil.atomic_write(dest / name, data, 0o600, prepare=prep(name), sync_dir=False)
+    fsutil.fsync_dir(dest)
+    not_after = getattr(creds, "not_after", None) or cert_not_after(creds.cert_pem)
+    return WriteResult(str(dest), not_after, changes)
+
+
+def read_credentials(destination: Path) -> Dict[str, bytes]:
+    """Key and certificate from one destination, read consistently (one file read)."""
+    dest = Path(destination)
+    ident = fsutil.read_bytes(dest / IDENTITY)
+    if ident is not None:
+        key, cert = _split_bundle(ident)
+        if key and cert:
+            return {"key": key, "cert": cert}
+    kc = fsutil.read_bytes(dest / KUBECONFIG)
+    if kc is None:
+        raise OutputError("%s: no %s or %s yet; start the agent (machine-id-agent start) and wait for its first "
+                          "renewal" % (dest, IDENTITY, KUBECONFIG))
+    doc = yaml.safe_load(kc)
+    user = ((doc or {}).get("users") or [{}])[0].get("user") or {}
+    if "client-certificate-data" in user:
+        return {"key": base64.b64decode(user["client-key-data"]), "cert": base64.b64decode(user["client-certificate-data"])}
+    raise OutputError("%s: %s holds no key and certificate; let the agent finish a renewal" % (dest, IDENTITY))
+
+
+_PEM_RE = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----", re.S)
+
+
+def _split_bundle(data: bytes):
+    key = cert = None
+    for m in _PEM_RE.finditer(data):
+        label = m.group(1)
+        if label.endswith(b"PRIVATE KEY") and key is None:
+            key = m.group(0) + b"\n"
+        elif label == b"CERTIFICATE" and cert is None:
+            cert = m.group(0) + b"\n"
+    return key, cert
+
+
+def exec_credential(destination: Path) -> Dict[str, Any]:
+    creds = read_credentials(destination)
+    not_after = cert_not_after(creds["cert"])
+    if not_after <= _dt.datetime.now(_dt.timezone.utc):
+        raise OutputError("%s: the certificate expired at %s; check that the agent is running and renewing "
+                          "(machine-id-agent status)" % (destination, not_after.isoformat()))
+    exp = not_after - _dt.timedelta(minutes=1)
+    return {"apiVersion": EXEC_API_VERSION, "kind": "ExecCredential", "spec": {"interactive": False},
+            "status": {"clientCertificateData": creds["cert"].decode(), "clientKeyData": creds["key"].decode(),
+                       "expirationTimestamp": exp.strftime("%Y-%m-%dT%H:%M:%SZ")}}
+
+
+def inspect(destination: Path, now: Optional[_dt.datetime] = None) -> Dict[str, Any]:
+    """What is on disk in one destination, for status, wait and readiness. Never raises."""
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    dest = Path(destination)
+    out: Dict[str, Any] = {"destination": str(dest), "present": False, "valid": False, "expires": None,
+                           "seconds_to_expiry": None, "error": None}
+    try:
+        kc = fsutil.read_bytes(dest / KUBECONFIG)
+        if kc is None:
+            out["error"] = "no %s yet" % KUBECONFIG
+            return out
+        out["present"] = True
+        try:
+            creds = read_credentials(dest)
+        except OutputError:
+            creds = None
+        if creds is None:
+            out["error"] = "%s holds no credentials" % KUBECONFIG
+            return out
+        na = cert_not_after(creds["cert"])
+        out["expires"] = na.isoformat()
+        out["seconds_to_expiry"] = int((na - now).total_seconds())
+        if not key_matches_cert(creds["key"], creds["cert"]):
+            out["error"] = "certificate does not match key"
+            return out
+        out["valid"] = na > now
+        if not out["valid"]:
+            out["error"] = "certificate expired"
+    except PermissionError as e:
+        out["error"] = "permission denied: %s" % (e.filename or dest)
+    except Exception as e:  # a damaged file must not crash status/wait
+        out["error"] = "unreadable: %s" % (str(e).splitlines() or [type(e).__name__])[0]
+    return out
