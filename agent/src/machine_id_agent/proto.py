@@ -1,0 +1,154 @@
+# -*- coding: utf-8 -*-
+# Copyright: lanyard.machine_id contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The few Teleport protobuf messages the agent uses, built at runtime.
+
+No generated code: one hand-written ``FileDescriptorProto`` holds only the fields the agent reads or
+writes, with the field numbers of Teleport's ``legacy/client/proto/authservice.proto``,
+``certs.proto`` and ``types/types.proto``. Unknown fields in responses are skipped by protobuf, so
+the messages stay wire compatible with the full upstream ones. Message names live in a private
+package (``lanyard.tp``) inside a private descriptor pool; only the gRPC *method paths* must match
+upstream, and those are spelled out in :data:`METHODS`.
+
+Field numbers (upstream name = number):
+
+* ``proto.UserCertsRequest``: PublicKey=1, Username=2, Expires=3 (google.protobuf.Timestamp),
+  RouteToCluster=5, KubernetesCluster=7, RoleRequests=12, UseRoleRequests=14, and on v17+
+  SSHPublicKey=22, TLSPublicKey=23.
+* ``proto.Certs``: SSH=1, TLS=2, TLSCACerts=3 (repeated), SSHCACerts=4 (repeated).
+* ``proto.GetClusterCACertResponse``: TLSCA=1.
+* ``proto.PingResponse``: ClusterName=1, ServerVersion=2, ProxyPublicAddr=4.
+* ``proto.GetRoleRequest``: Name=1; ``types.RoleV6``: Spec=5 -> RoleSpecV6.Allow=2 ->
+  RoleConditions.Impersonate=14 -> ImpersonateConditions.Roles=2.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Optional
+
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+_PACKAGE = "lanyard.tp"
+
+# gRPC method paths on the auth server (these must equal upstream).
+METHODS = {
+    "GenerateUserCerts": "/proto.AuthService/GenerateUserCerts",
+    "GetClusterCACert": "/proto.AuthService/GetClusterCACert",
+    "Ping": "/proto.AuthService/Ping",
+    "GetRole": "/proto.AuthService/GetRole",
+}
+
+_T = descriptor_pb2.FieldDescriptorProto
+_OPT, _REP = _T.LABEL_OPTIONAL, _T.LABEL_REPEATED
+
+# message name -> [(field name, number, type, label, message type name or None)]
+_MESSAGES = {
+    "Empty": [],
+    "Timestamp": [("seconds", 1, _T.TYPE_INT64, _OPT, None), ("nanos", 2, _T.TYPE_INT32, _OPT, None)],
+    "UserCertsRequest": [
+        ("public_key", 1, _T.TYPE_BYTES, _OPT, None),
+        ("username", 2, _T.TYPE_STRING, _OPT, None),
+        ("expires", 3, _T.TYPE_MESSAGE, _OPT, "Timestamp"),
+        ("route_to_cluster", 5, _T.TYPE_STRING, _OPT, None),
+        ("kubernetes_cluster", 7, _T.TYPE_STRING, _OPT, None),
+        ("role_requests", 12, _T.TYPE_STRING, _REP, None),
+        ("use_role_requests", 14, _T.TYPE_BOOL, _OPT, None),
+        ("ssh_public_key", 22, _T.TYPE_BYTES, _OPT, None),
+        ("tls_public_key", 23, _T.TYPE_BYTES, _OPT, None),
+    ],
+    "Certs": [
+        ("ssh", 1, _T.TYPE_BYTES, _OPT, None),
+        ("tls", 2, _T.TYPE_BYTES, _OPT, None),
+        ("tls_ca_certs", 3, _T.TYPE_BYTES, _REP, None),
+        ("ssh_ca_certs", 4, _T.TYPE_BYTES, _REP, None),
+    ],
+    "GetClusterCACertResponse": [("tls_ca", 1, _T.TYPE_BYTES, _OPT, None)],
+    "PingRequest": [],
+    "PingResponse": [
+        ("cluster_name", 1, _T.TYPE_STRING, _OPT, None),
+        ("server_version", 2, _T.TYPE_STRING, _OPT, None),
+        ("proxy_public_addr", 4, _T.TYPE_STRING, _OPT, None),
+    ],
+    "GetRoleRequest": [("name", 1, _T.TYPE_STRING, _OPT, None)],
+    "ImpersonateConditions": [("users", 1, _T.TYPE_STRING, _REP, None), ("roles", 2, _T.TYPE_STRING, _REP, None)],
+    "RoleConditions": [("impersonate", 14, _T.TYPE_MESSAGE, _OPT, "ImpersonateConditions")],
+    "RoleSpecV6": [("allow", 2, _T.TYPE_MESSAGE, _OPT, "RoleConditions")],
+    "RoleV6": [("kind", 1, _T.TYPE_STRING, _OPT, None), ("spec", 5, _T.TYPE_MESSAGE, _OPT, "RoleSpecV6")],
+}
+
+
+def _build():
+    fdp = descriptor_pb2.FileDescriptorProto(name="lanyard/teleport_subset.proto", package=_PACKAGE,
+                                             syntax="proto3")
+    for name, fields in _MESSAGES.items():
+        msg = fdp.message_type.add(name=name)
+        for fname, number, ftype, label, tname in fields:
+            f = msg.field.add(name=fname, number=number, type=ftype, label=label)
+            if tname:
+                f.type_name = f".{_PACKAGE}.{tname}"
+    pool = descriptor_pool.DescriptorPool()
+    pool.AddSerializedFile(fdp.SerializeToString())
+    classes = {}
+    for name in _MESSAGES:
+        classes[name] = message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{_PACKAGE}.{name}"))
+    return classes
+
+
+_CLASSES = _build()
+Empty = _CLASSES["Empty"]
+Timestamp = _CLASSES["Timestamp"]
+UserCertsRequest = _CLASSES["UserCertsRequest"]
+Certs = _CLASSES["Certs"]
+GetClusterCACertResponse = _CLASSES["GetClusterCACertResponse"]
+PingRequest = _CLASSES["PingRequest"]
+PingResponse = _CLASSES["PingResponse"]
+GetRoleRequest = _CLASSES["GetRoleRequest"]
+RoleV6 = _CLASSES["RoleV6"]
+
+# request/response types per method
+SIGNATURES = {
+    "GenerateUserCerts": (UserCertsRequest, Certs),
+    "GetClusterCACert": (Empty, GetClusterCACertResponse),
+    "Ping": (PingRequest, PingResponse),
+    "GetRole": (GetRoleRequest, RoleV6),
+}
+
+
+def timestamp(when: _dt.datetime) -> "Timestamp":
+    """A Timestamp message for an aware datetime."""
+    if when.tzinfo is None:
+        raise ValueError("timestamp needs an aware datetime")
+    epoch = when.timestamp()
+    seconds = int(epoch // 1)
+    return Timestamp(seconds=seconds, nanos=int(round((epoch - seconds) * 1e9)) % 1_000_000_000)
+
+
+def user_certs_request(*, username: str, expires: _dt.datetime, ssh_public_key: bytes, tls_public_key: bytes,
+                       server_major: Optional[int], route_to_cluster: str = "", kubernetes_cluster: str = "",
+                       role_requests: Optional[list] = None, use_role_requests: bool = False) -> "UserCertsRequest":
+    """Build a UserCertsRequest with the public-key fields the server's major version reads.
+
+    Up to v16 the server reads PublicKey (1, authorized_keys line); from v17 it reads SSHPublicKey (22)
+    and TLSPublicKey (23, PEM) and field 1 is deprecated (later reserved), so only one set is sent.
+    """
+    req = UserCertsRequest(username=username, expires=timestamp(expires))
+    if server_major is not None and server_major >= 17:
+        req.ssh_public_key = ssh_public_key
+        req.tls_public_key = tls_public_key
+    else:
+        req.public_key = ssh_public_key
+    if route_to_cluster:
+        req.route_to_cluster = route_to_cluster
+    if kubernetes_cluster:
+        req.kubernetes_cluster = kubernetes_cluster
+    if role_requests:
+        req.role_requests.extend(role_requests)
+    if use_role_requests:
+        req.use_role_requests = True
+    return req
+
+
+def impersonate_roles(role: "RoleV6") -> list:
+    """The roles a role may impersonate: Spec.Allow.Impersonate.Roles."""
+    return list(role.spec.allow.impersonate.roles)

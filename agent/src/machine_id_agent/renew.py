@@ -1,0 +1,238 @@
+# -*- coding: utf-8 -*-
+# Copyright: lanyard.machine_id contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Renewal and Kubernetes credentials over the auth server's gRPC API (``proto.AuthService``).
+
+One :class:`AuthClient` = one renewal cycle: it opens one connection (direct mTLS, or through the proxy's
+web port), and
+
+* :meth:`AuthClient.renew_identity` calls ``GenerateUserCerts`` for the bot itself (same username, no role
+  requests) with a NEW key, stores the result durably BEFORE anything uses it, then reconnects with it;
+* :meth:`AuthClient.host_ca_pems` re-reads the host CA with ``GetClusterCACert`` (so a CA rotation reaches
+  the outputs at the next cycle);
+* :meth:`AuthClient.kube_credentials` asks for an impersonated certificate (role requests = the output's
+  roles, else the bot role's ``impersonate.roles`` from ``GetRole``) routed to a Kubernetes cluster.
+
+The public-key request fields are picked by the server's major version (``UserCertsRequest`` field 1 up
+to v16; 22/23 from v17).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import grpc
+
+from machine_id_agent import identity as ident
+from machine_id_agent import proto, transport, webapi
+from machine_id_agent.errors import LockedError, RenewError
+
+log = logging.getLogger(__name__)
+
+RPC_TIMEOUT = 30.0
+_proxy_cache: Dict[str, bool] = {}
+
+
+@dataclass
+class KubeCredentials:
+    key_pem: bytes = field(repr=False)
+    cert_pem: bytes
+    host_ca_pems: List[bytes]
+    not_after: _dt.datetime
+    kubernetes_cluster: str = ""
+    teleport_cluster: str = ""
+    roles: List[str] = field(default_factory=list)
+
+
+def _same_addr(a: str, b: str) -> bool:
+    return webapi.split_addr(a) == webapi.split_addr(b)
+
+
+def choose_route(cfg, facts: Optional[webapi.ProxyFacts]) -> tuple:
+    """("proxy", web address) or ("auth", auth address)."""
+    if getattr(cfg, "proxy_server", None):
+        return "proxy", facts.web_addr if facts else cfg.proxy_server
+    addr = getattr(cfg, "auth_server", None)
+    if not addr:
+        raise RenewError("the config names no server; set proxy_server or auth_server", retryable=False)
+    if facts is not None and _same_addr(facts.web_addr, addr):
+        return "proxy", addr
+    if addr not in _proxy_cache:
+        from machine_id_agent.join import is_proxy
+
+        _proxy_cache[addr] = is_proxy(addr, getattr(cfg, "ca_path", None), getattr(cfg, "insecure", False))
+    return ("proxy" if _proxy_cache[addr] else "auth"), addr
+
+
+def locked_explanation(bot: str, detail: str, storage_dir) -> str:
+    return (f"Teleport locked bot {bot!r} ({detail}). Teleport does this when a certificate of an older "
+            f"generation is presented for renewal: a second agent (or a copy of {storage_dir}) renewed the same "
+            f"identity, or the storage directory was restored from a backup; only one agent may use a bot "
+            f"identity. Renewing again cannot help: an admin must remove the lock (`tctl get locks`, "
+            f"`tctl rm lock/<name>`) and re-create the bot (`tctl bots rm {bot}` then `tctl bots add {bot} "
+            f"--roles=...`), then put the new token in the config")
+
+
+class AuthClient:
+    """A connection to the auth server's gRPC API as the bot, for one renewal cycle."""
+
+    def __init__(self, cfg, identity: ident.Identity, facts: Optional[webapi.ProxyFacts] = None):
+        self.cfg = cfg
+        self.identity = identity
+        self.facts = facts
+        self._conn: Optional[transport.Connection] = None
+        self._server_version: Optional[str] = facts.server_version if facts and facts.server_version else None
+        self._default_roles: Optional[List[str]] = None
+        self.route = choose_route(cfg, facts)
+
+    # -- plumbing ------------------------------------------------------------------------------------
+    def __enter__(self) -> "AuthClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            conn.close()
+
+    def _connection(self) -> transport.Connection:
+        if self._conn is None:
+            idt = self.identity
+            now = _dt.datetime.now(_dt.timezone.utc)
+            if now >= idt.not_after:
+                raise RenewError(
+                    f"the bot identity in {self.cfg.storage_dir} expired at {idt.not_after.isoformat()} and cannot be "
+                    f"renewed; a fresh join is needed: create a new token with `tctl bots add {idt.bot_name} ...` "
+                    f"(after `tctl bots rm {idt.bot_name}`) and put it in the config", retryable=False)
+            kind, addr = self.route
+            if kind == "proxy":
+                self._conn = transport.via_proxy_alpn(addr, idt.cluster_name, idt.tls_cert_pem, idt.key_pem,
+                                                      idt.tls_ca_pems)
+            else:
+                self._conn = transport.direct(addr, idt.cluster_name, idt.tls_cert_pem, idt.key_pem, idt.tls_ca_pems)
+        return self._conn
+
+    def _call(self, method: str, request, what: str):
+        conn = self._connection()
+        req_t, resp_t = proto.SIGNATURES[method]
+        fn = conn.channel.unary_unary(proto.METHODS[method], request_serializer=req_t.SerializeToString,
+                                      response_deserializer=resp_t.FromString)
+        try:
+            return fn(request, timeout=RPC_TIMEOUT)
+        except grpc.RpcError as exc:
+            raise self._error(exc, what, conn) from None
+
+    def _error(self, exc: grpc.RpcError, what: str, conn: transport.Connection) -> RenewError:
+        code = exc.code() if hasattr(exc, "code") else None
+        details = (exc.details() if hasattr(exc, "details") else "") or ""
+        low = details.lower()
+        bot = self.identity.bot_name
+        if "generation mismatch" in low or ("lock targeting" in low and "in force" in low):
+            return LockedError(locked_explanation(bot, details.splitlines()[0] if details else "locked",
+                                                  self.cfg.storage_dir))
+        where = conn.describe
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+            reason = conn.last_transport_error() or details or code.name
+            hint = ""
+            if self.route[0] == "proxy" and "closed the connection during the TLS handshake" in reason:
+                hint = ("; if this proxy does not route the teleport-auth@ ALPN (e.g. it sits behind an L7 load "
+                        "balancer), set auth_server to the auth service address (host:3025)")
+            return RenewError(f"{what}: cannot reach {where} ({reason}){hint}; will retry", retryable=True)
+        if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+            return RenewError(f"{what}: {where} denied it ({details}); check the bot's roles with "
+                              f"`tctl get role/bot-{bot}` and `tctl bots ls`", retryable=False)
+        if code == grpc.StatusCode.NOT_FOUND:
+            return RenewError(f"{what}: {where} answered not found ({details}); check the names in the config "
+                              f"(kubernetes_cluster as `tctl kube ls` shows it, roles)", retryable=False)
+        name = code.name if code is not None else "error"
+        return RenewError(f"{what}: {where} failed ({name}: {details})", retryable=True)
+
+    # -- facts ---------------------------------------------------------------------------------------
+    @property
+    def server_version(self) -> str:
+        if self._server_version is None:
+            resp = self._call("Ping", proto.PingRequest(), "ping the auth server")
+            self._server_version = resp.server_version
+        return self._server_version
+
+    @property
+    def server_major(self) -> Optional[int]:
+        return webapi.version_major(self.server_version)
+
+    def default_roles(self) -> List[str]:
+        """The bot role's ``allow.impersonate.roles`` (role ``bot-<name>``)."""
+        if self._default_roles is None:
+            name = self.identity.username
+            role = self._call("GetRole", proto.GetRoleRequest(name=name), f"read role {name}")
+            self._default_roles = proto.impersonate_roles(role)
+        return list(self._default_roles)
+
+    def host_ca_pems(self) -> List[bytes]:
+        """The cluster's current host CA certificates (GetClusterCACert), re-read on every call."""
+        resp = self._call("GetClusterCACert", proto.Empty(), "read the cluster host CA")
+        cas = ident.split_pems(resp.tls_ca)
+        if not cas:
+            raise RenewError("read the cluster host CA: the auth server returned none; will retry", retryable=True)
+        return cas
+
+    # -- certificates --------------------------------------------------------------------------------
+    def _user_certs(self, key_pem: bytes, expires: _dt.datetime, what: str, **kw):
+        req = proto.user_certs_request(username=self.identity.username, expires=expires,
+                                       ssh_public_key=ident.ssh_public_key(key_pem),
+                                       tls_public_key=ident.tls_public_key(key_pem),
+                                       server_major=self.server_major, **kw)
+        return self._call("GenerateUserCerts", req, what)
+
+    def renew_identity(self, ttl: int) -> ident.Identity:
+        """Renew the bot's identity with a fresh key; it is stored durably before this returns."""
+        old = self.identity
+        major = self.server_major  # resolve before the renewal so nothing else runs in between
+        key_pem = ident.generate_key()
+        expires = _dt.datetime.now(_dt.timezone.utc) + _dt.timedelta(seconds=int(ttl))
+        certs = self._user_certs(key_pem, expires, f"renew bot {old.bot_name!r}")
+        try:
+            new = ident.Identity.from_certs(key_pem, certs.ssh, certs.tls, list(certs.tls_ca_certs),
+                                            list(certs.ssh_ca_certs))
+        except ident.IdentityError as exc:
+            raise RenewError(f"renew bot {old.bot_name!r}: {exc}", retryable=True) from None
+        if not ident.cert_key_matches(new.tls_cert_pem, key_pem):
+            raise RenewError(f"renew bot {old.bot_name!r}: the server returned a certificate for another key",
+                             retryable=True)
+        # Persist BEFORE anything uses the new certificate: the server already counts it as current.
+        ident.store(Path(self.cfg.storage_dir), new)
+        if old.generation is not None and new.generation is not None and new.generation != old.generation + 1:
+            log.warning("renewal returned generation %s after %s", new.generation, old.generation)
+        log.info("renewed %s (server v%s)", new.describe(), major)
+        self.close()  # later calls in this cycle present the new identity
+        self.identity = new
+        return new
+
+    def kube_credentials(self, kubernetes_cluster: str, roles: Optional[List[str]], ttl: int) -> KubeCredentials:
+        """An impersonated certificate for ``roles`` routed to ``kubernetes_cluster`` (new key), plus the host CA."""
+        idt = self.identity
+        use_roles = list(roles) if roles else self.default_roles()
+        if not use_roles:
+            raise RenewError(f"bot {idt.bot_name!r} may impersonate no role (role bot-{idt.bot_name} has no "
+                             f"impersonate.roles); add roles with `tctl bots add --roles=...` or set the output's "
+                             f"roles", retryable=False)
+        key_pem = ident.generate_key()
+        expires = _dt.datetime.now(_dt.timezone.utc) + _dt.timedelta(seconds=int(ttl))
+        what = f"kubernetes credentials for cluster {kubernetes_cluster!r}"
+        certs = self._user_certs(key_pem, expires, what, route_to_cluster=idt.cluster_name,
+                                 kubernetes_cluster=kubernetes_cluster, role_requests=use_roles,
+                                 use_role_requests=True)
+        if not certs.tls:
+            raise RenewError(f"{what}: the server returned no TLS certificate; will retry", retryable=True)
+        host_cas = self.host_ca_pems()
+        from cryptography import x509
+
+        cert = x509.load_pem_x509_certificate(certs.tls)
+        return KubeCredentials(key_pem=key_pem, cert_pem=certs.tls, host_ca_pems=host_cas,
+                               not_after=ident.cert_not_after(cert), kubernetes_cluster=kubernetes_cluster,
+                               teleport_cluster=idt.cluster_name, roles=use_roles)
