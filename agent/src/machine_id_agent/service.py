@@ -126,7 +126,14 @@ class Agent:
         self._reload = False
         self._lock_fd: Optional[int] = None
         self.diag = None
+        self._warned: set = set()
         logs.REDACTOR.add([cfg.token or ""])
+
+    def warn_once(self, msg: str) -> None:
+        """Warnings that would repeat every cycle (no ACL support) are logged once per process."""
+        if msg not in self._warned:
+            self._warned.add(msg)
+            self.log.warning("%s", msg)
 
     # ----- state shared with the diagnostics thread
     @property
@@ -228,7 +235,7 @@ class Agent:
                     if host_cas:
                         creds = _with_cas(creds, host_cas)
                     res = outputs.write_kube(out, creds, cluster_name, endpoint, cfg.acls,
-                                             self._reader_uids(out), warn=self.log.warning)
+                                             self._reader_uids(out), warn=self.warn_once)
                 except AgentError as e:
                     with self.lock:
                         self.outputs[key].last_error = str(e)

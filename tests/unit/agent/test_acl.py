@@ -1,0 +1,146 @@
+# Copyright: lanyard.machine_id contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""ACLs written as the system.posix_acl_access xattr; checked independently with getfacl."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+import subprocess
+
+import pytest
+
+from machine_id_agent import acl, outputs
+from machine_id_agent.config import KubeOutput
+from machine_id_agent.errors import ConfigError, OutputError
+
+from test_outputs import make_creds  # noqa: E402  (same directory)
+
+NOBODY = 65534
+
+
+def getfacl(path) -> list:
+    """Independent check with the acl package's getfacl (numeric ids, no header)."""
+    r = subprocess.run(["getfacl", "-n", "-p", "--omit-header", str(path)], capture_output=True, text=True,
+                       check=True)
+    return [line for line in r.stdout.splitlines() if line and not line.startswith("#")]
+
+
+@pytest.fixture
+def acl_dir(tmp_path):
+    if shutil.which("getfacl") is None:
+        pytest.fail("getfacl is missing: run scripts/bootstrap.sh (installs the 'acl' package)", pytrace=False)
+    err = acl.probe(tmp_path)
+    if err is not None:
+        pytest.fail("%s has no POSIX ACL support (%s); run the unit tests on a filesystem with ACLs" % (tmp_path, err),
+                    pytrace=False)
+    return tmp_path
+
+
+def test_xattr_roundtrip_and_order():
+    entries = [acl.Entry(acl.OTHER, acl.UNDEFINED_ID, 0), acl.Entry(acl.USER, 1001, 4),
+               acl.Entry(acl.USER_OBJ, acl.UNDEFINED_ID, 6), acl.Entry(acl.MASK, acl.UNDEFINED_ID, 4),
+               acl.Entry(acl.GROUP_OBJ, acl.UNDEFINED_ID, 0)]
+    blob = acl.encode(entries)
+    assert blob[:4] == b"\x02\x00\x00\x00" and len(blob) == 4 + 8 * 5
+    # user_obj first: tag 1, perm 6, id 0xffffffff
+    assert blob[4:12] == b"\x01\x00\x06\x00\xff\xff\xff\xff"
+    assert acl.decode(blob) == sorted(entries)
+    with pytest.raises(ValueError):
+        acl.decode(b"\x01\x00\x00\x00")
+
+
+def test_desired_acl_shapes():
+    f = acl.to_text(acl.desired(False, 0, writers=[0, 1000], readers=[1001]))
+    assert f == "user::rw-,user:1000:rw-,user:1001:r--,group::---,mask::rw-,other::---".replace(
+        "1000", acl._uname(1000)).replace("1001", acl._uname(1001))
+    d = acl.desired(True, 1000, writers=[1000], readers=[NOBODY])
+    assert acl.to_text(d) == "user::rwx,user:nobody:r-x,group::---,mask::r-x,other::---"
+    assert acl.desired(False, 5, writers=[5]) == acl.from_mode(0o600)
+
+
+def test_init_dir_exact_acl_and_idempotent(acl_dir):
+    d = acl_dir / "machine-id"
+    r1 = acl.init_dir(d, 0, 0, 0, [NOBODY])
+    assert r1.changed and r1.acls_used
+    assert getfacl(d) == ["user::rwx", "user:%d:r-x" % NOBODY, "group::---", "mask::r-x", "other::---"]
+    r2 = acl.init_dir(d, 0, 0, 0, [NOBODY])
+    assert not r2.changed and r2.actions == []
+    # a drifted ACL (extra group entry, default ACL untouched) is repaired and reported
+    subprocess.run(["setfacl", "-m", "g:%d:rwx" % NOBODY, str(d)], check=True)
+    r3 = acl.init_dir(d, 0, 0, 0, [NOBODY])
+    assert r3.changed and getfacl(d) == ["user::rwx", "user:%d:r-x" % NOBODY, "group::---", "mask::r-x",
+                                         "other::---"]
+    # an existing output file gets the file ACL
+    (d / "kubeconfig.yaml").write_text("x")
+    r4 = acl.init_dir(d, 0, 0, 0, [NOBODY])
+    assert r4.actions == ["acl %s" % (d / "kubeconfig.yaml")]
+    assert getfacl(d / "kubeconfig.yaml") == ["user::rw-", "user:%d:r--" % NOBODY, "group::---", "mask::r--",
+                                              "other::---"]
+    assert not acl.init_dir(d, 0, 0, 0, [NOBODY]).changed
+
+
+def test_init_dir_bot_not_owner_gets_rwx(acl_dir):
+    d = acl_dir / "o"
+    acl.init_dir(d, 0, 0, NOBODY, [])
+    assert getfacl(d) == ["user::rwx", "user:%d:rwx" % NOBODY, "group::---", "mask::rwx", "other::---"]
+
+
+def test_runtime_writes_give_readers_access_and_repair(acl_dir):
+    d = acl_dir / "out"
+    acl.init_dir(d, 0, 0, 0, [NOBODY])
+    out = KubeOutput(destination=d, kubernetes_cluster="k")
+    outputs.write_kube(out, make_creds(), "tc", outputs.KubeEndpoint("https://x:1"), acls="required")
+    for name in ("key", "tlscert", "teleport-host-ca.crt", "kubeconfig.yaml"):
+        assert getfacl(d / name) == ["user::rw-", "user:%d:r--" % NOBODY, "group::---", "mask::r--",
+                                     "other::---"], name
+    # somebody widens the directory: the next write puts it back
+    subprocess.run(["setfacl", "-m", "o::rx", str(d)], check=True)
+    res = outputs.write_kube(out, make_creds(), "tc", outputs.KubeEndpoint("https://x:1"), acls="required")
+    assert res.acl_changes == [str(d)]
+    assert getfacl(d)[-1] == "other::---"
+
+
+def test_config_readers_added_at_runtime(acl_dir):
+    d = acl_dir / "out2"
+    out = KubeOutput(destination=d, kubernetes_cluster="k", readers=["nobody"])
+    outputs.write_kube(out, make_creds(), "tc", outputs.KubeEndpoint("https://x:1"), acls="try",
+                       reader_uids=[NOBODY])
+    assert "user:%d:r-x" % NOBODY in getfacl(d)
+    assert "user:%d:r--" % NOBODY in getfacl(d / "key")
+
+
+def _no_acl_fs(monkeypatch):
+    def nosup(*a, **k):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+    monkeypatch.setattr(acl.os, "setxattr", nosup)
+    monkeypatch.setattr(acl.os, "getxattr", nosup)
+
+
+def test_try_falls_back_to_modes_with_one_warning(tmp_path, monkeypatch):
+    _no_acl_fs(monkeypatch)
+    warnings = []
+    d = tmp_path / "out"
+    out = KubeOutput(destination=d, kubernetes_cluster="k")
+    for _ in range(2):
+        outputs.write_kube(out, make_creds(), "tc", outputs.KubeEndpoint("https://x:1"), acls="try",
+                           reader_uids=[NOBODY], warn=warnings.append)
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    assert all(stat.S_IMODE((d / n).stat().st_mode) == 0o600 for n in os.listdir(d))
+    assert len(warnings) == 2 and "does not support POSIX ACLs" in warnings[0]  # once per write cycle
+
+
+def test_required_fails_without_acl_support(tmp_path, monkeypatch):
+    _no_acl_fs(monkeypatch)
+    out = KubeOutput(destination=tmp_path / "out", kubernetes_cluster="k")
+    with pytest.raises(OutputError, match="does not support POSIX ACLs .* acls is 'required'"):
+        outputs.write_kube(out, make_creds(), "tc", outputs.KubeEndpoint("https://x:1"), acls="required")
+    with pytest.raises(OutputError, match="acls is 'required'"):
+        acl.init_dir(tmp_path / "init", 0, 0, 0, [NOBODY], mode="required")
+
+
+def test_unknown_user_is_config_error():
+    with pytest.raises(ConfigError, match="--reader-user: user 'no-such-user-xyz' does not exist"):
+        acl.resolve_user("no-such-user-xyz", "--reader-user")

@@ -1,0 +1,103 @@
+# Copyright: lanyard.machine_id contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""CLI: init reports changed exactly, status --json shape, wait, kube credentials, exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from machine_id_agent import cli, outputs, service
+from machine_id_agent.config import KubeOutput
+
+from test_outputs import make_creds  # noqa: E402  (same directory)
+from test_service import TOKEN, FakeBackend, FakeIdent, make_cfg  # noqa: E402
+
+
+def run_cli(*argv):
+    return subprocess.run([sys.executable, "-m", "machine_id_agent", *argv], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_init_changed_then_unchanged(tmp_path):
+    d = tmp_path / "machine-id"
+    cfg = make_cfg(tmp_path, destinations=[{"directory": str(d), "kubernetes_cluster": "k"}], acls="try")
+    args = ["init", "-c", str(cfg.source), "--init-dir", str(d), "--bot-user", "root", "--owner", "root:root",
+            "--reader-user", "nobody"]
+    r1 = run_cli(*args, "--json")
+    assert r1.returncode == 0, r1.stderr
+    doc = json.loads(r1.stdout)
+    assert doc["changed"] is True and doc["acl"] == "user::rwx,user:nobody:r-x,group::---,mask::r-x,other::---"
+    r2 = run_cli(*args)
+    assert (r2.returncode, r2.stdout) == (0, "unchanged\n")
+    r3 = run_cli(*args[:-1], "root")
+    assert (r3.returncode, r3.stdout) == (0, "changed\n")
+
+
+def test_init_errors_are_one_line(tmp_path):
+    cfg = make_cfg(tmp_path)
+    r = run_cli("init", "-c", str(cfg.source), "--init-dir", "/elsewhere", "--bot-user", "root")
+    assert r.returncode == 2 and "--init-dir: /elsewhere is not a destination" in r.stderr
+    r = run_cli("init", "--init-dir", str(tmp_path / "x"), "--bot-user", "no-such-user-xyz")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    r = run_cli("init", "--init-dir", str(tmp_path / "x"))
+    assert r.returncode == 2 and "--bot-user" in r.stderr
+
+
+def test_status_json_shape(tmp_path, monkeypatch, capsys):
+    be = FakeBackend()
+    monkeypatch.setattr(service, "Backend", lambda: be)
+    cfg = make_cfg(tmp_path)
+    assert cli.main(["status", "-c", str(cfg.source), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["identity"] == {"present": False, "valid": False, "expires": None, "bot": None,
+                               "token_hash_matches": None}
+    assert doc["outputs"][0]["present"] is False
+    service.Agent(cfg, backend=be).attempt()
+    assert cli.main(["status", "-c", str(cfg.source), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    i = doc["identity"]
+    assert (i["present"], i["valid"], i["bot"], i["token_hash_matches"]) == (True, True, "example", True)
+    assert doc["outputs"][0]["valid"] is True and doc["outputs"][0]["kubernetes_cluster"] == "example-k8s-cluster"
+    # a new token in the config: the identity is kept, the role sees the mismatch
+    be.hash = "h:other"
+    cli.main(["status", "-c", str(cfg.source), "--json"])
+    assert json.loads(capsys.readouterr().out)["identity"]["token_hash_matches"] is False
+    be.stored = FakeIdent(3, ttl=-10)
+    cli.main(["status", "-c", str(cfg.source), "--json"])
+    assert json.loads(capsys.readouterr().out)["identity"]["valid"] is False
+    assert TOKEN not in capsys.readouterr().out
+
+
+def test_wait_file_based(tmp_path):
+    d = tmp_path / "out"
+    r = run_cli("wait", "--destination-dir", str(d), "--timeout", "0.5")
+    assert r.returncode == 1 and "not ready after 0.5s" in r.stderr
+    outputs.write_kube(KubeOutput(destination=d, kubernetes_cluster="k"), make_creds(), "tc",
+                       outputs.KubeEndpoint("https://x:1"), acls="off")
+    r = run_cli("wait", "--destination-dir", str(d), "--timeout", "5")
+    assert (r.returncode, r.stdout) == (0, "ready\n")
+
+
+def test_kube_credentials_command(tmp_path):
+    d = tmp_path / "out"
+    c = make_creds()
+    outputs.write_kube(KubeOutput(destination=d, kubernetes_cluster="k", exec_plugin=True), c, "tc",
+                       outputs.KubeEndpoint("https://x:1"), acls="off")
+    r = run_cli("kube", "credentials", "--destination-dir", str(d))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["status"]["clientCertificateData"] == c.cert_pem.decode()
+    r = run_cli("kube", "credentials", "--destination-dir", str(tmp_path / "none"))
+    assert r.returncode == 6 and "start the agent" in r.stderr
+
+
+@pytest.mark.parametrize("argv,code", [([], 2), (["nope"], 2), (["version"], 0), (["start", "-c", "/nonexistent"], 2)])
+def test_exit_codes(argv, code):
+    r = run_cli(*argv)
+    assert r.returncode == code, r
+    assert "Traceback" not in r.stderr

@@ -1,0 +1,191 @@
+# Copyright: lanyard.machine_id contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Kubernetes outputs: kubeconfig rendering like tbot, atomic files, exec-plugin credentials."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import os
+import stat
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from machine_id_agent import fsutil, outputs
+from machine_id_agent.config import KubeOutput
+from machine_id_agent.errors import OutputError
+
+
+def _pem_cert(key, issuer_key, cn, days_valid=1.0, ca=False):
+    now = dt.datetime.now(dt.timezone.utc)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    b = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+         .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
+         .not_valid_after(now + dt.timedelta(days=days_valid)))
+    if ca:
+        b = b.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+    return b.sign(issuer_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+@dataclass
+class Creds:
+    key_pem: bytes
+    cert_pem: bytes
+    host_ca_pems: list
+    not_after: dt.datetime
+
+
+def make_creds(days_valid=1.0) -> Creds:
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _pem_cert(key, ca_key, "bot-example", days_valid)
+    return Creds(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                   serialization.NoEncryption()), cert,
+                 [_pem_cert(ca_key, ca_key, "lanyard-testbed", 30, ca=True)], outputs.cert_not_after(cert))
+
+
+def facts(**kw):
+    base = dict(cluster_name="lanyard-testbed", tls_routing=False, kube_public_addr=None, kube_listen_addr=None,
+                web_addr="proxy.example.com:3080", raw={})
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+@pytest.mark.parametrize("f,server,sni", [
+    (facts(tls_routing=True), "https://proxy.example.com:3080", "kube-teleport-proxy-alpn.proxy.example.com"),
+    (facts(tls_routing=True, web_addr="127.0.0.1:3080"), "https://127.0.0.1:3080",
+     "kube-teleport-proxy-alpn.teleport.cluster.local"),
+    (facts(tls_routing=True, raw={"proxy": {"ssh": {"public_addr": "pub.example.com:443"}}}),
+     "https://pub.example.com:443", "kube-teleport-proxy-alpn.pub.example.com"),
+    (facts(kube_public_addr="kube.example.com:3026"), "https://kube.example.com:3026", None),
+    (facts(kube_listen_addr="0.0.0.0:3099"), "https://proxy.example.com:3099", None),
+    (facts(), "https://proxy.example.com:3026", None),
+])
+def test_kube_endpoint_follows_tbot_rules(f, server, sni):
+    ep = outputs.kube_endpoint(f)
+    assert (ep.server, ep.tls_server_name) == (server, sni)
+
+
+def test_kube_endpoint_without_facts_is_explained():
+    with pytest.raises(OutputError, match="proxy address is unknown"):
+        outputs.kube_endpoint(None)
+
+
+def test_write_kube_inline(tmp_path):
+    c = make_creds()
+    dest = tmp_path / "out"
+    out = KubeOutput(destination=dest, kubernetes_cluster="example-k8s-cluster")
+    ep = outputs.KubeEndpoint("https://proxy.example.com:3080", "kube-teleport-proxy-alpn.proxy.example.com")
+    res = outputs.write_kube(out, c, "lanyard-testbed", ep, acls="off")
+    assert res.not_after == c.not_after
+    assert sorted(p.name for p in dest.iterdir()) == ["key", "kubeconfig.yaml", "teleport-host-ca.crt", "tlscert"]
+    for p in dest.iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o700
+    assert (dest / "key").read_bytes() == c.key_pem and (dest / "tlscert").read_bytes() == c.cert_pem
+    doc = yaml.safe_load((dest / "kubeconfig.yaml").read_text())
+    name = "lanyard-testbed-example-k8s-cluster"
+    assert doc["current-context"] == name
+    assert [x["name"] for x in doc["clusters"]] == [name] == [x["name"] for x in doc["users"]]
+    assert doc["contexts"] == [{"name": name, "context": {"cluster": name, "user": name}}]
+    cl = doc["clusters"][0]["cluster"]
+    assert cl["server"] == ep.server and cl["tls-server-name"] == ep.tls_server_name
+    assert base64.b64decode(cl["certificate-authority-data"]) == c.host_ca_pems[0]
+    user = doc["users"][0]["user"]
+    assert base64.b64decode(user["client-certificate-data"]) == c.cert_pem
+    assert base64.b64decode(user["client-key-data"]) == c.key_pem
+    st = outputs.inspect(dest)
+    assert st["valid"] and st["present"] and st["seconds_to_expiry"] > 3600 and st["error"] is None
+
+
+def test_exec_plugin_mode_and_credentials(tmp_path):
+    c = make_creds()
+    dest = tmp_path / "out"
+    out = KubeOutput(destination=dest, kubernetes_cluster="k", exec_plugin=True)
+    outputs.write_kube(out, c, "tc", outputs.KubeEndpoint("https://k.example.com:3026"), acls="off")
+    doc = yaml.safe_load((dest / "kubeconfig.yaml").read_text())
+    ex = doc["users"][0]["user"]["exec"]
+    assert ex["apiVersion"] == "client.authentication.k8s.io/v1beta1"
+    assert ex["args"][-4:] == ["kube", "credentials", "--destination-dir", str(dest)]
+    assert "tls-server-name" not in doc["clusters"][0]["cluster"]
+    cred = outputs.exec_credential(dest)
+    assert cred["kind"] == "ExecCredential"
+    assert cred["status"]["clientCertificateData"].encode() == c.cert_pem
+    assert cred["status"]["clientKeyData"].encode() == c.key_pem
+    exp = dt.datetime.strptime(cred["status"]["expirationTimestamp"], "%Y-%m-%dT%H:%M:%SZ").replace(
+        tzinfo=dt.timezone.utc)
+    assert abs((c.not_after - exp).total_seconds() - 60) < 2
+
+
+def test_exec_credential_refuses_expired(tmp_path):
+    c = make_creds(days_valid=-0.01)
+    dest = tmp_path / "out"
+    outputs.write_kube(KubeOutput(destination=dest, kubernetes_cluster="k", exec_plugin=True), c, "tc",
+                       outputs.KubeEndpoint("https://x:1"), acls="off")
+    with pytest.raises(OutputError, match="expired"):
+        outputs.exec_credential(dest)
+    assert outputs.inspect(dest)["valid"] is False
+
+
+def test_atomic_write_leaves_no_temp_on_failure(tmp_path, monkeypatch):
+    target = tmp_path / "f"
+    target.write_bytes(b"old")
+
+    def boom(fd):
+        raise OSError(28, "No space left on device")
+    with pytest.raises(OutputError, match="No space left"):
+        fsutil.atomic_write(target, b"new", prepare=boom)
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+def test_reader_never_sees_a_torn_kubeconfig(tmp_path):
+    """A reader racing many rewrites always parses a kubeconfig whose certificate matches its key."""
+    dest = tmp_path / "out"
+    out = KubeOutput(destination=dest, kubernetes_cluster="k")
+    ep = outputs.KubeEndpoint("https://x:1")
+    creds = [make_creds() for _ in range(3)]
+    outputs.write_kube(out, creds[0], "tc", ep, acls="off")
+    stop = threading.Event()
+    bad = []
+    reads = [0]
+
+    def reader():
+        while not stop.is_set():
+            st = outputs.inspect(dest)
+            reads[0] += 1
+            if not st["valid"]:
+                bad.append(st)
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for i in range(60):
+            outputs.write_kube(out, creds[i % 3], "tc", ep, acls="off")
+    finally:
+        stop.set()
+        t.join()
+    assert not bad, bad[:3]
+    assert reads[0] > 10
+    assert not [p for p in os.listdir(dest) if p.startswith(fsutil.TMP_PREFIX)]
+
+
+def test_inspect_reports_mismatch_and_garbage(tmp_path):
+    a, b = make_creds(), make_creds()
+    dest = tmp_path / "out"
+    outputs.write_kube(KubeOutput(destination=dest, kubernetes_cluster="k"),
+                       Creds(a.key_pem, b.cert_pem, a.host_ca_pems, b.not_after), "tc",
+                       outputs.KubeEndpoint("https://x:1"), acls="off")
+    assert outputs.inspect(dest)["error"] == "certificate does not match key"
+    (dest / "kubeconfig.yaml").write_text("{{{ not yaml")
+    st = outputs.inspect(dest)
+    assert st["present"] and not st["valid"] and st["error"].startswith("unreadable")
+    assert outputs.inspect(tmp_path / "none")["present"] is False

@@ -1,0 +1,341 @@
+# Copyright: lanyard.machine_id contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The service loop against a fake protocol backend: join/renew decisions, durable-before-use ordering,
+failures keep the last outputs, signals, systemd notify, diagnostics, reload hooks, log hygiene."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from machine_id_agent import config, diag, logs, outputs
+from machine_id_agent.errors import JoinError, LockedError, RenewError
+from machine_id_agent.notify import Notifier
+from machine_id_agent.service import Agent, backoff_delay, jittered_interval
+
+from test_outputs import make_creds  # noqa: E402  (same directory)
+
+TOKEN = "secret-join-token-123456"
+
+
+class FakeIdent:
+    def __init__(self, gen, ttl=3600):
+        self.generation = gen
+        self.not_after = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=ttl)
+        self.bot_name = "example"
+        self.cluster_name = "lanyard-testbed"
+
+    def valid(self, now=None):
+        return self.not_after > (now or dt.datetime.now(dt.timezone.utc))
+
+
+class FakeBackend:
+    def __init__(self):
+        self.stored = None
+        self.hash = None
+        self.calls = []
+        self.fail = None
+        self.join_error = None
+        self.creds = make_creds()
+
+    def load_identity(self, d):
+        return self.stored
+
+    def store_identity(self, d, ident, h):
+        self.calls.append(("store", ident.generation))
+        self.stored, self.hash = ident, h
+
+    def stored_token_hash(self, d):
+        return self.hash
+
+    def token_hash(self, t):
+        return "h:" + t
+
+    def join(self, cfg):
+        self.calls.append(("join", cfg.token))
+        if self.join_error:
+            raise self.join_error
+        return FakeIdent(1)
+
+    def ping(self, addr, cfg):
+        if self.fail:
+            raise self.fail
+        return SimpleNamespace(cluster_name="lanyard-testbed", tls_routing=True, kube_public_addr=None,
+                               kube_listen_addr=None, web_addr=addr, raw={})
+
+    def client(self, cfg, ident, facts):
+        return FakeClient(self, ident)
+
+
+class FakeClient:
+    def __init__(self, be, ident):
+        self.be, self.ident = be, ident
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+    def renew_identity(self, ttl):
+        if self.be.fail:
+            raise self.be.fail
+        self.be.calls.append(("renew", self.ident.generation))
+        return FakeIdent(self.ident.generation + 1, ttl)
+
+    def host_ca_pems(self):
+        return self.be.creds.host_ca_pems
+
+    def kube_credentials(self, cluster, roles, ttl):
+        self.be.calls.append(("kube", self.ident.generation, cluster))
+        return self.be.creds
+
+
+def make_cfg(tmp_path, **extra):
+    doc = {"auth_server": "localhost:3080", "onboarding": {"token": TOKEN},
+           "storage": {"directory": str(tmp_path / "bot")},
+           "destinations": [{"directory": str(tmp_path / "out"), "kubernetes_cluster": "example-k8s-cluster"}],
+           "acls": "off"}
+    doc.update(extra)
+    p = tmp_path / "tbot.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    return config.load(p)
+
+
+@pytest.fixture
+def logbuf():
+    buf = io.StringIO()
+    log = logs.setup(debug=True, stream=buf)
+    return log, buf
+
+
+def test_first_cycle_joins_then_renews_and_stores_before_use(tmp_path, logbuf):
+    be = FakeBackend()
+    agent = Agent(make_cfg(tmp_path), backend=be, log=logbuf[0])
+    assert agent.attempt() is None
+    assert be.calls == [("join", TOKEN), ("store", 1), ("kube", 1, "example-k8s-cluster")]
+    be.calls.clear()
+    assert agent.attempt() is None
+    # renewed with gen 1, gen 2 stored durably BEFORE any use of it
+    assert be.calls == [("renew", 1), ("store", 2), ("kube", 2, "example-k8s-cluster")]
+    assert outputs.inspect(tmp_path / "out")["valid"]
+    snap = agent.snapshot()
+    assert snap["ready"] and snap["renewals"] == 2 and snap["failures"] == 0
+    assert snap["outputs"][0]["seconds_to_expiry"] > 3600
+
+
+def test_token_change_rejoins_same_token_never(tmp_path, logbuf):
+    be = FakeBackend()
+    agent = Agent(make_cfg(tmp_path), backend=be, log=logbuf[0])
+    agent.attempt()
+    agent.attempt()
+    assert [c for c in be.calls if c[0] == "join"] == [("join", TOKEN)]
+    agent.cfg.token = "new-token-abcdef"
+    agent.attempt()
+    assert [c for c in be.calls if c[0] == "join"] == [("join", TOKEN), ("join", "new-token-abcdef")]
+    assert be.hash == "h:new-token-abcdef"
+
+
+def test_expired_identity_rejoins(tmp_path, logbuf):
+    be = FakeBackend()
+    be.stored, be.hash = FakeIdent(7, ttl=-5), "h:" + TOKEN
+    agent = Agent(make_cfg(tmp_path), backend=be, log=logbuf[0])
+    assert agent.attempt() is None
+    assert be.calls[0] == ("join", TOKEN)
+
+
+def test_failure_keeps_outputs_reports_not_ready_and_recovers(tmp_path, logbuf):
+    be = FakeBackend()
+    agent = Agent(make_cfg(tmp_path), backend=be, log=logbuf[0])
+    agent.attempt()
+    before = (tmp_path / "out" / "kubeconfig.yaml").read_bytes()
+    be.fail = RenewError("the auth server localhost:3025: connection refused; check that Teleport is running")
+    err = agent.attempt()
+    assert isinstance(err, RenewError)
+    assert (tmp_path / "out" / "kubeconfig.yaml").read_bytes() == before
+    snap = agent.snapshot()
+    assert not snap["ready"] and "connection refused" in snap["reason"] and snap["failures"] == 1
+    assert snap["outputs"][0]["valid"], "last good outputs stay valid"
+    be.fail = None
+    assert agent.attempt() is None and agent.snapshot()["ready"]
+
+
+def test_oneshot_exit_codes(tmp_path, logbuf):
+    be = FakeBackend()
+    be.join_error = JoinError("the proxy rejected the join token: it was already used; create a new one")
+    assert Agent(make_cfg(tmp_path), backend=be, log=logbuf[0]).run_oneshot() == 3
+    be = FakeBackend()
+    be.stored, be.hash = FakeIdent(3), "h:" + TOKEN
+    be.fail = LockedError("bot example is locked: generation mismatch")
+    assert Agent(make_cfg(tmp_path), backend=be, log=logbuf[0]).run_oneshot() == 5
+    assert "generation mismatch" in logbuf[1].getvalue()
+    assert Agent(make_cfg(tmp_path), backend=FakeBackend(), log=logbuf[0]).run_oneshot() == 0
+
+
+def test_second_agent_on_same_storage_is_refused(tmp_path, logbuf):
+    a = Agent(make_cfg(tmp_path), backend=FakeBackend(), log=logbuf[0])
+    a.acquire_lock()
+    try:
+        from machine_id_agent.errors import ConfigError
+        with pytest.raises(ConfigError, match="another machine-id-agent is already running"):
+            Agent(make_cfg(tmp_path), backend=FakeBackend(), log=logbuf[0]).acquire_lock()
+    finally:
+        a.release_lock()
+
+
+def test_reload_command_runs_after_each_renewal(tmp_path, logbuf):
+    marker = tmp_path / "reloads"
+    cmd = [sys.executable, "-c",
+           "import os; open(%r, 'a').write(os.environ['MACHINE_ID_AGENT_DESTINATION'] + '\\n')" % str(marker)]
+    cfg = make_cfg(tmp_path, destinations=[{"directory": str(tmp_path / "out"), "kubernetes_cluster": "k",
+                                            "reload_command": cmd}])
+    agent = Agent(cfg, backend=FakeBackend(), log=logbuf[0])
+    agent.attempt()
+    agent.attempt()
+    assert marker.read_text().splitlines() == [str(tmp_path / "out")] * 2
+
+
+def test_logs_never_hold_token_or_key(tmp_path, logbuf):
+    log, buf = logbuf
+    be = FakeBackend()
+    be.join_error = JoinError("join with token %s failed: %s" % (TOKEN, be.creds.key_pem.decode()))
+    Agent(make_cfg(tmp_path), backend=be, log=log).attempt()
+    log.error("join with token %s failed", TOKEN)
+    text = buf.getvalue()
+    assert "failed" in text
+    assert TOKEN not in text and "PRIVATE KEY" not in text and "<redacted>" in text
+
+
+def test_backoff_and_jitter_bounds():
+    assert [backoff_delay(n, 1200, rnd=lambda: 1.0) for n in range(1, 9)] == [1, 2, 4, 8, 16, 32, 60, 60]
+    assert backoff_delay(3, 1200, rnd=lambda: 0.0) == 2.0
+    assert backoff_delay(9, 5, rnd=lambda: 1.0) == 5.0
+    assert 1080 <= jittered_interval(1200) <= 1200
+
+
+def test_notifier_sends_ready_and_watchdog(tmp_path):
+    sock_path = str(tmp_path / "notify.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    srv.bind(sock_path)
+    srv.settimeout(2)
+    try:
+        n = Notifier({"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "3000000", "WATCHDOG_PID": str(os.getpid())})
+        assert n.watchdog_interval == 1.5
+        assert n.ready("renewed")
+        assert srv.recv(4096) == b"READY=1\nSTATUS=renewed\n"
+        assert n.watchdog()
+        assert srv.recv(4096) == b"WATCHDOG=1\n"
+        assert Notifier({"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "1", "WATCHDOG_PID": "1"}).watchdog_usec == 0
+        assert not Notifier({}).ready("x")
+    finally:
+        srv.close()
+
+
+def _free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def _get(url):
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_service_loop_signals_notify_and_diag(tmp_path, logbuf):
+    """The real loop in the main thread: READY/WATCHDOG over $NOTIFY_SOCKET, SIGUSR1 renews now, SIGHUP
+    reloads (new token => re-join), /readyz and /metrics track it, SIGTERM exits 0."""
+    port = _free_port()
+    cfg = make_cfg(tmp_path, renewal_interval="50s", certificate_ttl="10m", diag_addr="127.0.0.1:%d" % port)
+    be = FakeBackend()
+    sock_path = str(tmp_path / "n.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    srv.bind(sock_path)
+    srv.settimeout(10)
+    notifier = Notifier({"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "400000"})
+    agent = Agent(cfg, backend=be, notifier=notifier, log=logbuf[0])
+    seen = {}
+
+    def driver():
+        try:
+            def wait_for(pred, what, t=10):
+                end = time.monotonic() + t
+                while time.monotonic() < end:
+                    if pred():
+                        return
+                    time.sleep(0.05)
+                raise AssertionError("timed out waiting for " + what)
+            wait_for(lambda: agent.renewals == 1, "first renewal")
+            seen["ready1"] = _get("http://127.0.0.1:%d/readyz" % port)
+            os.kill(os.getpid(), signal.SIGUSR1)
+            wait_for(lambda: agent.renewals == 2, "SIGUSR1 renewal")
+            doc = yaml.safe_load(open(cfg.source))
+            doc["onboarding"]["token"] = "second-token-7890"
+            open(cfg.source, "w").write(yaml.safe_dump(doc))
+            os.kill(os.getpid(), signal.SIGHUP)
+            wait_for(lambda: agent.renewals == 3, "SIGHUP renewal")
+            be.fail = RenewError("auth down")
+            os.kill(os.getpid(), signal.SIGUSR1)
+            wait_for(lambda: agent.failures >= 1, "failure")
+            seen["notready"] = _get("http://127.0.0.1:%d/readyz" % port)
+            seen["metrics"] = _get("http://127.0.0.1:%d/metrics" % port)
+            seen["livez"] = _get("http://127.0.0.1:%d/livez" % port)
+        except BaseException as e:  # pragma: no cover - reported below
+            seen["error"] = repr(e)
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    t = threading.Thread(target=driver)
+    t.start()
+    rc = agent.run()
+    t.join()
+    msgs = []
+    try:
+        while True:
+            msgs.append(srv.recv(4096).decode())
+            srv.settimeout(0.2)
+    except socket.timeout:
+        pass
+    srv.close()
+    assert "error" not in seen, seen.get("error")
+    assert rc == 0
+    assert seen["ready1"][0] == 200
+    assert [c for c in be.calls if c[0] == "join"] == [("join", TOKEN), ("join", "second-token-7890")]
+    code, body = seen["notready"]
+    assert code == 503 and "auth down" in json.loads(body)["reason"]
+    assert seen["livez"][0] == 200
+    m = seen["metrics"][1]
+    assert "machine_id_agent_renewals_total 3" in m and "machine_id_agent_renewal_failures_total 1" in m
+    assert 'machine_id_agent_seconds_to_expiry{destination="%s",kubernetes_cluster="example-k8s-cluster"}' % (
+        tmp_path / "out") in m
+    assert any(x.startswith("READY=1") for x in msgs), msgs
+    assert "WATCHDOG=1\n" in msgs
+    assert any("RELOADING=1" in x for x in msgs) and any("STOPPING=1" in x for x in msgs)
+    assert TOKEN not in logbuf[1].getvalue() and "second-token-7890" not in logbuf[1].getvalue()
+
+
+def test_metrics_text_format():
+    text = diag.render_metrics({"renewals": 2, "failures": 1, "ready": True,
+                                "outputs": [{"destination": '/a"b', "kubernetes_cluster": "k",
+                                             "seconds_to_expiry": 5}]})
+    assert "# TYPE machine_id_agent_renewals_total counter" in text
+    assert 'machine_id_agent_seconds_to_expiry{destination="/a\\"b",kubernetes_cluster="k"} 5' in text
+    assert text.endswith("\n")
