@@ -215,25 +215,24 @@ class Agent:
             joined = True
             self.log.info("joined as %s; identity valid until %s", _bot(ident), ident.not_after.isoformat())
         facts = self._endpoint_facts()
-        if not joined:
-            with be.client(cfg, ident, facts) as client:
-                ident = client.renew_identity(cfg.credential_ttl)
-            be.store_identity(cfg.storage_dir, ident, want_hash)
-            self.log.info("renewed the bot identity of %s; valid until %s", _bot(ident), ident.not_after.isoformat())
-        with self.lock:
-            self.identity_not_after = ident.not_after
         with be.client(cfg, ident, facts) as client:
+            if not joined:
+                # the client switches to the new identity for the rest of the cycle
+                ident = client.renew_identity(cfg.credential_ttl)
+                be.store_identity(cfg.storage_dir, ident, want_hash)
+                self.log.info("renewed the bot identity of %s; valid until %s", _bot(ident),
+                              ident.not_after.isoformat())
+            with self.lock:
+                self.identity_not_after = ident.not_after
             if facts is None:
                 facts = self._endpoint_facts(client)
             endpoint = outputs.kube_endpoint(facts, cfg.proxy_server or cfg.auth_server)
             cluster_name = getattr(facts, "cluster_name", None) or ident.cluster_name
-            host_cas = list(client.host_ca_pems() or [])
             for out in cfg.outputs:
                 key = str(out.destination)
                 try:
+                    # the credentials carry the host CA re-read in this cycle (picks up rotations)
                     creds = client.kube_credentials(out.kubernetes_cluster, out.roles or None, cfg.credential_ttl)
-                    if host_cas:
-                        creds = _with_cas(creds, host_cas)
                     res = outputs.write_kube(out, creds, cluster_name, endpoint, cfg.acls,
                                              self._reader_uids(out), warn=self.warn_once)
                 except AgentError as e:
@@ -479,12 +478,3 @@ def _bot(ident) -> str:
         return "bot %s" % ident.bot_name
     except Exception:
         return "the bot"
-
-
-def _with_cas(creds, cas):
-    try:
-        from dataclasses import replace
-        return replace(creds, host_ca_pems=list(cas))
-    except TypeError:
-        creds.host_ca_pems = list(cas)
-        return creds

@@ -94,7 +94,8 @@ class FakeClient:
         if self.be.fail:
             raise self.be.fail
         self.be.calls.append(("renew", self.ident.generation))
-        return FakeIdent(self.ident.generation + 1, ttl)
+        self.ident = FakeIdent(self.ident.generation + 1, ttl)
+        return self.ident
 
     def host_ca_pems(self):
         return self.be.creds.host_ca_pems
