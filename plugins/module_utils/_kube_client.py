@@ -86,7 +86,11 @@ class KubeClient(object):
     # -- lifecycle ----------------------------------------------------------------------------------------
     def __enter__(self):
         if self._session is None:
-            self._session = self._build_session()
+            try:
+                self._session = self._build_session()
+            except BaseException:
+                self.close()  # never leave inline key material behind
+                raise
         return self
 
     def __exit__(self, *exc):

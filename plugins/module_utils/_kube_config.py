@@ -23,6 +23,7 @@ __metaclass__ = type
 import base64
 import json
 import os
+import re
 
 from ansible_collections.lanyard.machine_id.plugins.module_utils._errors import LanyardError
 
@@ -32,6 +33,8 @@ try:
 except ImportError:  # pragma: no cover - JSON kubeconfigs still work
     HAS_YAML = False
 
+# Long opaque strings (tokens, JWTs, base64 keys) are cut out of a plugin's error output before it is shown.
+_OPAQUE = re.compile(r"[A-Za-z0-9_\-.=+]{32,}")
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 EXEC_API_VERSIONS = ("client.authentication.k8s.io/v1", "client.authentication.k8s.io/v1beta1")
 
@@ -416,7 +419,7 @@ def run_exec_plugin(conn, run_command):
                            % (what, exc.strerror or exc, hint))
     if rc != 0:
         last = [line for line in (err or "").strip().splitlines() if line.strip()]
-        detail = last[-1][:300] if last else "no error output"
+        detail = _OPAQUE.sub("<redacted>", last[-1])[:300] if last else "no error output"
         hint = (" " + plugin.install_hint.strip()) if (rc == 127 and plugin.install_hint) else ""
         raise LanyardError("%s failed (exit %s): %s. Fix the plugin's configuration or credentials.%s"
                            % (what, rc, detail, hint))

@@ -307,8 +307,8 @@ def explain_api_error(exc, ref, cluster, operation):
         return ("%s: 404 Not Found: %s. Fix: check that the cluster serves %s (RBAC enabled) and the names."
                 % (head, server_msg, RBAC_API_VERSION))
     if status == 409:
-        reason = getattr(exc, "reason", "") or ""
-        if reason == "Conflict" and ("conflict" in server_msg.lower() and "manager" in server_msg.lower()):
+        causes = (exc.status_details or {}).get("causes") or []
+        if any(c.get("reason") == "FieldManagerConflict" for c in causes) or server_msg.startswith("Apply failed"):
             return ("%s: 409 Conflict, fields are owned by another field manager: %s. Fix: set "
                     "force_conflicts: true to take them over, or change them with the tool that owns them."
                     % (head, _causes(exc) or server_msg))
