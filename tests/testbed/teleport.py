@@ -9,6 +9,7 @@ Two listener modes, as in the guide:
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -173,11 +174,11 @@ class TeleportCluster:
 
     def ca_pins(self) -> list[str]:
         """``sha256:<hex SPKI>`` of every host CA TLS certificate, computed from ``tctl get cert_authority``."""
-        out = self.tctl("get", "cert_authority/host", "--format=json", "--with-secrets", check=True).stdout
-        import base64
-
+        out = self.tctl("get", "cert_authority", "--format=json", check=True).stdout
         pins = []
         for ca in json.loads(out):
+            if ca["spec"]["type"] != "host":
+                continue
             for kp in ca["spec"]["active_keys"].get("tls", []):
                 cert = x509.load_pem_x509_certificate(base64.b64decode(kp["cert"]))
                 spki = cert.public_key().public_bytes(serialization.Encoding.DER,
