@@ -1,0 +1,246 @@
+# -*- coding: utf-8 -*-
+# Copyright: lanyard.machine_id contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""PRIVATE to this collection: the teleport_bot service.
+
+A Machine ID bot is, on every Teleport version we know, a user ``bot-<name>`` (label
+``teleport.internal/bot``) with the role ``bot-<name>``. The roles the bot may use are that role's
+``spec.allow.impersonate.roles``; its logins are the user's ``logins`` trait; its max session TTL is
+the role's ``spec.options.max_session_ttl``. We read those two resources (``tctl get``), which works
+the same on v13 and newer, and change them only through ``tctl bots ...``.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+from ansible_collections.lanyard.machine_id.plugins.module_utils._errors import LanyardError
+from ansible_collections.lanyard.machine_id.plugins.module_utils._teleport_resource import (
+    format_duration,
+    parse_duration,
+)
+from ansible_collections.lanyard.machine_id.plugins.module_utils._teleport_yaml import to_yaml
+
+BOT_ARGSPEC = dict(
+    name=dict(type="str", required=True),
+    state=dict(type="str", default="present", choices=["present", "absent"]),
+    roles=dict(type="list", elements="str"),
+    logins=dict(type="list", elements="str"),
+    max_session_ttl=dict(type="str"),
+    force=dict(type="bool", default=False),
+    return_token=dict(type="bool", default=False),
+    token_ttl=dict(type="str", default="1h"),
+)
+
+MAX_SESSION_TTL_LIMIT = 168 * 3600
+DEFAULT_MAX_SESSION_TTL = 12 * 3600
+
+
+def bot_user(name):
+    return "bot-%s" % name
+
+
+def read_bot(tctl, name):
+    """The bot's state as dict(roles, logins, max_session_ttl), or None when there is no such bot."""
+    users = tctl.get("user/%s" % bot_user(name), what="read bot %s (user %s)" % (name, bot_user(name)))
+    if not users:
+        return None
+    user = users[0]
+    labels = (user.get("metadata") or {}).get("labels") or {}
+    if "teleport.internal/bot" not in labels:
+        raise LanyardError("bot %s: user %s exists but is not a Machine ID bot (no teleport.internal/bot label). "
+                           "Fix: choose another bot name, or remove that user." % (name, bot_user(name)))
+    roles_res = tctl.get("role/%s" % bot_user(name), what="read bot %s (role %s)" % (name, bot_user(name)))
+    spec = (roles_res[0].get("spec") or {}) if roles_res else {}
+    allow = spec.get("allow") or {}
+    impersonate = allow.get("impersonate") or {}
+    traits = (user.get("spec") or {}).get("traits") or {}
+    ttl = (spec.get("options") or {}).get("max_session_ttl")
+    return dict(
+        name=name,
+        user_name=bot_user(name),
+        role_name=bot_user(name),
+        roles=sorted(impersonate.get("roles") or []),
+        logins=sorted(traits.get("logins") or []),
+        max_session_ttl=format_duration(parse_duration(ttl)) if parse_duration(ttl) is not None else ttl,
+    )
+
+
+def desired_bot(params, current):
+    """What the user declared, filled from ``current`` for options left unset."""
+    name = params["name"]
+    roles = params.get("roles")
+    if roles is None:
+        if current is None:
+            raise LanyardError("bot %s does not exist and roles is not set. Fix: set roles (the Teleport roles the "
+                               "bot may use, e.g. [machine-id-kube-role])." % name)
+        roles = current["roles"]
+    roles = sorted(set(r.strip() for r in roles if r and r.strip()))
+    if not roles:
+        raise LanyardError("bot %s: roles is empty. Fix: give at least one Teleport role." % name)
+    logins = params.get("logins")
+    logins = sorted(set(logins)) if logins is not None else (current["logins"] if current else [])
+    ttl = params.get("max_session_ttl")
+    if ttl is not None:
+        seconds = parse_duration(ttl)
+        if seconds is None or seconds <= 0:
+            raise LanyardError("bot %s: max_session_ttl %r is not a duration. Fix: use a Go duration such as 12h or "
+                               "30m." % (name, ttl))
+        if seconds > MAX_SESSION_TTL_LIMIT:
+            raise LanyardError("bot %s: max_session_ttl %s is above Teleport's limit of 168h. Fix: use at most 168h."
+                               % (name, ttl))
+        ttl = format_duration(seconds)
+    elif current is not None:
+        ttl = current["max_session_ttl"]
+    return dict(name=name, user_name=bot_user(name), role_name=bot_user(name), roles=roles, logins=logins,
+                max_session_ttl=ttl)
+
+
+def bot_changes(desired, current):
+    """Names of the fields that differ (empty when the bot is up to date)."""
+    if current is None:
+        return ["bot"]
+    changed = []
+    for key in ("roles", "logins"):
+        if sorted(desired[key]) != sorted(current[key]):
+            changed.append(key)
+    d, c = parse_duration(desired.get("max_session_ttl")), parse_duration(current.get("max_session_ttl"))
+    if desired.get("max_session_ttl") is not None and d != c:
+        changed.append("max_session_ttl")
+    return changed
+
+
+def check_roles_exist(tctl, name, roles, check_mode=False):
+    """Fail when a role is unknown; in check mode only warn (an earlier task may create it)."""
+    items = tctl.get("roles", what="list roles (to check the roles of bot %s)" % name)
+    known = set((i.get("metadata") or {}).get("name") for i in items)
+    missing = [r for r in roles if r not in known]
+    if missing and check_mode:
+        return ["bot %s: role(s) %s do not exist yet; the real run fails unless an earlier task creates them."
+                % (name, ", ".join(missing))]
+    if missing:
+        raise LanyardError("bot %s: role(s) %s do not exist in Teleport. Fix: create them first (for example with "
+                           "lanyard.machine_id.teleport_role) or correct roles." % (name, ", ".join(missing)))
+
+
+def _view(bot):
+    return dict((k, bot[k]) for k in ("name", "roles", "logins", "max_session_ttl") if bot is not None)
+
+
+def add_bot(tctl, desired, token_ttl):
+    """``tctl bots add`` -> (token, token_ttl) from its JSON output."""
+    args = ["bots", "add", desired["name"], "--roles=%s" % ",".join(desired["roles"])]
+    if desired["logins"]:
+        args.append("--logins=%s" % ",".join(desired["logins"]))
+    if desired.get("max_session_ttl") and tctl.version().has_bot_max_session_ttl:
+        args.append("--max-session-ttl=%s" % desired["max_session_ttl"])
+    if token_ttl:
+        args.append("--ttl=%s" % token_ttl)
+    out = tctl.run_json(args, "create bot %s" % desired["name"])
+    token = out.get("token_id") if isinstance(out, dict) else None
+    if not token:
+        raise LanyardError("bot %s was created but tctl printed no token_id in its JSON output. Fix: check the bot "
+                           "with `tctl bots ls`." % desired["name"])
+    ttl = out.get("token_ttl")
+    if ttl is None and isinstance(out.get("ttl"), (int, float)):  # v13: nanoseconds
+        ttl = format_duration(out["ttl"] / 1e9)
+    return token, ttl
+
+
+def update_bot(tctl, desired, current, changes):
+    """In-place update with ``tctl bots update`` (tctl v15+)."""
+    args = ["bots", "update", desired["name"]]
+    if "roles" in changes:
+        args.append("--set-roles=%s" % ",".join(desired["roles"]))
+    if "logins" in changes:
+        args.append("--set-logins=%s" % ",".join(desired["logins"]))
+    if "max_session_ttl" in changes:
+        args.append("--set-max-session-ttl=%s" % desired["max_session_ttl"])
+    tctl.run(args, "update bot %s" % desired["name"])
+
+
+def ensure_bot(tctl, params, check_mode, revoke_token, revoke_pending=None):
+    """Return the module result.
+
+    ``revoke_token(value)`` makes the join token ``bots add`` printed unusable; ``revoke_pending(name)``
+    revokes the bot's pending join tokens when the bot is deleted (``tctl bots rm`` leaves them).
+    """
+    name = params["name"]
+    current = read_bot(tctl, name)
+    header = "bot/%s" % name
+    if params["state"] == "absent":
+        result = dict(changed=current is not None, bot=None,
+                      diff=dict(before=to_yaml(_view(current)) if current else "", after="",
+                                before_header=header, after_header=header))
+        if current is not None and not check_mode:
+            tctl.run(["bots", "rm", name], "delete bot %s" % name)
+            if revoke_pending is not None:
+                result["revoked_tokens"] = revoke_pending(name)
+        result["msg"] = ("bot %s %s" % (name, "would be deleted" if check_mode else "deleted")) if current else \
+            "bot %s is absent" % name
+        return result
+
+    desired = desired_bot(params, current)
+    changes = bot_changes(desired, current)
+    diff = dict(before=to_yaml(_view(current)) if current else "", after=to_yaml(_view(desired)),
+                before_header=header, after_header=header)
+    if not changes:
+        return dict(changed=False, bot=current, diff=diff, msg="bot %s is up to date" % name)
+    role_warnings = check_roles_exist(tctl, name, desired["roles"], check_mode)
+    version = tctl.version()
+    if (not version.has_bot_max_session_ttl and desired.get("max_session_ttl") and
+            parse_duration(desired["max_session_ttl"]) != DEFAULT_MAX_SESSION_TTL and
+            (current is None or "max_session_ttl" in changes)):
+        raise LanyardError("bot %s: tctl %s cannot set max_session_ttl (its `bots add` has no --max-session-ttl; new "
+                           "bots get 12h). Fix: leave max_session_ttl unset or 12h, or upgrade Teleport."
+                           % (name, version))
+
+    result = dict(changed=True, bot=desired, diff=diff, warnings=list(role_warnings or []))
+    recreate = False
+    if current is not None:
+        if not version.has_bots_update:
+            if not params.get("force"):
+                raise LanyardError(
+                    "bot %s: %s differ(s) from the server (%s), and tctl %s has no `bots update` (it arrived in "
+                    "Teleport 15), so the bot cannot be changed in place. Fix: set force: true to delete and recreate "
+                    "the bot (its existing identities stop working and every host must join again with a new "
+                    "token), or upgrade Teleport." % (name, ", ".join(changes), _describe(changes, desired, current),
+                                                      version))
+            recreate = True
+            result["warnings"].append(
+                "bot %s was deleted and recreated to change %s: identities issued to it stop working; every host "
+                "must join again with a new token." % (name, ", ".join(changes)))
+    if check_mode:
+        result["msg"] = "bot %s would be %s" % (name, "created" if current is None else
+                                                ("recreated" if recreate else "updated"))
+        return _finish(result)
+
+    if current is not None and not recreate:
+        update_bot(tctl, desired, current, changes)
+        result["msg"] = "bot %s updated (%s)" % (name, ", ".join(changes))
+        result["bot"] = read_bot(tctl, name)
+        return _finish(result)
+
+    if recreate:
+        tctl.run(["bots", "rm", name], "delete bot %s (to recreate it)" % name)
+        if revoke_pending is not None:
+            revoke_pending(name)
+    token, token_ttl = add_bot(tctl, desired, params.get("token_ttl"))
+    result["bot"] = read_bot(tctl, name) or desired
+    result["msg"] = "bot %s %s" % (name, "recreated" if recreate else "created")
+    if params.get("return_token"):
+        result["token"] = token
+        result["token_ttl"] = token_ttl
+    else:
+        revoke_token(token)
+    return _finish(result)
+
+
+def _describe(changes, desired, current):
+    return "; ".join("%s: %s -> %s" % (k, current.get(k), desired.get(k)) for k in changes)
+
+
+def _finish(result):
+    if not result.get("warnings"):
+        result.pop("warnings", None)
+    return result
