@@ -191,11 +191,15 @@ class Agent:
                 raise
             # auth_server may be an auth server, which has no web API: use what we learned before
             self.log.debug("no /webapi/ping answer from %s (%s); treating it as an auth server", addr, e)
-            if client is not None and hasattr(client, "proxy_facts"):
+            # the auth server knows the proxy's public address (Ping): ask the proxy there
+            fn = getattr(client, "proxy_public_addr", None) if client is not None else None
+            if callable(fn):
                 try:
-                    self.facts = client.proxy_facts() or self.facts
-                except AgentError:
-                    pass
+                    public = fn()
+                    if public:
+                        self.facts = self.backend.ping(public, cfg)
+                except AgentError as e2:
+                    self.log.warning("cannot ask the proxy named by the auth server (%s); kubeconfig needs it", e2)
             return self.facts
 
     def cycle(self) -> None:
