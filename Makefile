@@ -34,3 +34,9 @@ test-unit: ## unit tests only (no real components)
 
 sanity: ## ansible-test sanity with empty ignore files
 	@PATH=$(VENV)/bin:$$PATH scripts/sanity.sh
+
+demo: testbed-build ## the guide end to end: real test bed + 3 systemd hosts + playbooks/rollout.yml
+	@PATH=$(VENV)/bin:$$PATH $(PY) scripts/demo.py up
+
+demo-down: ## stop the demo's hosts and test bed
+	@PATH=$(VENV)/bin:$$PATH $(PY) scripts/demo.py down

@@ -47,6 +47,12 @@ def _supervise(modes: tuple[str, ...], state_dir: Path) -> None:
     state = {
         "pid": os.getpid(), "modes": list(modes), "workdir": str(bed.workdir), "timings": bed.timings,
         "exports": {m: bed.exports(m) for m in modes},
+        "teleport": {m: {"web_port": t.web_port, "proxy_addr": t.proxy_addr, "auth_addr": t.auth_addr,
+                         "web_ca_path": str(t.web_ca_path), "admin_identity": str(t.admin_identity),
+                         "config_path": str(t.config_path), "log_path": str(t.process.log_path)}
+                     for m, t in bed.teleport.items()},
+        "kube": {"admin_kubeconfig": str(bed.kube.admin_kubeconfig), "server": bed.kube.server},
+        "bins": {k: str(v) for k, v in bed.bins.items()},
     }
     state_file.write_text(json.dumps(state, indent=2))
     while not stop["now"]:
