@@ -1,0 +1,228 @@
+# Copyright: lanyard.machine_id contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Fixtures for machine-id-agent on the real bed: real local users, a world-traversable work directory,
+and an ``AgentHost`` that lays out one host the way the guide does (config, storage, destination).
+
+The agent runs as the unprivileged user ``lanyardtest-bot``. The test venv lives under /root (mode 0700),
+so the bot process gets the one ambient capability CAP_DAC_READ_SEARCH, which lets it read the venv. It
+cannot write, chown or set ACLs on anything it does not own. The reader (``lanyardtest-app``) and the
+other user (``lanyardtest-other``) get no capabilities; they read with ``cat`` and with a copy of kubectl
+in a 0755 directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pytest
+import yaml
+
+import testbed as tb
+
+BOT_USER, APP_USER, OTHER_USER = "lanyardtest-bot", "lanyardtest-app", "lanyardtest-other"
+AGENT_ROLE = "lanyard-agent-kube"
+KUBE_GROUP = "lanyard-agent"
+
+
+def _ensure_user(name: str) -> int:
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        pass
+    r = subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                        name], capture_output=True, text=True)
+    if r.returncode != 0 and "already exists" not in r.stderr:
+        pytest.fail("cannot create test user %s (%s); run the tests as root" % (name, r.stderr.strip()),
+                    pytrace=False)
+    return pwd.getpwnam(name).pw_uid
+
+
+@pytest.fixture(scope="session")
+def agent_users() -> Dict[str, int]:
+    if os.geteuid() != 0:
+        pytest.fail("the agent e2e tests need root (they create users and switch to them)", pytrace=False)
+    for tool in ("setpriv", "runuser", "useradd", "getfacl"):
+        if shutil.which(tool) is None:
+            pytest.fail("%s is missing; run scripts/bootstrap.sh (util-linux, passwd, acl)" % tool, pytrace=False)
+    return {n: _ensure_user(n) for n in (BOT_USER, APP_USER, OTHER_USER)}
+
+
+@pytest.fixture(scope="session")
+def public_root():
+    """A 0755 directory under /tmp (pytest's tmp_path is 0700, which would hide everything from readers)."""
+    d = Path(tempfile.mkdtemp(prefix="lanyard-agent-e2e-"))
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def user_kubectl(testbed_bins, public_root) -> Path:
+    """kubectl where unprivileged users can run it."""
+    d = public_root / "bin"
+    d.mkdir(mode=0o755, exist_ok=True)
+    dst = d / "kubectl"
+    shutil.copy2(testbed_bins["kubectl"], dst)
+    os.chmod(dst, 0o755)
+    return dst
+
+
+def setup_rbac(tp, kube) -> None:
+    """A Teleport role that maps to Kubernetes group ``lanyard-agent``, and read access to pods in ``demo``
+    for that group (idempotent)."""
+    role = {"kind": "role", "version": "v6", "metadata": {"name": AGENT_ROLE},
+            "spec": {"allow": {"kubernetes_labels": {"*": "*"}, "kubernetes_groups": [KUBE_GROUP],
+                               "kubernetes_resources": [{"kind": "pod", "namespace": "*", "name": "*"}]}}}
+    f = Path(tempfile.mkstemp(prefix="lanyard-agent-role-", suffix=".yaml")[1])
+    try:
+        f.write_text(yaml.safe_dump(role))
+        tp.tctl("create", "-f", str(f), "--force", check=True)
+        rbac = [
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+             "metadata": {"name": "lanyard-agent-pods", "namespace": tb.DEMO_NAMESPACE},
+             "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}]},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+             "metadata": {"name": "lanyard-agent-pods", "namespace": tb.DEMO_NAMESPACE},
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "lanyard-agent-pods"},
+             "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": KUBE_GROUP}]},
+        ]
+        f.write_text(yaml.safe_dump_all(rbac))
+        kube.kubectl("apply", "-f", str(f), check=True)
+    finally:
+        f.unlink()
+
+
+class AgentHost:
+    """One host: /etc/tbot.yaml-like config, a storage dir owned by the bot user, a destination set up by
+    ``machine-id-agent init``. Commands run as the bot user."""
+
+    def __init__(self, tp, kube, root: Path, users: Dict[str, int], kubectl: Path, bot: Optional[str] = None,
+                 **cfg_extra):
+        self.tp, self.kube, self.users, self.kubectl_bin = tp, kube, users, kubectl
+        self.root = root
+        root.mkdir(mode=0o755, parents=True, exist_ok=True)
+        self.bot = bot or "agent-%s-%s" % (tp.mode[:3], uuid.uuid4().hex[:8])
+        self.token = tp.bot_add(self.bot, [AGENT_ROLE])
+        self.pin = tp.status_ca_pin()
+        self.storage = root / "bot"
+        self.dest = root / "machine-id"
+        self.config_path = root / "tbot.yaml"
+        self.storage.mkdir(mode=0o700, exist_ok=True)
+        os.chown(self.storage, users[BOT_USER], users[BOT_USER])
+        self.write_config(**cfg_extra)
+        self.procs: List[subprocess.Popen] = []
+
+    def write_config(self, **extra) -> None:
+        """The guide's /etc/tbot.yaml (v1) with the bed's proxy address, token and pin, plus ``extra``."""
+        doc = {
+            "auth_server": self.tp.proxy_addr,
+            "onboarding": {"join_method": "token", "token": self.token, "ca_pins": [self.pin]},
+            "storage": {"directory": str(self.storage)},
+            "destinations": [{"directory": str(self.dest), "kubernetes_cluster": tb.KUBE_CLUSTER_NAME}],
+        }
+        doc.update(extra)
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
+        os.chown(tmp, 0, self.users[BOT_USER])
+        os.chmod(tmp, 0o640)
+        os.replace(tmp, self.config_path)
+
+    # -- running the agent -------------------------------------------------------------------------
+    def env(self) -> Dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "JOURNAL_STREAM")}
+        env["SSL_CERT_FILE"] = str(self.tp.web_ca_path)  # tbot gets the same (the proxy's test CA)
+        env["HOME"] = str(self.root)
+        return env
+
+    def argv(self, *args: str, as_bot: bool = True) -> List[str]:
+        py = [sys.executable, "-m", "machine_id_agent", *args]
+        if not as_bot:
+            return py
+        return ["setpriv", "--reuid=%s" % BOT_USER, "--regid=%s" % BOT_USER, "--init-groups",
+                "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"] + py
+
+    def run(self, *args: str, as_bot: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(self.argv(*args, as_bot=as_bot), capture_output=True, text=True, env=self.env(),
+                              timeout=timeout, cwd=str(self.root))
+
+    def init(self, *readers: str) -> subprocess.CompletedProcess:
+        rd = []
+        for r in readers or (APP_USER,):
+            rd += ["--reader-user", r]
+        return self.run("init", "-c", str(self.config_path), "--init-dir", str(self.dest), "--bot-user", BOT_USER,
+                        "--owner", "%s:%s" % (BOT_USER, BOT_USER), *rd, "--json", as_bot=False)
+
+    def oneshot(self, timeout: float = 120) -> subprocess.CompletedProcess:
+        return self.run("start", "-c", str(self.config_path), "--oneshot", timeout=timeout)
+
+    def start(self, log_name: str = "agent.log") -> subprocess.Popen:
+        log = open(self.root / log_name, "ab")
+        p = subprocess.Popen(self.argv("start", "-c", str(self.config_path)), stdout=log, stderr=subprocess.STDOUT,
+                             env=self.env(), cwd=str(self.root))
+        log.close()
+        self.procs.append(p)
+        return p
+
+    def log(self, log_name: str = "agent.log") -> str:
+        p = self.root / log_name
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        self.procs.clear()
+
+    def status(self) -> dict:
+        r = self.run("status", "-c", str(self.config_path), "--json", as_bot=False)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    # -- reading as users ----------------------------------------------------------------------------
+    def as_user(self, user: str, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        runuser = shutil.which("runuser") or "/usr/sbin/runuser"
+        return subprocess.run([runuser, "-u", user, "--", *argv], capture_output=True, text=True,
+                              timeout=timeout, cwd="/", env={"PATH": "/usr/bin:/bin", "HOME": "/"})
+
+    def kubectl_as(self, user: str, *args: str) -> subprocess.CompletedProcess:
+        return self.as_user(user, str(self.kubectl_bin), "--kubeconfig=%s" % (self.dest / "kubeconfig.yaml"),
+                            "--request-timeout=20s", *args)
+
+    def pods_as(self, user: str = APP_USER) -> subprocess.CompletedProcess:
+        return self.kubectl_as(user, "get", "pods", "-n", tb.DEMO_NAMESPACE, "-o", "name")
+
+
+@pytest.fixture
+def make_host(agent_users, public_root, user_kubectl, request):
+    hosts: List[AgentHost] = []
+    rbac_done = set()
+
+    def make(tp, kube_cluster=None, **cfg_extra) -> AgentHost:
+        k = kube_cluster or request.getfixturevalue("kube")
+        if id(tp) not in rbac_done:
+            setup_rbac(tp, k)
+            rbac_done.add(id(tp))
+        root = public_root / ("h-" + uuid.uuid4().hex[:10])
+        h = AgentHost(tp, k, root, agent_users, user_kubectl, **cfg_extra)
+        hosts.append(h)
+        return h
+
+    yield make
+    for h in hosts:
+        h.stop()

@@ -1,0 +1,338 @@
+# Copyright: lanyard.machine_id contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""machine-id-agent end to end on the real bed (Teleport v13 + kube-apiserver), both listener modes.
+
+Proofs (issue 5): 1 the guide's config -> kubectl as the reader; 2 renewals keep kubectl working; 3 Teleport
+down -> outputs stay, not ready, recovery without restart; 4 kill -9 across 200 renewals -> every read is
+consistent, never locked; 5 wrong pin / used token / second agent explained; 6 reader reads, other user
+denied; 7 host CA rotation.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+import testbed as tb
+
+BOT_USER, APP_USER, OTHER_USER = "lanyardtest-bot", "lanyardtest-app", "lanyardtest-other"  # see conftest.py
+
+pytestmark = [pytest.mark.testbed]
+
+FILES = ("key", "tlscert", "teleport-host-ca.crt", "kubeconfig.yaml")
+
+
+def wait_for(pred, timeout: float, what: str, interval: float = 0.2):
+    end = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < end:
+        try:
+            last = pred()
+            if last:
+                return last
+        except Exception as e:  # keep polling, report the last problem
+            last = e
+        time.sleep(interval)
+    raise AssertionError("timed out after %.0fs waiting for %s (last: %r)" % (timeout, what, last))
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def http_get(url: str):
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def metric(diag: str, name: str) -> float:
+    code, text = http_get("http://%s/metrics" % diag)
+    for line in text.splitlines():
+        if line.startswith("machine_id_agent_%s " % name):
+            return float(line.split()[-1])
+    raise AssertionError("metric %s missing:\n%s" % (name, text))
+
+
+def kubeconfig_pair(path):
+    """(cert, key) from one read of kubeconfig.yaml; raises if it does not parse or they do not match."""
+    doc = yaml.safe_load(path.read_bytes())
+    user = doc["users"][0]["user"]
+    cert = x509.load_pem_x509_certificate(base64.b64decode(user["client-certificate-data"]))
+    key = serialization.load_pem_private_key(base64.b64decode(user["client-key-data"]), None)
+    fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if cert.public_key().public_bytes(*fmt) != key.public_key().public_bytes(*fmt):
+        raise AssertionError("certificate does not match key")
+    return cert, doc
+
+
+def getfacl(path) -> list:
+    r = subprocess.run(["getfacl", "-p", "--omit-header", str(path)], capture_output=True, text=True, check=True)
+    return [x for x in r.stdout.splitlines() if x]
+
+
+# --- 1 + 6: the guide's config, kubectl as the reader, another user denied ------------------------------------
+def test_guide_config_kubectl_as_reader_other_denied(teleport, make_host):
+    h = make_host(teleport)
+    r = h.init()
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["changed"] is True
+    again = h.init()
+    assert json.loads(again.stdout)["changed"] is False, again.stdout
+
+    t0 = time.monotonic()
+    r = h.oneshot()
+    elapsed = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in h.dest.iterdir()) == sorted(FILES)
+
+    pods = h.pods_as(APP_USER)
+    assert pods.returncode == 0, pods.stderr
+    assert "pod/%s" % tb.DEMO_POD in pods.stdout
+
+    # 6: the reader reads every output; the other unprivileged user is denied everything
+    for name in FILES:
+        f = h.dest / name
+        assert h.as_user(APP_USER, "cat", str(f)).returncode == 0, name
+        denied = h.as_user(OTHER_USER, "cat", str(f))
+        assert denied.returncode != 0 and "Permission denied" in denied.stderr, name
+        st = f.stat()
+        assert (st.st_uid, st.st_mode & 0o007) == (h.users[BOT_USER], 0), name
+        assert getfacl(f) == ["user::rw-", "user:%s:r--" % APP_USER, "group::---", "mask::r--", "other::---"]
+    other = h.pods_as(OTHER_USER)
+    assert other.returncode != 0 and "permission denied" in other.stderr.lower(), other.stderr
+    assert getfacl(h.dest) == ["user::rwx", "user:%s:r-x" % APP_USER, "group::---", "mask::r-x", "other::---"]
+
+    # kubeconfig routing per listener mode
+    _, doc = kubeconfig_pair(h.dest / "kubeconfig.yaml")
+    name = "%s-%s" % (tb.CLUSTER_NAME, tb.KUBE_CLUSTER_NAME)
+    assert doc["current-context"] == name
+    cl = doc["clusters"][0]["cluster"]
+    if teleport.mode == "multiplex":
+        assert cl["server"] == "https://%s" % teleport.proxy_addr
+        assert cl["tls-server-name"] == "kube-teleport-proxy-alpn.localhost"
+    else:
+        assert cl["server"] == "https://%s" % teleport.kube_public_addr and "tls-server-name" not in cl
+
+    st = h.status()
+    assert st["identity"]["present"] and st["identity"]["valid"] and st["identity"]["token_hash_matches"] is True
+    assert st["identity"]["bot"] == h.bot and st["outputs"][0]["valid"]
+
+    # the second run renews; an unchanged token never re-joins
+    r2 = h.oneshot()
+    assert r2.returncode == 0, r2.stderr
+    assert "renewed the bot identity" in r2.stderr and "joining" not in r2.stderr
+    assert h.token not in r.stderr + r2.stderr and "PRIVATE KEY" not in r.stderr + r2.stderr
+    print("[agent] mode=%s oneshot start->kubeconfig %.2fs" % (teleport.mode, elapsed))
+
+
+# --- 2: the service renews on schedule, kubectl keeps working -----------------------------------------------
+def test_service_renewals_keep_kubectl_working(teleport, make_host):
+    diag = "127.0.0.1:%d" % free_port()
+    h = make_host(teleport, certificate_ttl="2m", renewal_interval="5s", diag_addr=diag)
+    assert h.init().returncode == 0
+    p = h.start()
+    wait_for(lambda: http_get("http://%s/readyz" % diag)[0] == 200, 60, "first outputs (/readyz 200)")
+    serials = set()
+    seen = 0
+    while seen < 4:
+        n = wait_for(lambda: metric(diag, "renewals_total") > seen and metric(diag, "renewals_total"), 30,
+                     "renewal %d" % (seen + 1))
+        seen = int(n)
+        cert, _ = kubeconfig_pair(h.dest / "kubeconfig.yaml")
+        serials.add(cert.serial_number)
+        pods = h.pods_as(APP_USER)
+        assert pods.returncode == 0, (seen, pods.stderr)
+    assert p.poll() is None
+    assert len(serials) >= 3, "each renewal writes a new certificate"
+    assert metric(diag, "renewal_failures_total") == 0
+    # SIGUSR1 renews now
+    before = metric(diag, "renewals_total")
+    p.send_signal(signal.SIGUSR1)
+    wait_for(lambda: metric(diag, "renewals_total") > before, 4, "renewal on SIGUSR1")
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(20) == 0
+    log = h.log()
+    assert log.count("renewed the bot identity") >= 4
+    assert h.token not in log and "PRIVATE KEY" not in log
+
+
+# --- 5: wrong pin, used token, second agent with the same identity -------------------------------------------
+def test_failures_are_explained(teleport, make_host):
+    # wrong CA pin, joining directly through auth (where pins apply)
+    bad = make_host(teleport, auth_server=teleport.auth_addr)
+    bad.write_config(auth_server=teleport.auth_addr,
+                     onboarding={"join_method": "token", "token": bad.token, "ca_pins": ["sha256:" + "0" * 64]})
+    r = bad.oneshot()
+    assert r.returncode == 3, (r.returncode, r.stderr)
+    assert "pin" in r.stderr.lower() and "Traceback" not in r.stderr, r.stderr
+    assert bad.token not in r.stderr
+    assert not (bad.storage / "identity.json").exists() and not bad.dest.exists()
+
+    # a used token: host B configured with host A's token
+    a = make_host(teleport)
+    assert a.init().returncode == 0
+    assert a.oneshot().returncode == 0
+    b = make_host(teleport)
+    b.write_config(onboarding={"join_method": "token", "token": a.token, "ca_pins": [a.pin]})
+    r = b.oneshot()
+    assert r.returncode == 3, (r.returncode, r.stderr)
+    assert "token" in r.stderr.lower() and "Traceback" not in r.stderr and a.token not in r.stderr, r.stderr
+
+    # a second agent with a copy of A's identity: A renews, the copy presents an old generation
+    c = make_host(teleport)
+    shutil.rmtree(c.storage)
+    shutil.copytree(a.storage, c.storage)
+    for root, dirs, files in os.walk(c.storage):
+        for n in dirs + files + [""]:
+            os.chown(os.path.join(root, n), c.users[BOT_USER], c.users[BOT_USER])
+    c.write_config(onboarding={"join_method": "token", "token": a.token, "ca_pins": [a.pin]})
+    assert a.oneshot().returncode == 0
+    r = c.oneshot()
+    assert r.returncode == 5, (r.returncode, r.stderr)
+    low = r.stderr.lower()
+    assert "lock" in low and "second agent" in low and "Traceback" not in r.stderr, r.stderr
+
+
+# --- 4: kill -9 at random points across 200 renewals --------------------------------------------------------
+@pytest.mark.slow
+def test_kill9_never_tears_outputs_nor_locks_the_bot(teleport, make_host):
+    h = make_host(teleport, certificate_ttl="2m", renewal_interval="1s")
+    assert h.init().returncode == 0
+    kc = h.dest / "kubeconfig.yaml"
+    stop = threading.Event()
+    problems, reads = [], [0]
+
+    def reader():
+        while not stop.is_set():
+            if kc.exists():
+                try:
+                    kubeconfig_pair(kc)
+                    reads[0] += 1
+                except FileNotFoundError:
+                    pass
+                except Exception as e:  # torn or mismatched read
+                    problems.append(repr(e))
+            time.sleep(0.005)
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    rnd = random.Random(1234)
+    renewals = kills = 0
+    deadline = time.monotonic() + 900
+    try:
+        while renewals < 200 and time.monotonic() < deadline:
+            log_name = "agent-%03d.log" % kills
+            p = h.start(log_name)
+            # renew back to back (SIGUSR1) once the handlers are in place, kill -9 at a random moment
+            wait_for(lambda: "wrote Kubernetes credentials" in h.log(log_name) or p.poll() is not None, 60,
+                     "a cycle of incarnation %d" % kills, interval=0.05)
+            assert p.poll() is None, h.log(log_name)[-2000:]
+            end = time.monotonic() + rnd.uniform(0.2, 3.0)
+            while time.monotonic() < end and p.poll() is None:
+                p.send_signal(signal.SIGUSR1)
+                time.sleep(rnd.uniform(0.02, 0.15))
+            p.kill()
+            p.wait()
+            kills += 1
+            renewals += h.log(log_name).count("renewed the bot identity")
+            assert "locked" not in h.log(log_name).lower(), h.log(log_name)[-2000:]
+    finally:
+        stop.set()
+        t.join(5)
+        h.stop()
+    assert renewals >= 200, "only %d renewals in %d incarnations" % (renewals, kills)
+    assert not problems, problems[:5]
+    assert reads[0] > 100
+    leftovers = [n for n in os.listdir(h.dest) if n.startswith(".tmp-")]
+    assert len(leftovers) <= 1, leftovers  # at most the one a kill interrupted; the next write cleans it
+    r = h.oneshot()
+    assert r.returncode == 0, r.stderr
+    assert h.pods_as(APP_USER).returncode == 0
+    locks = teleport.tctl("get", "locks", "--format=json", check=True).stdout
+    assert h.bot not in locks, locks
+    print("[agent] mode=%s kill -9: %d renewals, %d kills, %d consistent reads" % (teleport.mode, renewals, kills,
+                                                                                  reads[0]))
+
+
+# --- 3 + 7 on a private bed: Teleport down and back; host CA rotation --------------------------------------
+@pytest.fixture(scope="module")
+def own_bed(testbed_bins):
+    try:
+        bed = tb.Testbed.start()
+    except (tb.TestbedError, tb.BuildError) as exc:
+        pytest.fail("a private test bed failed to start: %s" % exc, pytrace=False)
+    yield bed
+    bed.stop()
+
+
+@pytest.mark.parametrize("mode", tb.MODES)
+def test_teleport_down_outputs_stay_then_recover(own_bed, mode, make_host):
+    tp = own_bed.teleport[mode]
+    diag = "127.0.0.1:%d" % free_port()
+    h = make_host(tp, kube_cluster=own_bed.kube, certificate_ttl="2m", renewal_interval="4s", diag_addr=diag)
+    assert h.init().returncode == 0
+    p = h.start()
+    wait_for(lambda: http_get("http://%s/readyz" % diag)[0] == 200, 60, "first outputs")
+    before = (h.dest / "kubeconfig.yaml").read_bytes()
+    tp.stop_process()
+    try:
+        code, body = wait_for(lambda: (lambda r: r if r[0] == 503 else None)(http_get("http://%s/readyz" % diag)),
+                              30, "/readyz 503 while Teleport is down")
+        assert "renewal failed" in json.loads(body)["reason"]
+        time.sleep(6)  # longer than one renewal interval
+        assert metric(diag, "renewal_failures_total") >= 2
+        assert (h.dest / "kubeconfig.yaml").read_bytes() == before, "the last good outputs stay"
+        st = h.status()
+        assert st["outputs"][0]["valid"] and st["identity"]["valid"]
+    finally:
+        tp.start_process()
+    renewals = metric(diag, "renewals_total")
+    wait_for(lambda: http_get("http://%s/readyz" % diag)[0] == 200, 90, "recovery without restart")
+    assert metric(diag, "renewals_total") > renewals
+    assert p.poll() is None, "the same process recovered"
+    assert (h.dest / "kubeconfig.yaml").read_bytes() != before
+    wait_for(lambda: h.pods_as(APP_USER).returncode == 0, 60, "kubectl after recovery")
+
+
+@pytest.mark.parametrize("mode", tb.MODES)
+def test_host_ca_rotation(own_bed, mode, make_host):
+    tp = own_bed.teleport[mode]
+    diag = "127.0.0.1:%d" % free_port()
+    h = make_host(tp, kube_cluster=own_bed.kube, certificate_ttl="5m", renewal_interval="3s", diag_addr=diag)
+    assert h.init().returncode == 0
+    p = h.start()
+    wait_for(lambda: http_get("http://%s/readyz" % diag)[0] == 200, 60, "first outputs")
+    assert h.pods_as(APP_USER).returncode == 0
+    ca_before = (h.dest / "teleport-host-ca.crt").read_bytes()
+    for phase in ("init", "update_clients", "update_servers", "standby"):
+        tp.tctl("auth", "rotate", "--manual", "--type=host", "--phase=%s" % phase, check=True)
+        mark = metric(diag, "renewals_total")
+        wait_for(lambda: metric(diag, "renewals_total") >= mark + 2, 120, "renewals after phase %s" % phase)
+        wait_for(lambda: h.pods_as(APP_USER).returncode == 0, 120, "kubectl after phase %s" % phase)
+    ca_after = (h.dest / "teleport-host-ca.crt").read_bytes()
+    assert ca_after != ca_before, "the outputs carry the rotated host CA"
+    _, doc = kubeconfig_pair(h.dest / "kubeconfig.yaml")
+    assert base64.b64decode(doc["clusters"][0]["cluster"]["certificate-authority-data"]) == ca_after
+    assert p.poll() is None
