@@ -285,6 +285,7 @@ class KubeClient(object):
                 add(res.get("name"), group["name"])
         return found
 
+
 def _short(exc):
     text = str(exc)
     # urllib3 wraps the interesting part deep inside; keep the last reason, one line, bounded.

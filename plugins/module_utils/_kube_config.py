@@ -305,7 +305,7 @@ def from_kubeconfig(paths, context_name=None):
     if name not in merged["contexts"]:
         raise LanyardError("context '%s' is not in %s. Fix: set context to one of: %s."
                            % (name, where, ", ".join(sorted(merged["contexts"])) or "none defined"))
-    ctx, _, ctx_path = merged["contexts"][name]
+    ctx, dummy, ctx_path = merged["contexts"][name]
     cluster_name = ctx.get("cluster")
     if not cluster_name or cluster_name not in merged["clusters"]:
         raise LanyardError("context '%s' in %s names cluster '%s', which is not defined. Fix the kubeconfig."

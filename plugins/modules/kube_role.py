@@ -21,7 +21,7 @@ description:
   - Only fields this module sets are compared and shown (labels, annotations, rules); server bookkeeping such as
     C(managedFields) or C(resourceVersion) never makes a task changed.
 author:
-  - lanyard.machine_id contributors
+  - lanyard.machine_id contributors (@lanyard)
 extends_documentation_fragment:
   - lanyard.machine_id.kube_auth
 attributes:

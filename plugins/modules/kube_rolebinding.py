@@ -22,7 +22,7 @@ description:
   - The role a binding refers to (C(roleRef)) cannot change in Kubernetes. Changing O(role) or O(cluster_role) of an
     existing binding fails unless O(force=true), which deletes the binding and creates it again.
 author:
-  - lanyard.machine_id contributors
+  - lanyard.machine_id contributors (@lanyard)
 extends_documentation_fragment:
   - lanyard.machine_id.kube_auth
 attributes:

@@ -354,8 +354,8 @@ def test_api_errors_on_the_real_server(kube, tmp_path, sfx):
     for check_mode in (True, False):
         r = run(tmp_path, kube, tasks, check=check_mode, name=f"errors-{check_mode}")
         where = f"in cluster 'example-k8s-cluster' ({kube.server})"
-        msg = {t: r.result(t).get("msg", "") for t in ("missing namespace", "forbidden", "unauthorized",
-                                                        "conflict", "invalid")}
+        failing = ("missing namespace", "forbidden", "unauthorized", "conflict", "invalid")
+        msg = {t: r.result(t).get("msg", "") for t in failing}
         assert f"namespace 'nope-{s}' does not exist" in msg["missing namespace"], msg
         assert where in msg["missing namespace"]
         assert "403 Forbidden" in msg["forbidden"] and f'"nobody-{s}"' in msg["forbidden"], msg

@@ -51,9 +51,10 @@ def _issue(ca_key, ca_name, cn, dns=(), ips=(), is_ca=False, key=None):
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     d = tmp_path_factory.mktemp("pki")
-    ca_pem, _, ca_key, ca_name = _issue(None, None, "test-ca", is_ca=True)
-    srv_pem, srv_key, _, _ = _issue(ca_key, ca_name, "apiserver", dns=[SNI_NAME])  # no 127.0.0.1 SAN on purpose
-    cli_pem, cli_key, _, _ = _issue(ca_key, ca_name, "bot-user")
+    ca = _issue(None, None, "test-ca", is_ca=True)
+    ca_pem, ca_key, ca_name = ca[0], ca[2], ca[3]
+    srv_pem, srv_key = _issue(ca_key, ca_name, "apiserver", dns=[SNI_NAME])[:2]  # no 127.0.0.1 SAN on purpose
+    cli_pem, cli_key = _issue(ca_key, ca_name, "bot-user")[:2]
     for name, data in (("ca.crt", ca_pem), ("srv.crt", srv_pem), ("srv.key", srv_key)):
         (d / name).write_bytes(data)
     return {"dir": d, "ca": ca_pem, "client_cert": cli_pem, "client_key": cli_key}

@@ -196,7 +196,7 @@ def test_auth_provider_and_interactive_exec_are_refused(tmp_path):
 
 
 def _subprocess_runner(argv, env):
-    proc = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ, **env))
+    proc = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ, **env), check=False)
     return proc.returncode, proc.stdout, proc.stderr
 
 
