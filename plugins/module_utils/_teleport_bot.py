@@ -19,6 +19,7 @@ from ansible_collections.lanyard.machine_id.plugins.module_utils._teleport_resou
     format_duration,
     parse_duration,
 )
+from ansible_collections.lanyard.machine_id.plugins.module_utils._teleport_wait import wait_for
 from ansible_collections.lanyard.machine_id.plugins.module_utils._teleport_yaml import to_yaml
 
 BOT_ARGSPEC = dict(
@@ -218,7 +219,7 @@ def ensure_bot(tctl, params, check_mode, revoke_token, revoke_pending=None):
     if current is not None and not recreate:
         update_bot(tctl, desired, current, changes)
         result["msg"] = "bot %s updated (%s)" % (name, ", ".join(changes))
-        result["bot"] = read_bot(tctl, name)
+        result["bot"] = wait_for(lambda: read_bot(tctl, name), lambda b: not bot_changes(desired, b))
         return _finish(result)
 
     if recreate:
@@ -226,7 +227,7 @@ def ensure_bot(tctl, params, check_mode, revoke_token, revoke_pending=None):
         if revoke_pending is not None:
             revoke_pending(name)
     token, token_ttl = add_bot(tctl, desired, params.get("token_ttl"))
-    result["bot"] = read_bot(tctl, name) or desired
+    result["bot"] = wait_for(lambda: read_bot(tctl, name), lambda b: not bot_changes(desired, b)) or desired
     result["msg"] = "bot %s %s" % (name, "recreated" if recreate else "created")
     if params.get("return_token"):
         result["token"] = token

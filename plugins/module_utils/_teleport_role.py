@@ -14,6 +14,7 @@ from ansible_collections.lanyard.machine_id.plugins.module_utils._teleport_resou
     strip_volatile,
 )
 from ansible_collections.lanyard.machine_id.plugins.module_utils._teleport_yaml import to_yaml
+from ansible_collections.lanyard.machine_id.plugins.module_utils._teleport_wait import wait_for
 
 ROLE_ARGSPEC = dict(
     name=dict(type="str", required=True),
@@ -57,7 +58,8 @@ def ensure_role(tctl, params, check_mode):
     if check_mode:
         return dict(changed=True, role=after, diff=diff, msg="role %s would be %s" % (name, verb))
     tctl.create(declared, "%s role %s" % ("create" if current is None else "update", name), force=current is not None)
-    stored = read_role(tctl, name)
+    # The auth server answers reads from a cache that lags writes by up to ~1s: wait for our write.
+    stored = wait_for(lambda: read_role(tctl, name), lambda r: role_matches(declared, r))
     result = dict(changed=True, role=strip_volatile(stored), diff=diff, msg="role %s %s" % (name, verb))
     if stored is not None and not role_matches(declared, stored):
         result["warnings"] = ["role %s: the server stores some declared values in a different form, so the next run "

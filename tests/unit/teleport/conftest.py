@@ -17,7 +17,7 @@ import pytest
 from ansible.module_utils.common import warnings as _warnings
 from ansible.module_utils.testing import patch_module_args
 
-from ansible_collections.lanyard.machine_id.plugins.module_utils import _tctl
+from ansible_collections.lanyard.machine_id.plugins.module_utils import _tctl, _teleport_wait
 
 RECORDED = Path(__file__).resolve().parent / "recorded"
 
@@ -80,6 +80,12 @@ class FakeTctl:
     def writes(self):
         return [c for c in self.commands() if c[0] in ("create", "rm") or c[:2] in (["bots", "add"], ["bots", "rm"],
                                                                                       ["bots", "update"])]
+
+
+@pytest.fixture(autouse=True)
+def no_cache_wait(monkeypatch):
+    """Scripted servers have no cache lag: do not wait for reads to catch up with writes."""
+    monkeypatch.setattr(_teleport_wait, "DEFAULT_TIMEOUT", 0.0)
 
 
 @pytest.fixture

@@ -108,3 +108,21 @@ def test_diff_overlays_declared_keys_on_the_server_role():
 def test_strip_volatile_keeps_labels():
     res = {"metadata": {"name": "x", "id": 1, "revision": "abc", "labels": {"a": "b"}}, "status": {}}
     assert strip_volatile(res) == {"metadata": {"name": "x", "labels": {"a": "b"}}}
+
+
+def test_wait_for_polls_until_done_or_timeout():
+    from ansible_collections.lanyard.machine_id.plugins.module_utils._teleport_wait import wait_for
+    now = {"t": 0.0}
+    values = iter(["old", "old", "new", "newer"])
+    slept = []
+
+    def sleep(s):
+        slept.append(s)
+        now["t"] += s
+
+    assert wait_for(lambda: next(values), lambda v: v == "new", timeout=5, interval=1, sleep=sleep,
+                    clock=lambda: now["t"]) == "new"
+    assert slept == [1, 1]
+    stale = iter(["old"] * 10)
+    assert wait_for(lambda: next(stale), lambda v: v == "new", timeout=2, interval=1, sleep=sleep,
+                    clock=lambda: now["t"]) == "old"
