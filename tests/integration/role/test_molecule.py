@@ -1,0 +1,139 @@
+# Copyright: lanyard.machine_id contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Molecule scenario ``default`` of the role, on a real systemd host, against the REAL test bed.
+
+A private bed (Teleport multiplex + kube-apiserver) gets the guide's Teleport role, a bot and the
+Kubernetes RoleBinding; molecule then boots a fresh Debian 12 host (tests/hosts, systemd-nspawn,
+only the proxy port forwarded in) and runs, step by step:
+
+  create -> prepare -> converge --check (fresh host) -> converge -> idempotence
+  -> converge --check (converged host: zero changes) -> verify -> destroy
+
+The real agent (built into wheels from agent/ on the controller) joins the bed with the bot token,
+and verify.yml checks the service, files, ACLs, kubectl as the reader, denial for another user and
+the systemd-analyze security score.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import testbed as tb
+
+pytestmark = [pytest.mark.testbed, pytest.mark.slow, pytest.mark.timeout(1500)]
+
+REPO = Path(__file__).resolve().parents[3]
+HOST = "lanyard-mol-1"
+
+KUBE_ROLE = """\
+kind: role
+metadata:
+  name: machine-id-kube-role
+version: v6
+spec:
+  allow:
+    kubernetes_labels:
+      '*': '*'
+    kubernetes_resources:
+      - kind: pod
+        namespace: "*"
+        name: "*"
+    kubernetes_groups:
+    - example
+"""
+
+
+@pytest.fixture(scope="module")
+def bed(testbed_bins):
+    try:
+        b = tb.Testbed.start(modes=("multiplex",))
+    except (tb.TestbedError, tb.BuildError) as exc:
+        pytest.fail(f"the real test bed failed to start: {exc}", pytrace=False)
+    yield b
+    b.stop()
+
+
+def _recap(output: str) -> dict[str, int]:
+    m = re.search(rf"^{re.escape(HOST)}\s*:\s*(.*)$", output, re.M)
+    assert m, f"no PLAY RECAP line for {HOST}:\n{output[-3000:]}"
+    return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(1))}
+
+
+def test_molecule_default_scenario(bed, tmp_path):
+    if shutil.which("systemd-nspawn") is None or shutil.which("debootstrap") is None:
+        pytest.fail("systemd-nspawn/debootstrap missing. Fix: scripts/bootstrap.sh (as root) or "
+                    "apt-get install systemd-container debootstrap", pytrace=False)
+    tp, kube = bed.teleport["multiplex"], bed.kube
+    role_file = tmp_path / "role.yaml"
+    role_file.write_text(KUBE_ROLE)
+    tp.tctl("create", "-f", str(role_file), check=True)
+    token = tp.bot_add("example", ["machine-id-kube-role"])
+    kube.kubectl("create", "role", "example-role", "--namespace=demo", "--verb=get,list",
+                 "--resource=pods", check=True)
+    kube.kubectl("create", "rolebinding", "example-rolebinding-group", "--namespace=demo",
+                 "--role=example-role", "--group=example", check=True)
+
+    venv_bin = str(Path(sys.executable).parent)
+    env = dict(os.environ)
+    env.update({
+        "PATH": f"{venv_bin}:{env.get('PATH', '')}",
+        "ANSIBLE_COLLECTIONS_PATH": str(REPO / "build" / "collections"),
+        "PYTHONPATH": str(REPO / "tests"),
+        # keep molecule's and Ansible's state out of $HOME
+        "MOLECULE_EPHEMERAL_DIRECTORY": str(tmp_path / "molecule"),
+        "ANSIBLE_HOME": str(tmp_path / "ansible-home"),
+        "ANSIBLE_LOCAL_TEMP": str(tmp_path / "ansible-tmp"),
+        "NO_COLOR": "1", "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0", "PY_COLORS": "0",
+        "LANYARD_MOL_HOST": HOST,
+        "LANYARD_MOL_FORWARD": str(tp.web_port),
+        "LANYARD_MOL_PROXY": tp.proxy_addr,
+        "LANYARD_MOL_TOKEN": token,
+        "LANYARD_MOL_CA_PIN": tp.status_ca_pin(),
+        "LANYARD_MOL_WEB_CA": str(tp.web_ca_path),
+        "LANYARD_MOL_KUBECTL": str(bed.bins["kubectl"]),
+        "LANYARD_MOL_KUBE_CLUSTER": tb.KUBE_CLUSTER_NAME,
+    })
+    log = tmp_path / "molecule.log"
+    timings: dict[str, float] = {}
+
+    def molecule(step: str, *extra: str) -> str:
+        t0 = time.monotonic()
+        proc = subprocess.run(["molecule", step, *extra], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=900)
+        timings[" ".join((step,) + extra)] = round(time.monotonic() - t0, 1)
+        out = proc.stdout + proc.stderr
+        with open(log, "a") as fh:
+            fh.write(f"\n===== molecule {step} {' '.join(extra)} (rc {proc.returncode}) =====\n{out}")
+        assert token not in out, f"the join token leaked into molecule {step}'s output"
+        assert proc.returncode == 0, f"molecule {step} {' '.join(extra)} failed (log {log}):\n{out[-6000:]}"
+        return out
+
+    t_all = time.monotonic()
+    try:
+        molecule("destroy")
+        molecule("create")
+        molecule("prepare")
+        fresh_check = molecule("converge", "--", "--check")
+        assert _recap(fresh_check)["failed"] == 0
+        molecule("converge")
+        molecule("idempotence")
+        converged_check = molecule("converge", "--", "--check")
+        recap = _recap(converged_check)
+        assert recap["changed"] == 0 and recap["failed"] == 0, f"check mode on a converged host: {recap}"
+        verify = molecule("verify")
+        assert "Overall exposure level for machine-id.service" in verify
+    finally:
+        try:
+            molecule("destroy")
+        finally:
+            timings["total"] = round(time.monotonic() - t_all, 1)
+            print(f"[molecule] step timings (s): {timings}")
+    assert not (Path.home() / ".cache" / "lanyard" / "hosts" / "runs" / HOST).exists(), "destroy left the host behind"
