@@ -1,0 +1,84 @@
+# Copyright: lanyard.machine_id contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Static checks of roles/machine_id: argument specs against defaults, tags, the wheel-set key."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import yaml
+
+ROLE = Path(__file__).resolve().parents[3] / "roles" / "machine_id"
+
+
+def _load(rel: str):
+    return yaml.safe_load((ROLE / rel).read_text())
+
+
+def test_argument_specs_match_defaults_key_for_key():
+    defaults = _load("defaults/main.yml")
+    options = _load("meta/argument_specs.yml")["argument_specs"]["main"]["options"]
+    assert sorted(options) == sorted(defaults), (
+        f"only in defaults: {sorted(set(defaults) - set(options))}; only in specs: {sorted(set(options) - set(defaults))}")
+    for name, spec in options.items():
+        assert spec.get("default") == defaults[name], f"{name}: spec default {spec.get('default')!r} != {defaults[name]!r}"
+        assert spec.get("description"), f"{name} has no description"
+        assert name.startswith("machine_id_")
+
+
+def test_secret_options_are_no_log():
+    options = _load("meta/argument_specs.yml")["argument_specs"]["main"]["options"]
+    assert options["machine_id_token"].get("no_log") is True
+    configure = (ROLE / "tasks" / "configure.yml").read_text()
+    token_task = [t for t in yaml.safe_load(configure) if "machine_id_token" in str(t.get("ansible.builtin.copy", ""))]
+    assert token_task and all(t.get("no_log") is True and t.get("diff") is False for t in token_task)
+
+
+def test_status_entry_point_options_exist_in_defaults():
+    defaults = _load("defaults/main.yml")
+    status = _load("meta/argument_specs.yml")["argument_specs"]["status"]["options"]
+    assert status and set(status) <= set(defaults)
+
+
+def test_every_phase_has_its_tag():
+    main = _load("tasks/main.yml")
+    tags = {tag for task in main for tag in task.get("tags", [])}
+    for phase in ("preflight", "install", "configure", "service", "verify"):
+        assert f"machine_id_{phase}" in tags
+        assert (ROLE / "tasks" / f"{phase}.yml").is_file()
+
+
+def test_handlers_listen_to_what_tasks_notify():
+    listens = {h["listen"] for h in _load("handlers/main.yml")}
+    notified = set()
+    for f in (ROLE / "tasks").glob("*.yml"):
+        for task in yaml.safe_load(f.read_text()) or []:
+            n = task.get("notify")
+            notified.update([n] if isinstance(n, str) else (n or []))
+    assert notified and notified <= listens, notified - listens
+    assert listens == {"machine_id restart", "machine_id reload"}
+
+
+def _build_wheels_module():
+    spec = importlib.util.spec_from_file_location("build_wheels", ROLE / "files" / "build_wheels.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_wheel_set_key_follows_sources_only(tmp_path):
+    bw = _build_wheels_module()
+    src = tmp_path / "agent"
+    (src / "src" / "pkg").mkdir(parents=True)
+    (src / "pyproject.toml").write_text("[project]\nname='x'\n")
+    (src / "src" / "pkg" / "a.py").write_text("A = 1\n")
+    k1 = bw.source_key(str(src))
+    # build droppings and caches do not change the key ...
+    for junk in ("build/lib/pkg/a.py", "src/pkg.egg-info/PKG-INFO", "src/pkg/__pycache__/a.cpython-311.pyc"):
+        (src / junk).parent.mkdir(parents=True, exist_ok=True)
+        (src / junk).write_text("junk")
+    assert bw.source_key(str(src)) == k1
+    # ... a changed source file does (a new agent version restarts the service).
+    (src / "src" / "pkg" / "a.py").write_text("A = 2\n")
+    assert bw.source_key(str(src)) != k1
