@@ -176,6 +176,19 @@ def check_pins(cas: List[bytes], pins: List[str], where: str, now: Optional[_dt.
                             f"check the clock of this host")
 
 
+def check_proxy_join_pins(cas: List[bytes], pins: List[str], where: str) -> None:
+    """Through the proxy, tbot ignores pins. When pins are configured anyway (the guide's config puts the
+    proxy address in auth_server together with ca_pins), the CA certificates the join returned -- the
+    cluster's user CA and host CA -- must include one that matches a pin; else the proxy is not the
+    cluster the pins name, and the identity is not used."""
+    got = [ident.spki_pin(c) for c in cas]
+    wanted = [p.strip().lower() for p in pins]
+    if not any(hmac.compare_digest(g, w) for g in got for w in wanted):
+        raise JoinError(f"{where}: none of the cluster CA certificates it returned ({', '.join(got) or 'none'}) "
+                        f"matches the configured ca_pins; check the pin with `tctl status` (CA pin) -- if it is "
+                        f"right, this proxy does not belong to that cluster")
+
+
 def _https_post_auth(auth_addr: str, path: str, body: dict, ca_pems: List[bytes], timeout: float) -> tuple:
     host, port = webapi.split_addr(auth_addr, 3025)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -257,6 +270,8 @@ def join(cfg) -> ident.Identity:
     kind, addr = endpoint(cfg)
     if kind == "proxy":
         result = join_via_proxy(addr, token, key_pem, expires, cfg.ca_path, cfg.insecure)
+        if cfg.ca_pins:
+            check_proxy_join_pins(result.tls_ca_pems, list(cfg.ca_pins), f"the proxy {addr}")
     else:
         result = join_via_auth(addr, token, key_pem, expires, list(cfg.ca_pins or []), cfg.ca_path, cfg.insecure)
     if not result.renewable:

@@ -72,9 +72,9 @@ def locked_explanation(bot: str, detail: str, storage_dir) -> str:
     return (f"Teleport locked bot {bot!r} ({detail}). Teleport does this when a certificate of an older "
             f"generation is presented for renewal: a second agent (or a copy of {storage_dir}) renewed the same "
             f"identity, or the storage directory was restored from a backup; only one agent may use a bot "
-            f"identity. Renewing again cannot help: an admin must remove the lock (`tctl get locks`, "
-            f"`tctl rm lock/<name>`) and re-create the bot (`tctl bots rm {bot}` then `tctl bots add {bot} "
-            f"--roles=...`), then put the new token in the config")
+            f"identity. Retrying cannot help: an admin must remove the lock (`tctl get locks`, then "
+            f"`tctl rm lock/<name>`); the agent that holds the newest identity then renews again, while a stale "
+            f"copy never can (give that host its own bot: `tctl bots add <other-name> --roles=...`)")
 
 
 class AuthClient:
@@ -145,8 +145,10 @@ class AuthClient:
                         "balancer), set auth_server to the auth service address (host:3025)")
             return RenewError(f"{what}: cannot reach {where} ({reason}){hint}; will retry", retryable=True)
         if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
-            return RenewError(f"{what}: {where} denied it ({details}); check the bot's roles with "
-                              f"`tctl get role/bot-{bot}` and `tctl bots ls`", retryable=False)
+            # Teleport v13 answers a locked user's calls with a bare "access denied".
+            return RenewError(f"{what}: {where} denied it ({details}); the bot may be locked (check `tctl get "
+                              f"locks`; a generation mismatch locks it) or its roles do not allow this (check "
+                              f"`tctl get role/bot-{bot}` and `tctl bots ls`)", retryable=False)
         if code == grpc.StatusCode.NOT_FOUND:
             return RenewError(f"{what}: {where} answered not found ({details}); check the names in the config "
                               f"(kubernetes_cluster as `tctl kube ls` shows it, roles)", retryable=False)

@@ -24,6 +24,7 @@ object with ``recv``/``sendall``/``fileno``/``close`` (a TCP socket, or an SSH c
 
 from __future__ import annotations
 
+import datetime as _dt
 import logging
 import os
 import select
@@ -89,13 +90,69 @@ def load_client_cert(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> No
         os.unlink(path)
 
 
-def mtls_context(cert_pem: bytes, key_pem: bytes, ca_pems: List[bytes], alpn: List[str]) -> ssl.SSLContext:
+def mtls_context(cert_pem: bytes, key_pem: bytes, alpn: List[str]) -> ssl.SSLContext:
+    """Client context with the bot's certificate and NO trust store.
+
+    OpenSSL appends issuer certificates found in the context's trust store to the client certificate
+    message ("auto chain"). Teleport v13's auth server closes the connection right after the handshake
+    when the client sends its certificate together with the CA (seen on the real 13.3.8 binaries; see
+    docs/protocol-findings.md). So the server is verified by :func:`verify_server_cert` after the
+    handshake, before any application byte is sent, instead of by OpenSSL.
+    """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_verify_locations(cadata=b"".join(ca_pems).decode())
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
     load_client_cert(ctx, cert_pem, key_pem)
     ctx.set_alpn_protocols(alpn)
     return ctx
+
+
+def _dns_match(pattern: str, host: str) -> bool:
+    p, h = pattern.lower().rstrip("."), host.lower().rstrip(".")
+    if p.startswith("*."):
+        head, _, rest = h.partition(".")
+        return bool(head) and rest == p[2:]
+    return p == h
+
+
+def verify_server_cert(der: Optional[bytes], ca_pems: List[bytes], hostname: str,
+                       now: Optional[_dt.datetime] = None) -> None:
+    """The server certificate must be issued directly by one of ``ca_pems``, be valid now and name
+    ``hostname`` (wildcards in the leftmost label only). Raises TransportError."""
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+
+    if not der:
+        raise TransportError("server certificate not trusted (the server sent none)")
+    leaf = x509.load_der_x509_certificate(der)
+    signed = False
+    for pem in ca_pems:
+        ca = x509.load_pem_x509_certificate(pem)
+        if ca.subject != leaf.issuer:
+            continue
+        try:
+            leaf.verify_directly_issued_by(ca)
+            signed = True
+            break
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+    if not signed:
+        raise TransportError(f"server certificate not trusted (not signed by the cluster CA; issuer "
+                             f"{leaf.issuer.rfc4514_string()})")
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    from machine_id_agent.identity import cert_not_after, cert_not_before
+
+    if not cert_not_before(leaf) <= now < cert_not_after(leaf):
+        raise TransportError(f"server certificate not trusted (expired or not yet valid: "
+                             f"{cert_not_before(leaf).isoformat()} to {cert_not_after(leaf).isoformat()})")
+    try:
+        names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.DNSName)
+    except x509.ExtensionNotFound:
+        names = []
+    if not any(_dns_match(n, hostname) for n in names):
+        raise TransportError(f"server certificate not trusted (it does not name {hostname})")
 
 
 def insecure_context(alpn: List[str]) -> ssl.SSLContext:
@@ -112,7 +169,9 @@ class TLSBridge:
     this process runs over a stream returned by ``dial()``."""
 
     def __init__(self, dial: Callable[[], object], ctx: ssl.SSLContext, server_hostname: str,
-                 require_alpn: Optional[str] = "h2", name: str = "auth", timeout: float = 15.0):
+                 require_alpn: Optional[str] = "h2", name: str = "auth", timeout: float = 15.0,
+                 verify: Optional[Callable[[Optional[bytes]], None]] = None):
+        self._verify = verify
         self._dial = dial
         self._ctx = ctx
         self._sni = server_hostname
@@ -214,6 +273,8 @@ class TLSBridge:
         flush()
         self.handshakes += 1
         self.peer_cert_der = tls.getpeercert(binary_form=True)
+        if self._verify is not None:
+            self._verify(self.peer_cert_der)
         proto = tls.selected_alpn_protocol()
         if self._require_alpn and proto != self._require_alpn:
             raise TransportError(f"the server negotiated ALPN {proto!r}, not {self._require_alpn!r}")
@@ -262,6 +323,10 @@ class TLSBridge:
 
     def close(self) -> None:
         self._closed.set()
+        try:  # shutdown() wakes the thread blocked in accept(); close() alone does not
+            self._lsock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         try:
             self._lsock.close()
         except OSError:
@@ -325,9 +390,10 @@ def via_proxy_alpn(proxy_addr: str, cluster: str, cert_pem: bytes, key_pem: byte
                    ) -> Connection:
     """mTLS gRPC to auth through the proxy's web port (``teleport-auth@`` ALPN passthrough)."""
     sni = encode_cluster_name(cluster)
-    ctx = mtls_context(cert_pem, key_pem, ca_pems, [auth_alpn(cluster), "h2"])
-    ctx.check_hostname = True
-    bridge = TLSBridge(tcp_dialer(proxy_addr), ctx, sni, require_alpn="h2", name="proxy-alpn")
+    ctx = mtls_context(cert_pem, key_pem, [auth_alpn(cluster), "h2"])
+    cas = list(ca_pems)
+    bridge = TLSBridge(tcp_dialer(proxy_addr), ctx, sni, require_alpn="h2", name="proxy-alpn",
+                       verify=lambda der: verify_server_cert(der, cas, sni))
     opts = _CHANNEL_OPTIONS + [("grpc.default_authority", sni)]
     ch = grpc.insecure_channel(bridge.target, options=opts)
     return Connection(ch, f"auth through proxy {proxy_addr} (ALPN {ALPN_AUTH_PREFIX})", bridge)

@@ -1,0 +1,221 @@
+# Copyright: lanyard.machine_id contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Transports against local stand-ins: a grpcio TLS server plays the auth server's gRPC listener."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+import ssl
+import threading
+from concurrent import futures
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from machine_id_agent import identity as ident
+from machine_id_agent import join, proto, transport
+
+CLUSTER = "c1.example"
+NOW = dt.datetime.now(dt.timezone.utc)
+
+
+def _pem(obj) -> bytes:
+    if isinstance(obj, x509.Certificate):
+        return obj.public_bytes(serialization.Encoding.PEM)
+    return obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+class PKI:
+    def __init__(self, cluster=CLUSTER):
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, cluster),
+                               x509.NameAttribute(NameOID.COMMON_NAME, cluster)])
+        self.cert = self._sign(self.name, self.key.public_key(), ca=True)
+        self.ca_pem = _pem(self.cert)
+
+    def _sign(self, subject, pub, ca=False, sans=None):
+        b = (x509.CertificateBuilder().subject_name(subject).issuer_name(self.name).public_key(pub)
+             .serial_number(x509.random_serial_number()).not_valid_before(NOW - dt.timedelta(minutes=5))
+             .not_valid_after(NOW + dt.timedelta(hours=2))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if sans:
+            b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(s) for s in sans]), critical=False)
+        return b.sign(self.key, hashes.SHA256())
+
+    def server(self):
+        k = ec.generate_private_key(ec.SECP256R1())
+        c = self._sign(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "auth")]), k.public_key(),
+                       sans=["*.teleport.cluster.local", "teleport.cluster.local"])
+        return _pem(k), _pem(c)
+
+    def client(self, cn="bot-example"):
+        key_pem = ident.generate_key()
+        pub = serialization.load_pem_private_key(key_pem, None).public_key()
+        c = self._sign(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]), pub)
+        return key_pem, _pem(c)
+
+
+@pytest.fixture(scope="module")
+def pki():
+    return PKI()
+
+
+class FakeAuth:
+    """grpcio TLS server with GetClusterCACert; records the client certificate CN it saw."""
+
+    def __init__(self, pki: PKI, require_client_auth: bool):
+        self.seen = []
+        key, cert = pki.server()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+
+        def get_ca(request, context):
+            cn = context.auth_context().get("x509_common_name", [b""])
+            self.seen.append(cn[0].decode() if cn else "")
+            return proto.GetClusterCACertResponse(tls_ca=pki.ca_pem)
+
+        handler = grpc.method_handlers_generic_handler("proto.AuthService", {
+            "GetClusterCACert": grpc.unary_unary_rpc_method_handler(
+                get_ca, request_deserializer=proto.Empty.FromString,
+                response_serializer=proto.GetClusterCACertResponse.SerializeToString),
+        })
+        self.server.add_generic_rpc_handlers((handler,))
+        creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=pki.ca_pem,
+                                            require_client_auth=require_client_auth)
+        self.port = self.server.add_secure_port("127.0.0.1:0", creds)
+        self.addr = f"127.0.0.1:{self.port}"
+        self.server.start()
+
+    def stop(self):
+        self.server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def auth(pki):
+    s = FakeAuth(pki, require_client_auth=True)
+    yield s
+    s.stop()
+
+
+def _get_ca(conn: transport.Connection) -> bytes:
+    fn = conn.channel.unary_unary(proto.METHODS["GetClusterCACert"], request_serializer=proto.Empty.SerializeToString,
+                                  response_deserializer=proto.GetClusterCACertResponse.FromString)
+    return fn(proto.Empty(), timeout=10).tls_ca
+
+
+def test_encode_cluster_name():
+    assert transport.encode_cluster_name("lanyard-testbed") == "6c616e796172642d74657374626564.teleport.cluster.local"
+    assert transport.auth_alpn("a") == "teleport-auth@61.teleport.cluster.local"
+
+
+def test_direct_mtls(pki, auth):
+    key, cert = pki.client("bot-direct")
+    conn = transport.direct(auth.addr, CLUSTER, cert, key, [pki.ca_pem])
+    try:
+        assert _get_ca(conn) == pki.ca_pem
+    finally:
+        conn.close()
+    assert auth.seen[-1] == "bot-direct"
+
+
+def test_bridge_mtls_end_to_end(pki, auth):
+    key, cert = pki.client("bot-bridge")
+    conn = transport.via_proxy_alpn(auth.addr, CLUSTER, cert, key, [pki.ca_pem])
+    try:
+        assert _get_ca(conn) == pki.ca_pem
+        assert _get_ca(conn) == pki.ca_pem  # second call on the same HTTP/2 connection
+        assert conn.bridge.handshakes >= 1
+    finally:
+        conn.close()
+    assert auth.seen[-1] == "bot-bridge"
+
+
+def test_bridge_refuses_untrusted_server(pki, auth):
+    other = PKI()
+    key, cert = pki.client()
+    conn = transport.via_proxy_alpn(auth.addr, CLUSTER, cert, key, [other.ca_pem])
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            _get_ca(conn)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "not trusted" in (conn.last_transport_error() or "")
+    finally:
+        conn.close()
+
+
+def test_insecure_bootstrap_fetches_cas_for_pin_check(pki):
+    s = FakeAuth(pki, require_client_auth=False)
+    try:
+        cas = join.fetch_cluster_cas(s.addr)
+    finally:
+        s.stop()
+    assert cas == [pki.ca_pem]
+    join.check_pins(cas, [ident.spki_pin(pki.ca_pem)], "auth")
+
+
+def test_fetch_cluster_cas_nothing_listening():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(join.JoinError) as err:
+        join.fetch_cluster_cas(f"127.0.0.1:{port}", timeout=3)
+    assert "cannot fetch the cluster CA" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bridge_offers_teleport_auth_alpn_and_sni(pki):
+    """A TLS server that only speaks the teleport-auth@ protocol: it is selected, so the bridge offered it,
+    and the SNI is hex(cluster).teleport.cluster.local."""
+    key, cert = pki.server()
+    skey = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"srv-{os.getpid()}.pem")
+    with open(skey, "wb") as f:
+        f.write(cert + key)
+    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    sctx.load_cert_chain(skey)
+    os.unlink(skey)
+    sctx.set_alpn_protocols([transport.auth_alpn(CLUSTER)])
+    seen = {}
+
+    def sni(sock, name, ctx):
+        seen["sni"] = name
+
+    sctx.sni_callback = sni
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+
+    def serve():
+        c, _ = lsock.accept()
+        with sctx.wrap_socket(c, server_side=True) as t:
+            seen["alpn"] = t.selected_alpn_protocol()
+            t.sendall(t.recv(100).upper())
+
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    ckey, ccert = pki.client()
+    ctx = transport.mtls_context(ccert, ckey, [transport.auth_alpn(CLUSTER), "h2"])
+    bridge = transport.TLSBridge(transport.tcp_dialer(f"127.0.0.1:{lsock.getsockname()[1]}"), ctx,
+                                 transport.encode_cluster_name(CLUSTER), require_alpn=None)
+    try:
+        with socket.create_connection(("127.0.0.1", bridge.port), timeout=10) as c:
+            c.sendall(b"hello")
+            assert c.recv(100) == b"HELLO"
+    finally:
+        bridge.close()
+        lsock.close()
+    th.join(5)
+    assert seen["sni"] == transport.encode_cluster_name(CLUSTER)
+    assert seen["alpn"] == transport.auth_alpn(CLUSTER)
+
+
+def test_client_key_never_touches_disk(pki, tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    key, cert = pki.client()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    transport.load_client_cert(ctx, cert, key)
+    assert list(tmp_path.iterdir()) == []
