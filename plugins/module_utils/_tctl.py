@@ -313,8 +313,8 @@ def _der_read(data, pos):
 
 def cert_not_after(der):
     """notAfter of an X.509 certificate (DER), as an aware datetime. Tiny DER walk, no crypto library needed."""
-    _, start, _ = _der_read(der, 0)             # Certificate SEQUENCE
-    _, pos, _ = _der_read(der, start)           # TBSCertificate SEQUENCE
+    start = _der_read(der, 0)[1]                # Certificate SEQUENCE
+    pos = _der_read(der, start)[1]              # TBSCertificate SEQUENCE
     fields = []
     while len(fields) < 7:
         tag, vstart, vend = _der_read(der, pos)
@@ -322,8 +322,8 @@ def cert_not_after(der):
         pos = vend
     if fields[0][0] == 0xA0:                     # [0] version present
         fields = fields[1:]
-    _, vstart, vend = fields[3]                  # serial, signature, issuer, validity
-    _, _, nb_end = _der_read(der, vstart)        # notBefore
+    vstart = fields[3][1]                        # serial, signature, issuer, validity
+    nb_end = _der_read(der, vstart)[2]           # notBefore
     tag, ts, te = _der_read(der, nb_end)         # notAfter
     text = der[ts:te].decode("ascii").rstrip("Z")
     fmt = "%y%m%d%H%M%S" if tag == 0x17 else "%Y%m%d%H%M%S"

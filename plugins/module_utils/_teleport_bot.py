@@ -30,7 +30,7 @@ BOT_ARGSPEC = dict(
     max_session_ttl=dict(type="str"),
     force=dict(type="bool", default=False),
     return_token=dict(type="bool", default=False),
-    token_ttl=dict(type="str", default="1h"),
+    token_ttl=dict(type="str", default="1h", no_log=False),
 )
 
 MAX_SESSION_TTL_LIMIT = 168 * 3600

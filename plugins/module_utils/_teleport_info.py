@@ -47,5 +47,5 @@ def cluster_info(make_tctl, params, ping=fetch_ping):
                                % (proxy_addr, facts["cluster_name"], status["cluster_name"]))
     if params.get("require_kube_access"):
         check_kube_reachable(facts)
-    return dict(changed=False, cluster=facts, msg="cluster %s, Teleport %s" % (facts["cluster_name"],
-                                                                                facts["server_version"]))
+    msg = "cluster %s, Teleport %s" % (facts["cluster_name"], facts["server_version"])
+    return dict(changed=False, cluster=facts, msg=msg)

@@ -84,7 +84,7 @@ def values_equal(declared, current, key=None):
             return False
         return all(values_equal(d, c, key) for d, c in zip(declared, current))
     if isinstance(declared, bool) or isinstance(current, bool):
-        return declared == current
+        return isinstance(declared, bool) and isinstance(current, bool) and declared == current
     dd, cd = parse_duration(declared), parse_duration(current)
     if dd is not None and cd is not None:
         return abs(dd - cd) < 1e-9

@@ -20,7 +20,7 @@ description:
     Older versions (such as Teleport 13) cannot change a bot in place, so the task fails and says why, unless
     O(force=true) allows deleting and recreating the bot.
 author:
-  - lanyard.machine_id contributors
+  - Lanyard contributors (@lanyard)
 extends_documentation_fragment:
   - lanyard.machine_id.teleport_connection
 attributes:

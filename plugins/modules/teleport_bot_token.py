@@ -22,7 +22,7 @@ description:
     host joins with it, so the next run mints a new one.
   - O(state=absent) revokes the pending tokens with that O(name) (or O(labels)).
 author:
-  - lanyard.machine_id contributors
+  - Lanyard contributors (@lanyard)
 extends_documentation_fragment:
   - lanyard.machine_id.teleport_connection
 attributes:

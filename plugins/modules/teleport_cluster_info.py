@@ -17,7 +17,7 @@ description:
   - Fails with the explanation and fix from the Machine ID Kubernetes guide when the proxy has TLS routing off and no
     Kubernetes public address, because Machine ID cannot reach Kubernetes through such a proxy.
 author:
-  - lanyard.machine_id contributors
+  - Lanyard contributors (@lanyard)
 extends_documentation_fragment:
   - lanyard.machine_id.teleport_connection
 attributes:

@@ -19,7 +19,7 @@ description:
   - When the role differs, the whole declared role is written with C(tctl create -f), so keys you do not declare
     go back to the server's defaults.
 author:
-  - lanyard.machine_id contributors
+  - Lanyard contributors (@lanyard)
 extends_documentation_fragment:
   - lanyard.machine_id.teleport_connection
 attributes:

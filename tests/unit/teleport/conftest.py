@@ -75,11 +75,11 @@ class FakeTctl:
         return _tctl.Tctl(self, "/usr/local/bin/tctl", **kw)
 
     def commands(self):
-        return [c for c, _ in self.calls if c != ["version"]]
+        return [call[0] for call in self.calls if call[0] != ["version"]]
 
     def writes(self):
-        return [c for c in self.commands() if c[0] in ("create", "rm") or c[:2] in (["bots", "add"], ["bots", "rm"],
-                                                                                      ["bots", "update"])]
+        writers = (["bots", "add"], ["bots", "rm"], ["bots", "update"])
+        return [c for c in self.commands() if c[0] in ("create", "rm") or c[:2] in writers]
 
 
 @pytest.fixture(autouse=True)

@@ -114,7 +114,7 @@ def _bot_server(exists=True, version="Teleport v13.3.8 git: go1.21.13"):
 
 
 def test_bot_create_never_returns_or_logs_the_token(run_module):
-    fake, _ = _bot_server(exists=False)
+    fake = _bot_server(exists=False)[0]
     token = json.loads(recorded("v13_bots_add_example2.json"))["token_id"]
     res = run_module(teleport_bot.main, {"name": "example", "roles": ["machine-id-kube-role"]}, fake, diff=True)
     assert res["changed"] and res["msg"] == "bot example created"
@@ -128,7 +128,7 @@ def test_bot_create_never_returns_or_logs_the_token(run_module):
 
 
 def test_bot_create_with_return_token(run_module):
-    fake, _ = _bot_server(exists=False)
+    fake = _bot_server(exists=False)[0]
     token = json.loads(recorded("v13_bots_add_example2.json"))["token_id"]
     res = run_module(teleport_bot.main, {"name": "example", "roles": ["machine-id-kube-role"], "return_token": True},
                      fake)
@@ -137,7 +137,7 @@ def test_bot_create_with_return_token(run_module):
 
 
 def test_bot_unchanged_and_check_mode(run_module):
-    fake, _ = _bot_server(exists=True)
+    fake = _bot_server(exists=True)[0]
     res = run_module(teleport_bot.main, {"name": "example", "roles": ["machine-id-kube-role"]}, fake, check=True)
     assert not res["changed"] and res["bot"]["max_session_ttl"] == "12h"
     res = run_module(teleport_bot.main, {"name": "example", "roles": ["machine-id-kube-role"]}, fake)
@@ -145,7 +145,7 @@ def test_bot_unchanged_and_check_mode(run_module):
 
 
 def test_bot_role_change_on_v13_fails_without_force(run_module):
-    fake, _ = _bot_server(exists=True)
+    fake = _bot_server(exists=True)[0]
     res = run_module(teleport_bot.main, {"name": "example", "roles": ["machine-id-kube-role", "other-role"]}, fake)
     assert res["failed"] and "has no `bots update`" in res["msg"] and "force: true" in res["msg"]
     assert "13.3.8" in res["msg"] and fake.writes() == []
@@ -165,7 +165,7 @@ def test_bot_role_change_on_v13_with_force_recreates(run_module):
 
 
 def test_bot_role_change_on_v15_updates_in_place(run_module):
-    fake, _ = _bot_server(exists=True, version="Teleport v15.4.3 git:v15.4.3 go1.21.10")
+    fake = _bot_server(exists=True, version="Teleport v15.4.3 git:v15.4.3 go1.21.10")[0]
     res = run_module(teleport_bot.main, {"name": "example", "roles": ["machine-id-kube-role", "other-role"]}, fake)
     assert res["changed"] and "updated" in res["msg"]
     assert ["bots", "update", "example", "--set-roles=machine-id-kube-role,other-role"] in fake.writes()
@@ -173,7 +173,7 @@ def test_bot_role_change_on_v15_updates_in_place(run_module):
 
 
 def test_bot_unknown_role(run_module):
-    fake, _ = _bot_server(exists=False)
+    fake = _bot_server(exists=False)[0]
     res = run_module(teleport_bot.main, {"name": "example", "roles": ["nope-role"]}, fake)
     assert res["failed"] and "role(s) nope-role do not exist" in res["msg"] and "Fix:" in res["msg"]
     res = run_module(teleport_bot.main, {"name": "example", "roles": ["nope-role"]}, fake, check=True)
@@ -181,7 +181,7 @@ def test_bot_unknown_role(run_module):
 
 
 def test_bot_max_session_ttl_on_v13(run_module):
-    fake, _ = _bot_server(exists=False)
+    fake = _bot_server(exists=False)[0]
     res = run_module(teleport_bot.main, {"name": "example", "roles": ["access"], "max_session_ttl": "8h"}, fake)
     assert res["failed"] and "cannot set max_session_ttl" in res["msg"]
     res = run_module(teleport_bot.main, {"name": "example", "roles": ["access"], "max_session_ttl": "12h"}, fake)
@@ -189,7 +189,7 @@ def test_bot_max_session_ttl_on_v13(run_module):
 
 
 def test_bot_absent_revokes_its_tokens(run_module):
-    fake, _ = _bot_server(exists=True)
+    fake = _bot_server(exists=True)[0]
     res = run_module(teleport_bot.main, {"name": "example", "state": "absent"}, fake)
     assert res["changed"] and ["bots", "rm", "example"] in fake.writes()
     assert res["revoked_tokens"] == 1     # the recorded token list holds one token of bot "example"
@@ -256,14 +256,14 @@ def test_token_force_and_absent(run_module):
 
 
 def test_token_for_unknown_bot(run_module):
-    fake, _ = _token_server()
+    fake = _token_server()[0]
     res = run_module(teleport_bot_token.main, {"bot": "nope", "name": "web1"}, fake)
     assert res["failed"] and "bot nope does not exist" in res["msg"] and "teleport_bot" in res["msg"]
 
 
 @pytest.mark.parametrize("ttl", ["0s", "x", "200h"])
 def test_token_bad_ttl(run_module, ttl):
-    fake, _ = _token_server()
+    fake = _token_server()[0]
     res = run_module(teleport_bot_token.main, {"bot": "example", "name": "web1", "ttl": ttl}, fake)
     assert res["failed"] and "ttl" in res["msg"] and "Fix:" in res["msg"]
 

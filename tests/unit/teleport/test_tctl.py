@@ -23,8 +23,7 @@ def test_argv_puts_connection_flags_first_and_uses_timeout():
     assert t.argv(["get", "role/x"]) == ["/usr/bin/timeout", "--kill-after=5", "30s", "/opt/tctl",
                                          "--auth-server=127.0.0.1:3025", "-i", "/id.pem", "--insecure",
                                          "get", "role/x"]
-    assert t.argv(["version"], connect=False) == ["/usr/bin/timeout", "--kill-after=5", "30s", "/opt/tctl",
-                                                   "version"]
+    assert t.argv(["version"], connect=False) == ["/usr/bin/timeout", "--kill-after=5", "30s", "/opt/tctl", "version"]
     local = _tctl.Tctl(fake, "/opt/tctl", config_file="/etc/teleport.yaml")
     assert local.argv(["status"]) == ["/opt/tctl", "-c", "/etc/teleport.yaml", "status"]
 
@@ -37,7 +36,7 @@ def test_version_detected_once(tmp_path):
     t = fake.client(config_file=str(cfg))
     t.get("roles")
     t.get("roles")
-    assert [c for c, _ in fake.calls].count(["version"]) == 1
+    assert [call[0] for call in fake.calls].count(["version"]) == 1
     v = t.version()
     assert str(v) == "13.3.8" and not v.has_bots_update and not v.has_bot_instances
     assert not v.has_bot_max_session_ttl
@@ -109,7 +108,9 @@ def _identity_with_cert(path, not_after):
             return bytes([tag, n]) + body
         ln = n.to_bytes((n.bit_length() + 7) // 8, "big")
         return bytes([tag, 0x80 | len(ln)]) + ln + body
-    t = lambda d: tlv(0x17, d.strftime("%y%m%d%H%M%SZ").encode())  # noqa: E731
+
+    def t(when):
+        return tlv(0x17, when.strftime("%y%m%d%H%M%SZ").encode())
     tbs = tlv(0x30, tlv(0xA0, tlv(0x02, b"\x02")) + tlv(0x02, b"\x01") + tlv(0x30, b"") + tlv(0x30, b"")
               + tlv(0x30, t(not_after - datetime.timedelta(hours=1)) + t(not_after)) + tlv(0x30, b"") + tlv(0x30, b""))
     cert = tlv(0x30, tbs + tlv(0x30, b"") + tlv(0x03, b"\x00"))
