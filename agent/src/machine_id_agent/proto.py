@@ -89,10 +89,10 @@ def _build():
                 f.type_name = f".{_PACKAGE}.{tname}"
     pool = descriptor_pool.DescriptorPool()
     pool.AddSerializedFile(fdp.SerializeToString())
-    classes = {}
-    for name in _MESSAGES:
-        classes[name] = message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{_PACKAGE}.{name}"))
-    return classes
+    get_class = getattr(message_factory, "GetMessageClass", None)  # protobuf >= 4.22
+    if get_class is None:  # older protobuf (e.g. Debian 12's python3-protobuf 3.21)
+        get_class = message_factory.MessageFactory(pool).GetPrototype
+    return {name: get_class(pool.FindMessageTypeByName(f"{_PACKAGE}.{name}")) for name in _MESSAGES}
 
 
 _CLASSES = _build()

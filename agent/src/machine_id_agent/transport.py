@@ -116,6 +116,22 @@ def _dns_match(pattern: str, host: str) -> bool:
     return p == h
 
 
+def _verify_issued_by(leaf, ca) -> None:
+    """Signature check of ``leaf`` by ``ca``; raises InvalidSignature/ValueError/TypeError."""
+    if hasattr(leaf, "verify_directly_issued_by"):  # cryptography >= 40
+        leaf.verify_directly_issued_by(ca)
+        return
+    from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+    pub = ca.public_key()
+    if isinstance(pub, rsa.RSAPublicKey):
+        pub.verify(leaf.signature, leaf.tbs_certificate_bytes, padding.PKCS1v15(), leaf.signature_hash_algorithm)
+    elif isinstance(pub, ec.EllipticCurvePublicKey):
+        pub.verify(leaf.signature, leaf.tbs_certificate_bytes, ec.ECDSA(leaf.signature_hash_algorithm))
+    else:
+        raise TypeError("unsupported CA key type")
+
+
 def verify_server_cert(der: Optional[bytes], ca_pems: List[bytes], hostname: str,
                        now: Optional[_dt.datetime] = None) -> None:
     """The server certificate must be issued directly by one of ``ca_pems``, be valid now and name
@@ -132,7 +148,7 @@ def verify_server_cert(der: Optional[bytes], ca_pems: List[bytes], hostname: str
         if ca.subject != leaf.issuer:
             continue
         try:
-            leaf.verify_directly_issued_by(ca)
+            _verify_issued_by(leaf, ca)
             signed = True
             break
         except (ValueError, TypeError, InvalidSignature):

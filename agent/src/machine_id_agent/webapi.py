@@ -156,7 +156,9 @@ def version_major(version: str) -> Optional[int]:
 
 
 def _tunnel_addr(proxy: dict, web_addr: str) -> Optional[str]:
-    """The reverse-tunnel address as tbot resolves it (lib/client/webclient tunnel address rules)."""
+    """The reverse-tunnel address as Teleport clients resolve it: with TLS routing the web address (or
+    ssh.public_addr); else ssh_tunnel_public_addr, else the host of ssh_public_addr / public_addr (or of
+    the dialed address) with the PORT of tunnel_listen_addr (default 3024). Seen on v13.3.8."""
     ssh = proxy.get("ssh") or {}
     web_host, web_port = split_addr(web_addr)
     if proxy.get("tls_routing_enabled"):
@@ -167,16 +169,11 @@ def _tunnel_addr(proxy: dict, web_addr: str) -> Optional[str]:
     if ssh.get("ssh_tunnel_public_addr"):
         h, p = split_addr(ssh["ssh_tunnel_public_addr"], 3024)
         return join_addr(h, p)
+    tunnel_port = split_addr(ssh["tunnel_listen_addr"], 3024)[1] if ssh.get("tunnel_listen_addr") else 3024
     for key in ("ssh_public_addr", "public_addr"):
         if ssh.get(key):
-            h, _ = split_addr(ssh[key], 3024)
-            return join_addr(h, 3024)
-    if ssh.get("tunnel_listen_addr"):
-        h, p = split_addr(ssh["tunnel_listen_addr"], 3024)
-        if h in ("0.0.0.0", "::", ""):
-            h = web_host
-        return join_addr(h, p)
-    return None
+            return join_addr(split_addr(ssh[key], tunnel_port)[0], tunnel_port)
+    return join_addr(web_host, tunnel_port)
 
 
 def facts_from_ping(doc: dict, web_addr: str) -> ProxyFacts:

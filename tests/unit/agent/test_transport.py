@@ -219,3 +219,40 @@ def test_client_key_never_touches_disk(pki, tmp_path, monkeypatch):
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     transport.load_client_cert(ctx, cert, key)
     assert list(tmp_path.iterdir()) == []
+
+
+class _NoShortcut:
+    """A certificate without ``verify_directly_issued_by`` (cryptography < 40) to exercise the fallback."""
+
+    def __init__(self, cert):
+        self._c = cert
+
+    def __getattr__(self, name):
+        if name == "verify_directly_issued_by":
+            raise AttributeError(name)
+        return getattr(self._c, name)
+
+
+def test_verify_server_cert(pki):
+    key, cert = pki.server()
+    der = x509.load_pem_x509_certificate(cert).public_bytes(serialization.Encoding.DER)
+    sni = transport.encode_cluster_name(CLUSTER)
+    transport.verify_server_cert(der, [PKI().ca_pem, pki.ca_pem], sni)  # any of the CAs
+    with pytest.raises(transport.TransportError, match="not signed by the cluster CA"):
+        transport.verify_server_cert(der, [PKI().ca_pem], sni)
+    with pytest.raises(transport.TransportError, match="does not name"):
+        transport.verify_server_cert(der, [pki.ca_pem], "a.b.teleport.cluster.local")  # wildcard: one label only
+    with pytest.raises(transport.TransportError, match="expired"):
+        transport.verify_server_cert(der, [pki.ca_pem], sni, now=NOW + dt.timedelta(days=30))
+    with pytest.raises(transport.TransportError, match="sent none"):
+        transport.verify_server_cert(None, [pki.ca_pem], sni)
+
+
+def test_signature_fallback_without_shortcut(pki):
+    _, cert = pki.server()
+    leaf = _NoShortcut(x509.load_pem_x509_certificate(cert))
+    transport._verify_issued_by(leaf, pki.cert)
+    from cryptography.exceptions import InvalidSignature
+
+    with pytest.raises(InvalidSignature):
+        transport._verify_issued_by(leaf, PKI().cert)

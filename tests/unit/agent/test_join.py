@@ -1,0 +1,217 @@
+# Copyright: lanyard.machine_id contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Joining: the request body, CA pins, and join() against a local stand-in for the proxy's web API."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import http.server
+import json
+import ssl
+import threading
+from types import SimpleNamespace
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from machine_id_agent import identity as ident
+from machine_id_agent import join
+from machine_id_agent.errors import JoinError
+
+NOW = dt.datetime.now(dt.timezone.utc)
+CLUSTER = "unit-cluster"
+
+
+class CA:
+    def __init__(self, name=CLUSTER, days=1, start=None):
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, name),
+                               x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        start = start or NOW - dt.timedelta(hours=1)
+        self.cert = (x509.CertificateBuilder().subject_name(self.name).issuer_name(self.name)
+                     .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
+                     .not_valid_before(start).not_valid_after(start + dt.timedelta(days=days))
+                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                     .sign(self.key, hashes.SHA256()))
+        self.pem = self.cert.public_bytes(serialization.Encoding.PEM)
+
+    def issue(self, public_pem: bytes, cn: str, generation: int = 1, sans=None) -> bytes:
+        pub = serialization.load_pem_public_key(public_pem)
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn),
+                             x509.NameAttribute(ident.OID_RENEWABLE, "true"),
+                             x509.NameAttribute(ident.OID_GENERATION, str(generation))])
+        b = (x509.CertificateBuilder().subject_name(subject).issuer_name(self.name).public_key(pub)
+             .serial_number(x509.random_serial_number()).not_valid_before(NOW - dt.timedelta(minutes=1))
+             .not_valid_after(NOW + dt.timedelta(hours=1)))
+        if sans:
+            b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(s) for s in sans]), critical=False)
+        return b.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.fixture(scope="module")
+def user_ca():
+    return CA()
+
+
+@pytest.fixture(scope="module")
+def host_ca():
+    return CA()
+
+
+def test_register_request_shape():
+    key = ident.generate_key()
+    body = join.register_request("tok", key, dt.datetime(2030, 5, 6, 7, 8, 9, tzinfo=dt.timezone.utc))
+    assert body["token"] == "tok" and body["role"] == "Bot"
+    assert body["expires"] == "2030-05-06T07:08:09Z"
+    assert base64.b64decode(body["public_tls_key"]) == ident.tls_public_key(key)
+    assert base64.b64decode(body["public_ssh_key"]) == ident.ssh_public_key(key)
+    assert set(body) == {"token", "role", "public_tls_key", "public_ssh_key", "expires"}
+
+
+def test_check_pins(host_ca):
+    pin = ident.spki_pin(host_ca.pem)
+    join.check_pins([host_ca.pem], [pin.upper().replace("SHA256", "sha256")], "auth")  # case-insensitive hex
+    other = CA()
+    with pytest.raises(JoinError) as err:
+        join.check_pins([host_ca.pem, other.pem], [pin], "the auth server a:3025")
+    msg = str(err.value)
+    assert ident.spki_pin(other.pem) in msg and "tctl status" in msg and "\n" not in msg  # EVERY CA must match
+    old = CA(start=NOW - dt.timedelta(days=3), days=1)
+    with pytest.raises(JoinError, match="not valid now"):
+        join.check_pins([old.pem], [ident.spki_pin(old.pem)], "auth")
+
+
+def test_check_proxy_join_pins(host_ca, user_ca):
+    join.check_proxy_join_pins([user_ca.pem, host_ca.pem], [ident.spki_pin(host_ca.pem)], "proxy")
+    with pytest.raises(JoinError, match="does not belong to that cluster"):
+        join.check_proxy_join_pins([user_ca.pem, host_ca.pem], ["sha256:" + "1" * 64], "proxy")
+
+
+# --- a stand-in proxy ------------------------------------------------------------------------------
+class FakeProxy:
+    def __init__(self, tmp_path, user_ca: CA, host_ca: CA):
+        self.requests = []
+        self.answer = None  # (status, dict) to force an error
+        web = CA("web")
+        key = ec.generate_private_key(ec.SECP256R1())
+        kpem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        (tmp_path / "web.pem").write_bytes(web.issue(kpem, "localhost", sans=["localhost"]) + key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        self.ca_path = tmp_path / "web-ca.pem"
+        self.ca_path.write_bytes(web.pem)
+        outer = self
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                if self.path == "/webapi/find":
+                    return self._send(200, {"proxy": {"tls_routing_enabled": True}, "cluster_name": CLUSTER})
+                self._send(404, {"error": {"message": "not found"}})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append((self.path, body))
+                if outer.answer:
+                    return self._send(*outer.answer)
+                tls = user_ca.issue(base64.b64decode(body["public_tls_key"]), "bot-unit")
+                self._send(200, {"ssh": base64.b64encode(b"ssh-rsa-cert-v01@openssh.com AAAA").decode(),
+                                 "tls": base64.b64encode(tls).decode(),
+                                 "tls_ca_certs": [base64.b64encode(user_ca.pem).decode(),
+                                                  base64.b64encode(host_ca.pem).decode()],
+                                 "ssh_ca_certs": [base64.b64encode(b"@cert-authority * ssh-rsa AAA").decode()]})
+
+            def _send(self, status, doc):
+                raw = json.dumps(doc).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(tmp_path / "web.pem"))
+        self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.addr = f"localhost:{self.httpd.server_address[1]}"
+
+    def stop(self):
+        self.httpd.shutdown()
+
+
+@pytest.fixture
+def proxy(tmp_path, user_ca, host_ca):
+    p = FakeProxy(tmp_path, user_ca, host_ca)
+    yield p
+    p.stop()
+
+
+def cfg(tmp_path, proxy, **kw):
+    d = dict(auth_server=None, proxy_server=proxy.addr, join_method="token", token="secret-token-value",
+             ca_pins=[], ca_path=proxy.ca_path, insecure=False, storage_dir=tmp_path / "bot", credential_ttl=1800)
+    d.update(kw)
+    return SimpleNamespace(**d)
+
+
+def test_join_via_proxy_stores_before_returning(tmp_path, proxy):
+    c = cfg(tmp_path, proxy)
+    idt = join.join(c)
+    assert idt.bot_name == "unit" and idt.generation == 1 and idt.renewable
+    path, body = proxy.requests[-1]
+    assert path == "/v1/webapi/host/credentials" and body["token"] == "secret-token-value"
+    expires = dt.datetime.strptime(body["expires"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+    assert abs((expires - NOW).total_seconds() - 1800) < 120
+    stored = ident.load(c.storage_dir)
+    assert stored.tls_cert_pem == idt.tls_cert_pem and len(stored.tls_ca_pems) == 2
+    assert ident.stored_token_hash(c.storage_dir) == ident.token_hash("secret-token-value")
+    # The same token again: refused locally, nothing sent.
+    n = len(proxy.requests)
+    with pytest.raises(JoinError, match="already used"):
+        join.join(c)
+    assert len(proxy.requests) == n
+
+
+def test_guide_shape_auth_server_is_a_proxy_with_pins(tmp_path, proxy, host_ca):
+    c = cfg(tmp_path, proxy, proxy_server=None, auth_server=proxy.addr, ca_pins=[ident.spki_pin(host_ca.pem)])
+    assert join.endpoint(c) == ("proxy", proxy.addr)
+    assert join.join(c).generation == 1
+    bad = cfg(tmp_path, proxy, proxy_server=None, auth_server=proxy.addr, ca_pins=["sha256:" + "2" * 64],
+              storage_dir=tmp_path / "bad")
+    with pytest.raises(JoinError, match="matches the configured ca_pins"):
+        join.join(bad)
+    assert ident.load(tmp_path / "bad") is None  # refused identities are never stored
+
+
+def test_server_refusal_is_explained_without_the_token(tmp_path, proxy):
+    proxy.answer = (403, {"error": {"message": 'token "secret-token-value" expired or not found'}})
+    with pytest.raises(JoinError) as err:
+        join.join(cfg(tmp_path, proxy))
+    msg = str(err.value)
+    assert "used, expired or unknown" in msg and "tctl bots add" in msg
+    assert "secret-token-value" not in msg and "<token>" in msg
+    proxy.answer = (400, {"error": {"message": 'user "bot-unit" has already been issued a renewable certificate'}})
+    with pytest.raises(JoinError, match="already joined once"):
+        join.join(cfg(tmp_path, proxy))
+    assert ident.load(tmp_path / "bot") is None
+
+
+def test_untrusted_proxy_is_a_join_error(tmp_path, proxy):
+    with pytest.raises(JoinError, match="not trusted"):
+        join.join(cfg(tmp_path, proxy, ca_path=None))
+
+
+def test_config_mistakes_fail_before_the_network(tmp_path, proxy):
+    with pytest.raises(JoinError, match="no join token"):
+        join.join(cfg(tmp_path, proxy, token=None))
+    with pytest.raises(JoinError, match="not supported"):
+        join.join(cfg(tmp_path, proxy, join_method="iam"))
+    closed = "127.0.0.1:9"  # discard port, nothing listens
+    with pytest.raises(JoinError, match="needs ca_pins"):
+        join.join(cfg(tmp_path, proxy, proxy_server=None, auth_server=closed, ca_path=None))
+    assert proxy.requests == []

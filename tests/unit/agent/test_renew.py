@@ -1,0 +1,286 @@
+# Copyright: lanyard.machine_id contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""AuthClient against a stand-in auth server (grpcio, mTLS) that follows Teleport's renewal rules:
+generation counter, lock on mismatch, impersonation with role requests, host CA re-read."""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+import threading
+from concurrent import futures
+from types import SimpleNamespace
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from machine_id_agent import identity as ident
+from machine_id_agent import proto, renew, webapi
+from machine_id_agent.errors import LockedError, RenewError
+
+CLUSTER = "unit-cluster"
+NOW = dt.datetime.now(dt.timezone.utc)
+OID_KUBE = x509.ObjectIdentifier("1.3.9999.1.3")
+
+
+class CA:
+    def __init__(self, name=CLUSTER):
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        # Teleport's CAs of one cluster share O and CN and differ in the serialNumber attribute.
+        self.name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, name),
+                               x509.NameAttribute(NameOID.COMMON_NAME, name),
+                               x509.NameAttribute(NameOID.SERIAL_NUMBER, str(x509.random_serial_number()))])
+        self.pem = (x509.CertificateBuilder().subject_name(self.name).issuer_name(self.name)
+                    .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
+                    .not_valid_before(NOW - dt.timedelta(hours=1)).not_valid_after(NOW + dt.timedelta(days=1))
+                    .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                    .sign(self.key, hashes.SHA256())).public_bytes(serialization.Encoding.PEM)
+
+    def issue(self, pub, attrs, sans=None, hours=1.0) -> bytes:
+        b = (x509.CertificateBuilder().subject_name(x509.Name(attrs)).issuer_name(self.name).public_key(pub)
+             .serial_number(x509.random_serial_number()).not_valid_before(NOW - dt.timedelta(minutes=1))
+             .not_valid_after(NOW + dt.timedelta(hours=hours)))
+        if sans:
+            b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(s) for s in sans]), critical=False)
+        return b.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def bot_attrs(user, generation):
+    return [x509.NameAttribute(NameOID.COMMON_NAME, user), x509.NameAttribute(ident.OID_RENEWABLE, "true"),
+            x509.NameAttribute(ident.OID_GENERATION, str(generation))]
+
+
+class FakeAuth:
+    """The parts of Teleport's auth gRPC API the agent uses, with v13's renewal rules."""
+
+    def __init__(self, version="13.3.8", impersonate=("kube-role",)):
+        self.user_ca, self.host_ca = CA(), CA()
+        self.version = version
+        self.impersonate = list(impersonate)
+        self.generation = {}  # user -> current generation (the bot-generation label)
+        self.locked = set()
+        self.requests = []
+        self._start()
+
+    def _start(self):
+        skey = ec.generate_private_key(ec.SECP256R1())
+        scert = self.host_ca.issue(skey.public_key(), [x509.NameAttribute(NameOID.COMMON_NAME, "auth")],
+                                   sans=["*.teleport.cluster.local", "teleport.cluster.local"])
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        h = grpc.method_handlers_generic_handler("proto.AuthService", {
+            m: grpc.unary_unary_rpc_method_handler(getattr(self, m), request_deserializer=req.FromString,
+                                                   response_serializer=resp.SerializeToString)
+            for m, (req, resp) in proto.SIGNATURES.items()})
+        self.server.add_generic_rpc_handlers((h,))
+        creds = grpc.ssl_server_credentials(
+            [(skey.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption()), scert)],
+            root_certificates=self.user_ca.pem, require_client_auth=True)
+        self.port = self.server.add_secure_port("127.0.0.1:0", creds)
+        self.addr = f"127.0.0.1:{self.port}"
+        self.server.start()
+
+    def stop(self):
+        self.server.stop(0)
+
+    def join(self, user="bot-unit") -> ident.Identity:
+        key = ident.generate_key()
+        pub = serialization.load_pem_private_key(key, None).public_key()
+        self.generation[user] = 1
+        return ident.Identity(key_pem=key, tls_cert_pem=self.user_ca.issue(pub, bot_attrs(user, 1)),
+                              ssh_cert=b"ssh-rsa-cert-v01@openssh.com AAAA\n",
+                              tls_ca_pems=[self.user_ca.pem, self.host_ca.pem], ssh_ca_lines=[])
+
+    # -- RPCs --------------------------------------------------------------------------------------
+    @staticmethod
+    def _peer(context) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(context.auth_context()["x509_pem_cert"][0])
+
+    def Ping(self, request, context):
+        return proto.PingResponse(cluster_name=CLUSTER, server_version=self.version)
+
+    def GetClusterCACert(self, request, context):
+        return proto.GetClusterCACertResponse(tls_ca=self.host_ca.pem)
+
+    def GetRole(self, request, context):
+        role = proto.RoleV6(kind="role")
+        role.spec.allow.impersonate.roles.extend(self.impersonate)
+        return role
+
+    def GenerateUserCerts(self, request, context):
+        self.requests.append(request)
+        peer = self._peer(context)
+        user = peer.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+        if user in self.locked:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "access denied")
+        if int(self.version.split(".")[0]) >= 17:
+            pub = serialization.load_pem_public_key(request.tls_public_key)
+        else:
+            pub = serialization.load_ssh_public_key(request.public_key.strip())
+        if request.use_role_requests:
+            attrs = [x509.NameAttribute(NameOID.COMMON_NAME, user)]
+            attrs += [x509.NameAttribute(NameOID.ORGANIZATION_NAME, r) for r in request.role_requests]
+            if request.kubernetes_cluster:
+                attrs.append(x509.NameAttribute(OID_KUBE, request.kubernetes_cluster))
+            tls = self.user_ca.issue(pub, attrs, hours=0.2)
+            return proto.Certs(tls=tls, ssh=b"ssh-cert", tls_ca_certs=[self.user_ca.pem])
+        presented = int(peer.subject.get_attributes_for_oid(ident.OID_GENERATION)[0].value)
+        if presented != self.generation[user]:
+            self.locked.add(user)
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"renewable cert generation mismatch: stored={self.generation[user]}, presented={presented}")
+        self.generation[user] += 1
+        tls = self.user_ca.issue(pub, bot_attrs(user, self.generation[user]))
+        return proto.Certs(tls=tls, ssh=b"ssh-rsa-cert-v01@openssh.com BBBB",
+                           tls_ca_certs=[self.user_ca.pem, self.host_ca.pem], ssh_ca_certs=[b"@cert-authority x"])
+
+
+@pytest.fixture
+def auth():
+    a = FakeAuth()
+    yield a
+    a.stop()
+
+
+def cfg(tmp_path, auth, **kw):
+    d = dict(auth_server=auth.addr, proxy_server=None, storage_dir=tmp_path / "bot", ca_path=None, insecure=False)
+    d.update(kw)
+    return SimpleNamespace(**d)
+
+
+def direct_cfg(tmp_path, auth):
+    renew._proxy_cache[auth.addr] = False  # no /webapi probe against the gRPC stand-in
+    return cfg(tmp_path, auth)
+
+
+def test_renewals_increment_generation_and_store_first(tmp_path, auth):
+    c = direct_cfg(tmp_path, auth)
+    idt = auth.join()
+    ident.store(c.storage_dir, idt, ident.token_hash("t"))
+    keys = {idt.key_pem}
+    for expected in (2, 3, 4):
+        with renew.AuthClient(c, idt) as client:
+            assert client.route == ("auth", auth.addr)
+            idt = client.renew_identity(3600)
+        assert idt.generation == expected
+        on_disk = ident.load(c.storage_dir)
+        assert on_disk.generation == expected and on_disk.key_pem == idt.key_pem
+        keys.add(idt.key_pem)
+    assert len(keys) == 4  # a fresh key at every renewal
+    assert ident.stored_token_hash(c.storage_dir) == ident.token_hash("t")  # kept across renewals
+    req = auth.requests[-1]
+    assert req.username == "bot-unit" and req.public_key.startswith(b"ssh-rsa ")
+    assert not req.use_role_requests and not req.role_requests and not req.kubernetes_cluster
+    assert not req.tls_public_key  # v13: field 1 only
+    assert abs(req.expires.seconds - (dt.datetime.now(dt.timezone.utc).timestamp() + 3600)) < 60
+
+
+def test_stale_generation_is_locked_error(tmp_path, auth):
+    c = direct_cfg(tmp_path, auth)
+    stale = auth.join()
+    with renew.AuthClient(c, stale) as client:
+        client.renew_identity(3600)
+    with pytest.raises(LockedError) as err:
+        with renew.AuthClient(c, stale) as client:
+            client.renew_identity(3600)
+    e = err.value
+    assert not e.retryable and "stored=2, presented=1" in str(e) and "tctl get locks" in str(e)
+    assert "\n" not in str(e)
+    # Afterwards even the newest identity is refused; the message points at locks.
+    with pytest.raises(RenewError) as err:
+        with renew.AuthClient(c, ident.load(c.storage_dir)) as client:
+            client.renew_identity(3600)
+    assert not err.value.retryable and "locked" in str(err.value)
+
+
+def test_kube_credentials_default_roles_and_host_ca(tmp_path, auth):
+    c = direct_cfg(tmp_path, auth)
+    idt = auth.join()
+    with renew.AuthClient(c, idt) as client:
+        creds = client.kube_credentials("k8s-a", None, 600)
+        assert creds.roles == ["kube-role"]
+        req = auth.requests[-1]
+        assert list(req.role_requests) == ["kube-role"] and req.use_role_requests
+        assert req.kubernetes_cluster == "k8s-a" and req.route_to_cluster == CLUSTER
+        assert creds.host_ca_pems == [auth.host_ca.pem]
+        assert creds.key_pem != idt.key_pem and ident.cert_key_matches(creds.cert_pem, creds.key_pem)
+        cert = x509.load_pem_x509_certificate(creds.cert_pem)
+        assert cert.subject.get_attributes_for_oid(OID_KUBE)[0].value == "k8s-a"
+        assert creds.not_after == ident.cert_not_after(cert)
+        # explicit roles win over the default
+        assert client.kube_credentials("k8s-a", ["other"], 600).roles == ["other"]
+        # a host CA rotation is seen at the next read
+        auth.host_ca = CA()
+        assert client.host_ca_pems() == [auth.host_ca.pem]
+    assert auth.generation["bot-unit"] == 1  # impersonation never touches the generation
+
+
+def test_no_impersonate_roles_is_not_retryable(tmp_path):
+    a = FakeAuth(impersonate=())
+    try:
+        renew._proxy_cache[a.addr] = False
+        with renew.AuthClient(cfg(tmp_path, a), a.join()) as client:
+            with pytest.raises(RenewError) as err:
+                client.kube_credentials("k8s", None, 600)
+        assert not err.value.retryable and "impersonate" in str(err.value)
+    finally:
+        a.stop()
+
+
+def test_v17_server_gets_fields_22_and_23(tmp_path):
+    a = FakeAuth(version="17.0.2")
+    try:
+        renew._proxy_cache[a.addr] = False
+        with renew.AuthClient(cfg(tmp_path, a), a.join()) as client:
+            assert client.server_major == 17  # from Ping, as no proxy facts were given
+            idt = client.renew_identity(3600)
+        req = a.requests[-1]
+        assert not req.public_key and req.ssh_public_key.startswith(b"ssh-rsa ")
+        assert req.tls_public_key.startswith(b"-----BEGIN PUBLIC KEY-----")
+        assert idt.generation == 2
+    finally:
+        a.stop()
+
+
+def test_route_through_proxy_bridge(tmp_path, auth):
+    """With proxy facts the client goes through the ALPN bridge (here straight to the stand-in)."""
+    facts = webapi.ProxyFacts(cluster_name=CLUSTER, server_version="13.3.8", tls_routing=True, kube_public_addr=None,
+                              kube_listen_addr=None, web_addr=auth.addr, tunnel_addr=auth.addr)
+    c = cfg(tmp_path, auth, auth_server=None, proxy_server=auth.addr)
+    with renew.AuthClient(c, auth.join(), facts) as client:
+        assert client.route == ("proxy", auth.addr)
+        assert client.renew_identity(3600).generation == 2
+        assert client.host_ca_pems() == [auth.host_ca.pem]
+
+
+def test_expired_identity_fails_before_the_network(tmp_path, auth):
+    key = ident.generate_key()
+    pub = serialization.load_pem_private_key(key, None).public_key()
+    old = ident.Identity(key_pem=key, tls_cert_pem=auth.user_ca.issue(pub, bot_attrs("bot-unit", 1), hours=-0.01),
+                         ssh_cert=b"x\n", tls_ca_pems=[auth.host_ca.pem], ssh_ca_lines=[])
+    with renew.AuthClient(direct_cfg(tmp_path, auth), old) as client:
+        with pytest.raises(RenewError) as err:
+            client.renew_identity(3600)
+    assert not err.value.retryable and "expired" in str(err.value) and "tctl bots add" in str(err.value)
+    assert auth.requests == []
+
+
+def test_unreachable_auth_is_retryable(tmp_path, auth):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dead = f"127.0.0.1:{port}"
+    renew._proxy_cache[dead] = False
+    c = cfg(tmp_path, auth, auth_server=dead)
+    old_timeout, renew.RPC_TIMEOUT = renew.RPC_TIMEOUT, 3
+    try:
+        with renew.AuthClient(c, auth.join()) as client:
+            with pytest.raises(RenewError) as err:
+                client.renew_identity(3600)
+    finally:
+        renew.RPC_TIMEOUT = old_timeout
+    assert err.value.retryable and "cannot reach" in str(err.value)
