@@ -41,6 +41,12 @@ options:
       - Only for test clusters.
     type: bool
     default: false
+  ca_path:
+    description:
+      - PEM file with the CA that signed the Teleport proxy's HTTPS certificate.
+      - Given to C(tctl) as E(SSL_CERT_FILE) (needed when O(auth_server) is a proxy whose certificate is not in the
+        system trust store), and used to verify the proxy by M(lanyard.machine_id.teleport_cluster_info).
+    type: path
   timeout:
     description:
       - Seconds after which one C(tctl) call is stopped (needs coreutils C(timeout) on the host; without it

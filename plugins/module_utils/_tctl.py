@@ -33,6 +33,7 @@ CONNECTION_ARGSPEC = dict(
     identity_file=dict(type="path"),
     config_file=dict(type="path"),
     insecure=dict(type="bool", default=False),
+    ca_path=dict(type="path"),
     timeout=dict(type="int", default=60),
 )
 
@@ -88,7 +89,7 @@ class Tctl:
     """Run tctl. ``run(argv, data)`` -> ``(rc, stdout, stderr)`` is the only I/O (module.run_command)."""
 
     def __init__(self, run, path, auth_server=None, identity_file=None, config_file=None, insecure=False,
-                 timeout=60, timeout_bin=None):
+                 timeout=60, timeout_bin=None, ca_path=None):
         self._run = run
         self.path = path
         self.auth_server = auth_server
@@ -97,6 +98,7 @@ class Tctl:
         self.insecure = insecure
         self.timeout = timeout
         self.timeout_bin = timeout_bin
+        self.ca_path = ca_path
         self._version = None
 
     # -- argv -------------------------------------------------------------------------------------
@@ -192,8 +194,12 @@ class Tctl:
     def explain(self, kind, what, text):
         last = _last_line(text)
         if kind == "unreachable":
+            hint = ""
+            if self.auth_server and not self.ca_path and not self.insecure:
+                hint = " If %s is a proxy with a private CA, set ca_path to that CA." % self.auth_server
             return ("Cannot %s: tctl could not reach %s (%s). Fix: check auth_server/config_file and that the Teleport "
-                    "auth service or proxy is running and reachable from this host." % (what, self.describe_target(), last))
+                    "auth service or proxy is running and reachable from this host.%s"
+                    % (what, self.describe_target(), last, hint))
         if kind == "expired":
             return ("Cannot %s: %s has expired (%s). Fix: issue a fresh identity, e.g. `tctl auth sign --user=<admin> "
                     "--format=file --out=<file>` or `tsh login`, and point identity_file at it."
@@ -356,9 +362,14 @@ def tctl_from_module(module):
             raise LanyardError("tctl not found in PATH. Fix: install Teleport's tctl on this host or set tctl_path.")
     timeout_bin = module.get_bin_path("timeout")
 
+    env = {"LC_ALL": "C"}
+    if p.get("ca_path"):
+        # tctl (Go) trusts SSL_CERT_FILE for a proxy's HTTPS certificate when auth_server is a proxy.
+        env["SSL_CERT_FILE"] = p["ca_path"]
+
     def run(argv, data):
-        return module.run_command(argv, data=data, binary_data=True, check_rc=False, environ_update={"LC_ALL": "C"})
+        return module.run_command(argv, data=data, binary_data=True, check_rc=False, environ_update=env)
 
     return Tctl(run, path, auth_server=p.get("auth_server"), identity_file=p.get("identity_file"),
                 config_file=p.get("config_file"), insecure=p.get("insecure"), timeout=p.get("timeout"),
-                timeout_bin=timeout_bin)
+                timeout_bin=timeout_bin, ca_path=p.get("ca_path"))

@@ -17,7 +17,6 @@ from ansible_collections.lanyard.machine_id.plugins.module_utils._teleport_token
 
 INFO_ARGSPEC = dict(
     proxy_addr=dict(type="str"),
-    ca_path=dict(type="path"),
     ca_pins=dict(type="bool", default=True),
     require_kube_access=dict(type="bool", default=True),
 )

@@ -33,11 +33,6 @@ options:
       - Public address of the Teleport proxy (C(host:port) or C(https://host:port); port 443 when left out).
       - When not set, C(tctl) is asked for the first proxy's public address.
     type: str
-  ca_path:
-    description:
-      - PEM file with the CA that signed the proxy's HTTPS certificate. The system trust store is used when not set.
-      - O(insecure=true) skips the check (test clusters only).
-    type: path
   ca_pins:
     description:
       - Read the CA pins with C(tctl status). Set to false when C(tctl) is not available; RV(cluster.ca_pins) is then

@@ -36,10 +36,12 @@ GUIDE_SPEC = {
 
 
 def conn(tp, style: str = "local") -> dict:
-    """module_defaults for the two ways the bed offers: local admin (-c) or remote identity (-i)."""
+    """module_defaults: local admin (-c), remote identity (-i) to auth, or the same identity through the proxy."""
     base = {"tctl_path": str(tp.bins["tctl"])}
     if style == "local":
         base["config_file"] = str(tp.config_path)
+    elif style == "proxy":  # tctl through the proxy's web port, trusting the bed's web CA
+        base.update(auth_server=tp.proxy_addr, identity_file=str(tp.admin_identity), ca_path=str(tp.web_ca_path))
     else:
         base.update(auth_server=tp.auth_addr, identity_file=str(tp.admin_identity))
     return base
@@ -85,7 +87,7 @@ def uniq(tp, what: str) -> str:
 
 
 # -- teleport_role -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("style", ["local", "remote"])
+@pytest.mark.parametrize("style", ["local", "remote", "proxy"])
 def test_role_guide_round_trip(teleport, tmp_path, style):
     name = uniq(teleport, "role")
     pb = play([{"name": "role", "lanyard.machine_id.teleport_role": {"name": name, "spec": GUIDE_SPEC}}],
