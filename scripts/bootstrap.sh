@@ -19,22 +19,32 @@ command -v debootstrap >/dev/null || pkgs+=(debootstrap)
 if [ ${#pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "[bootstrap] apt-get install ${pkgs[*]}" >&2
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >&2
+    mkdir -p "$cache"
+    # One apt run at a time, even when several jobs bootstrap at once.
+    (
+      flock -w 600 9
+      DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        -o DPkg::Lock::Timeout=300 "${pkgs[@]}" >&2
+    ) 9>"$cache/apt.lock"
   else
     echo "[bootstrap] missing Debian packages: ${pkgs[*]} -- run as root: apt-get install ${pkgs[*]}" >&2
     exit 1
   fi
 fi
 
-if [ ! -x "$venv/bin/python" ] || [ ! -f "$venv/.complete" ]; then
-  echo "[bootstrap] creating venv $venv" >&2
-  rm -rf "$venv"
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --upgrade pip >&2
-  "$venv/bin/pip" install -q -r "$req" >&2
-  touch "$venv/.complete"
-fi
+mkdir -p "$cache/venv"
+(
+  flock -w 900 9
+  if [ ! -x "$venv/bin/python" ] || [ ! -f "$venv/.complete" ]; then
+    echo "[bootstrap] creating venv $venv" >&2
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --upgrade pip >&2
+    "$venv/bin/pip" install -q -r "$req" >&2
+    touch "$venv/.complete"
+  fi
+) 9>"$cache/venv/.lock"
 # The agent is installed from the working tree every time (cheap, and never stale).
 if [ -f "$top/agent/pyproject.toml" ]; then
   "$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$top/agent" >&2 2>/dev/null \
