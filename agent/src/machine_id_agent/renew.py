@@ -149,6 +149,9 @@ class AuthClient:
             return RenewError(f"{what}: {where} denied it ({details}); the bot may be locked (check `tctl get "
                               f"locks`; a generation mismatch locks it) or its roles do not allow this (check "
                               f"`tctl get role/bot-{bot}` and `tctl bots ls`)", retryable=False)
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            return RenewError(f"{what}: {where} rejected the request ({details}); check the config (kubernetes_cluster "
+                              f"as `tctl kube ls` shows it, roles)", retryable=False)
         if code == grpc.StatusCode.NOT_FOUND:
             return RenewError(f"{what}: {where} answered not found ({details}); check the names in the config "
                               f"(kubernetes_cluster as `tctl kube ls` shows it, roles)", retryable=False)

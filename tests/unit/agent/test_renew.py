@@ -284,3 +284,22 @@ def test_unreachable_auth_is_retryable(tmp_path, auth):
     finally:
         renew.RPC_TIMEOUT = old_timeout
     assert err.value.retryable and "cannot reach" in str(err.value)
+
+
+def test_unknown_kube_cluster_is_not_retryable(tmp_path):
+    class Picky(FakeAuth):
+        def GenerateUserCerts(self, request, context):
+            if request.kubernetes_cluster == "nope":
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              'kubernetes cluster "nope" is not registered in this teleport cluster')
+            return super().GenerateUserCerts(request, context)
+
+    a = Picky()
+    try:
+        renew._proxy_cache[a.addr] = False
+        with renew.AuthClient(cfg(tmp_path, a), a.join()) as client:
+            with pytest.raises(RenewError) as err:
+                client.kube_credentials("nope", ["r"], 600)
+        assert not err.value.retryable and "tctl kube ls" in str(err.value) and "not registered" in str(err.value)
+    finally:
+        a.stop()
