@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime as dt
 import socket
-import threading
 from concurrent import futures
 from types import SimpleNamespace
 
