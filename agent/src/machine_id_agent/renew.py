@@ -87,6 +87,7 @@ class AuthClient:
         self._conn: Optional[transport.Connection] = None
         self._server_version: Optional[str] = facts.server_version if facts and facts.server_version else None
         self._default_roles: Optional[List[str]] = None
+        self._ping_resp = None
         self.route = choose_route(cfg, facts)
 
     # -- plumbing ------------------------------------------------------------------------------------
@@ -159,12 +160,20 @@ class AuthClient:
         return RenewError(f"{what}: {where} failed ({name}: {details})", retryable=True)
 
     # -- facts ---------------------------------------------------------------------------------------
+    def _ping(self):
+        if self._ping_resp is None:
+            self._ping_resp = self._call("Ping", proto.PingRequest(), "ping the auth server")
+        return self._ping_resp
+
     @property
     def server_version(self) -> str:
         if self._server_version is None:
-            resp = self._call("Ping", proto.PingRequest(), "ping the auth server")
-            self._server_version = resp.server_version
+            self._server_version = self._ping().server_version
         return self._server_version
+
+    def proxy_public_addr(self) -> Optional[str]:
+        """The proxy's public address as the auth server knows it (gRPC Ping ``ProxyPublicAddr``)."""
+        return self._ping().proxy_public_addr or None
 
     @property
     def server_major(self) -> Optional[int]:

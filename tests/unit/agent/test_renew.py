@@ -100,7 +100,7 @@ class FakeAuth:
         return x509.load_pem_x509_certificate(context.auth_context()["x509_pem_cert"][0])
 
     def Ping(self, request, context):
-        return proto.PingResponse(cluster_name=CLUSTER, server_version=self.version)
+        return proto.PingResponse(cluster_name=CLUSTER, server_version=self.version, proxy_public_addr="proxy:443")
 
     def GetClusterCACert(self, request, context):
         return proto.GetClusterCACertResponse(tls_ca=self.host_ca.pem)
@@ -236,6 +236,7 @@ def test_v17_server_gets_fields_22_and_23(tmp_path):
         renew._proxy_cache[a.addr] = False
         with renew.AuthClient(cfg(tmp_path, a), a.join()) as client:
             assert client.server_major == 17  # from Ping, as no proxy facts were given
+            assert client.proxy_public_addr() == "proxy:443"
             idt = client.renew_identity(3600)
         req = a.requests[-1]
         assert not req.public_key and req.ssh_public_key.startswith(b"ssh-rsa ")
