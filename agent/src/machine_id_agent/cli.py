@@ -152,9 +152,9 @@ def cmd_start(args) -> int:
     cfg = configmod.load(args.config)
     from machine_id_agent.service import Agent
     log = logs.setup(debug=args.debug or cfg.debug)
-    agent = Agent(cfg, log=log)
     if args.oneshot or cfg.oneshot:
-        return agent.run_oneshot()
+        return Agent(cfg, log=log).run_oneshot()
+    agent = Agent(cfg, log=log, isolate=True)
     log.info("machine-id-agent %s starting: %d output(s), credential_ttl %s, renewal_interval %s", __version__,
              len(cfg.outputs), configmod.format_duration(cfg.credential_ttl),
              configmod.format_duration(cfg.renewal_interval))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as _dt
 import errno
 import fcntl
+import json
 import os
 import random
 import select
@@ -38,6 +39,7 @@ from machine_id_agent.notify import Notifier
 BACKOFF_CAP = 60.0
 RELOAD_TIMEOUT = 60
 LOCK_FILE = "agent.lock"
+ORPHAN_WAIT = 120.0  # seconds a new agent waits for a dead agent's renewal worker
 
 
 def _utcnow() -> _dt.datetime:
@@ -103,8 +105,9 @@ class OutputState:
 
 class Agent:
     def __init__(self, cfg: configmod.Config, backend: Any = None, notifier: Optional[Notifier] = None,
-                 log=None, rnd: Callable[[], float] = random.random):
+                 log=None, rnd: Callable[[], float] = random.random, isolate: bool = False):
         self.cfg = cfg
+        self.isolate = isolate
         self._backend = backend
         self.notifier = notifier or Notifier()
         self.log = log or logs.get()
@@ -280,22 +283,26 @@ class Agent:
         else:
             self.log.info("reload_command for %s done", out.destination)
 
-    def attempt(self) -> Optional[AgentError]:
-        """Run one cycle and record the outcome. Returns the error (None on success)."""
-        with self.lock:
-            self.cycle_started = time.monotonic()
-        err: Optional[AgentError] = None
+    def _cycle_error(self) -> Optional[AgentError]:
         try:
             self.cycle()
+            return None
         except AgentError as e:
-            err = e
+            return e
         except OSError as e:
-            err = RenewError("%s: %s" % (getattr(e, "filename", None) or "I/O", e.strerror or e))
+            return RenewError("%s: %s" % (getattr(e, "filename", None) or "I/O", e.strerror or e))
         except Exception as e:  # a bug: keep serving, say so once per failure
             self.log.error("internal error during renewal (please report it): %s: %s",
                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             self.log.debug("traceback", exc_info=True)
-            err = RenewError("internal error: %s" % type(e).__name__)
+            return RenewError("internal error: %s" % type(e).__name__)
+
+    def attempt(self) -> Optional[AgentError]:
+        """Run one cycle (in a worker process when ``isolate``) and record the outcome. Returns the error
+        (None on success)."""
+        with self.lock:
+            self.cycle_started = time.monotonic()
+        err = self._isolated_cycle() if self.isolate else self._cycle_error()
         with self.lock:
             self.cycle_started = None
             if err is None:
@@ -309,6 +316,86 @@ class Agent:
                 self.last_ok, self.last_error = False, str(err)
         return err
 
+    def _isolated_cycle(self) -> Optional[AgentError]:
+        """One cycle in a forked worker. The window between the server counting a new identity generation
+        and the identity being on disk cannot be closed from the client, so it is moved out of reach of a
+        crash of the service process: if the service is killed (even with SIGKILL) the worker still stores
+        the identity and writes the outputs, holding the storage lock until it is done. The worker ignores
+        SIGTERM/SIGHUP/SIGUSR1/SIGINT (a cycle is short; systemd's final SIGKILL still applies). As a side
+        effect gRPC is only ever loaded in workers, which keeps the long-running process small."""
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # worker
+            code = 0
+            try:
+                os.close(rfd)
+                for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+                    signal.signal(s, signal.SIG_IGN)
+                try:
+                    signal.set_wakeup_fd(-1)
+                except ValueError:
+                    pass
+                if self.diag is not None:
+                    try:
+                        self.diag.httpd.socket.close()
+                    except OSError:
+                        pass
+                self.lock = threading.Lock()  # another thread may have held it at fork time
+                err = self._cycle_error()
+                with self.lock:
+                    outs = {k: (v.not_after.isoformat() if v.not_after else None, v.last_error)
+                            for k, v in self.outputs.items()}
+                    ident_na = self.identity_not_after.isoformat() if self.identity_not_after else None
+                doc = {"error": None if err is None else str(err),
+                       "class": None if err is None else type(err).__name__,
+                       "retryable": getattr(err, "retryable", None), "outputs": outs, "identity": ident_na}
+                data = json.dumps(doc).encode()
+                while data:
+                    data = data[os.write(wfd, data):]
+            except BaseException:
+                code = 70
+            finally:
+                os._exit(code)
+        os.close(wfd)
+        chunks = []
+        try:
+            while True:
+                b = os.read(rfd, 65536)
+                if not b:
+                    break
+                chunks.append(b)
+        finally:
+            os.close(rfd)
+        while True:
+            try:
+                _, status = os.waitpid(pid, 0)
+                break
+            except ChildProcessError:
+                status = 0
+                break
+        try:
+            doc = json.loads(b"".join(chunks) or b"null")
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict):
+            return RenewError("the renewal worker died (wait status %d); will retry" % status)
+        with self.lock:
+            for k, (na, e) in (doc.get("outputs") or {}).items():
+                if k in self.outputs:
+                    self.outputs[k].not_after = _dt.datetime.fromisoformat(na) if na else self.outputs[k].not_after
+                    self.outputs[k].last_error = e
+            if doc.get("identity"):
+                self.identity_not_after = _dt.datetime.fromisoformat(doc["identity"])
+        if doc.get("error") is None:
+            return None
+        cls = _ERRORS.get(doc.get("class") or "", RenewError)
+        if issubclass(cls, RenewError):
+            retry = doc.get("retryable")
+            err = cls(doc["error"], retryable=bool(retry) if retry is not None else not issubclass(cls, LockedError))
+        else:
+            err = cls(doc["error"])
+        return err
+
     # ----- process plumbing
     def acquire_lock(self) -> None:
         d = Path(self.cfg.storage_dir)
@@ -318,15 +405,23 @@ class Agent:
         except OSError as e:
             raise ConfigError("storage %s: cannot create it or its lock file (%s); run 'machine-id-agent init' or "
                               "chown it to the agent's user" % (d, e.strerror or e)) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise ConfigError("storage %s: another machine-id-agent is already running with this storage "
+        deadline = time.monotonic() + ORPHAN_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    os.close(fd)
+                    raise
+            holder = _lock_holder(fd)
+            if (holder is not None and _alive(holder)) or time.monotonic() >= deadline:
+                os.close(fd)
+                raise ConfigError("storage %s: another machine-id-agent%s is already running with this storage "
                                   "directory; stop it first (two agents renewing one identity lock the bot)"
-                                  % d) from None
-            raise
+                                  % (d, " (pid %d)" % holder if holder else "")) from None
+            # the previous agent died and its renewal worker is finishing: wait for it
+            time.sleep(0.05)
         os.ftruncate(fd, 0)
         os.write(fd, ("%d\n" % os.getpid()).encode())
         self._lock_fd = fd
@@ -475,6 +570,29 @@ class Agent:
         self.notifier.stopping()
         self.log.info("stopping on signal")
         return 0
+
+
+def _lock_holder(fd: int) -> Optional[int]:
+    try:
+        data = os.pread(fd, 32, 0).decode().strip()
+        return int(data) if data.isdigit() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+_ERRORS = {c.__name__: c for c in (AgentError, ConfigError, JoinError, RenewError, LockedError, OutputError)}
 
 
 def _bot(ident) -> str:

@@ -64,7 +64,8 @@ def public_root():
     d = Path(tempfile.mkdtemp(prefix="lanyard-agent-e2e-"))
     os.chmod(d, 0o755)
     yield d
-    shutil.rmtree(d, ignore_errors=True)
+    if not os.environ.get("LANYARD_KEEP_TESTBED"):
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

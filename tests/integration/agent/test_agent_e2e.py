@@ -246,8 +246,12 @@ def test_kill9_never_tears_outputs_nor_locks_the_bot(teleport, make_host):
             log_name = "agent-%03d.log" % kills
             p = h.start(log_name)
             # renew back to back (SIGUSR1) once the handlers are in place, kill -9 at a random moment
-            wait_for(lambda: "wrote Kubernetes credentials" in h.log(log_name) or p.poll() is not None, 60,
-                     "a cycle of incarnation %d" % kills, interval=0.05)
+            try:
+                wait_for(lambda: "wrote Kubernetes credentials" in h.log(log_name) or p.poll() is not None, 60,
+                         "a cycle of incarnation %d" % kills, interval=0.05)
+            except AssertionError as e:
+                raise AssertionError("%s\n--- agent log:\n%s\n--- previous:\n%s" % (
+                    e, h.log(log_name)[-3000:], h.log("agent-%03d.log" % (kills - 1))[-1500:])) from None
             assert p.poll() is None, h.log(log_name)[-2000:]
             end = time.monotonic() + rnd.uniform(0.2, 3.0)
             while time.monotonic() < end and p.poll() is None:

@@ -191,7 +191,7 @@ def test_second_agent_on_same_storage_is_refused(tmp_path, logbuf):
     a.acquire_lock()
     try:
         from machine_id_agent.errors import ConfigError
-        with pytest.raises(ConfigError, match="another machine-id-agent is already running"):
+        with pytest.raises(ConfigError, match=r"another machine-id-agent \(pid \d+\) is already running"):
             Agent(make_cfg(tmp_path), backend=FakeBackend(), log=logbuf[0]).acquire_lock()
     finally:
         a.release_lock()
@@ -340,3 +340,48 @@ def test_metrics_text_format():
     assert "# TYPE machine_id_agent_renewals_total counter" in text
     assert 'machine_id_agent_seconds_to_expiry{destination="/a\\"b",kubernetes_cluster="k"} 5' in text
     assert text.endswith("\n")
+
+
+def test_isolated_cycle_runs_in_a_worker_and_reports_back(tmp_path, logbuf):
+    """The service runs each cycle in a forked worker (a crash of the service cannot interrupt a renewal
+    between the server's commit and the durable store); results and error classes come back to it."""
+    be = FakeBackend()
+    agent = Agent(make_cfg(tmp_path), backend=be, log=logbuf[0], isolate=True)
+    assert agent.attempt() is None
+    assert be.calls == [], "the cycle ran in another process"
+    snap = agent.snapshot()
+    assert snap["ready"] and snap["renewals"] == 1 and snap["outputs"][0]["valid"]
+    assert snap["identity_seconds_to_expiry"] > 3000
+    assert outputs.inspect(tmp_path / "out")["valid"]
+    be.stored, be.hash = FakeIdent(4), "h:" + TOKEN
+    be.fail = LockedError("bot example is locked: generation mismatch")
+    err = agent.attempt()
+    assert isinstance(err, LockedError) and err.retryable is False and err.exit_code == 5
+    assert "generation mismatch" in str(err)
+    be.fail = RenewError("auth down", retryable=True)
+    err = agent.attempt()
+    assert type(err) is RenewError and err.retryable is True
+    assert not agent.snapshot()["ready"]
+
+
+def test_new_agent_waits_for_a_dead_agents_worker(tmp_path, logbuf):
+    """A lock held by a process whose recorded owner is dead (an orphaned worker) is waited for, not
+    reported as a second agent."""
+    import fcntl
+    import subprocess as sp
+    cfg = make_cfg(tmp_path)
+    lock = cfg.storage_dir / "agent.lock"
+    cfg.storage_dir.mkdir(mode=0o700, parents=True)
+    lock.write_text("999999999\n")  # no such pid: the agent that wrote it is gone
+    holder = sp.Popen([sys.executable, "-c", "import fcntl,time,sys; f=open(sys.argv[1],'r+'); "
+                       "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(1.5)", str(lock)],
+                      stdout=sp.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    t0 = time.monotonic()
+    a = Agent(cfg, backend=FakeBackend(), log=logbuf[0])
+    a.acquire_lock()
+    waited = time.monotonic() - t0
+    a.release_lock()
+    holder.wait()
+    assert 0.5 < waited < 10, waited
+    assert fcntl is not None
