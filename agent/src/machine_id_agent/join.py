@@ -81,20 +81,33 @@ def identity_from_certs_json(doc: dict, key_pem: bytes, where: str) -> ident.Ide
 
 
 # --- where to join -------------------------------------------------------------------------------------
-def is_proxy(addr: str, ca_path: Optional[Path] = None, insecure: bool = False, timeout: float = 5) -> bool:
-    """True when ``addr`` answers ``/webapi/find`` like a Teleport proxy (only used to classify an
-    ``auth_server`` value; nothing secret is sent)."""
+def probe_proxy(addr: str, ca_path: Optional[Path] = None, insecure: bool = False, timeout: float = 5
+                ) -> Optional[bool]:
+    """Does ``addr`` answer ``/webapi/find`` like a Teleport proxy? True/False, or None when nothing
+    answered (down, unreachable). Used only to classify an ``auth_server`` value; nothing secret is sent."""
     try:
         webapi.find(addr, ca_path=ca_path, insecure=insecure, timeout=timeout)
         return True
     except webapi.WebAPIError as exc:
-        if exc.status is None and "not trusted" in str(exc):
+        if exc.status is not None:
+            return False  # an HTTPS server that is not a proxy (the auth service answers 404)
+        if "not trusted" in str(exc):
             try:  # an untrusted proxy is still a proxy; the real request will report the trust problem
                 webapi.find(addr, insecure=True, timeout=timeout)
                 return True
-            except webapi.WebAPIError:
-                return False
-        return False
+            except webapi.WebAPIError as exc2:
+                return False if exc2.status is not None or "did not return JSON" in str(exc2) else None
+        if "TLS handshake failed" in str(exc) or "did not return JSON" in str(exc) or "bad HTTP" in str(exc):
+            return False
+        return None
+
+
+def is_proxy(addr: str, ca_path: Optional[Path] = None, insecure: bool = False, timeout: float = 5) -> bool:
+    """:func:`probe_proxy`, and when nothing answered, tbot's rule: ports 443 and 3080 are proxies."""
+    found = probe_proxy(addr, ca_path, insecure, timeout)
+    if found is None:
+        return webapi.split_addr(addr, 3025)[1] in (443, 3080)
+    return found
 
 
 def endpoint(cfg) -> tuple:

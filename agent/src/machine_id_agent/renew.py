@@ -62,9 +62,12 @@ def choose_route(cfg, facts: Optional[webapi.ProxyFacts]) -> tuple:
     if facts is not None and _same_addr(facts.web_addr, addr):
         return "proxy", addr
     if addr not in _proxy_cache:
-        from machine_id_agent.join import is_proxy
+        from machine_id_agent.join import probe_proxy
 
-        _proxy_cache[addr] = is_proxy(addr, getattr(cfg, "ca_path", None), getattr(cfg, "insecure", False))
+        found = probe_proxy(addr, getattr(cfg, "ca_path", None), getattr(cfg, "insecure", False))
+        if found is None:  # nothing answered: guess like tbot, and ask again next cycle
+            return ("proxy" if webapi.split_addr(addr, 3025)[1] in (443, 3080) else "auth"), addr
+        _proxy_cache[addr] = found
     return ("proxy" if _proxy_cache[addr] else "auth"), addr
 
 

@@ -215,3 +215,18 @@ def test_config_mistakes_fail_before_the_network(tmp_path, proxy):
     with pytest.raises(JoinError, match="needs ca_pins"):
         join.join(cfg(tmp_path, proxy, proxy_server=None, auth_server=closed, ca_path=None))
     assert proxy.requests == []
+
+
+def test_probe_classifies_addresses(tmp_path, proxy):
+    assert join.probe_proxy(proxy.addr, proxy.ca_path) is True
+    assert join.probe_proxy(proxy.addr) is True  # untrusted, still a proxy
+    assert join.probe_proxy("127.0.0.1:9", timeout=2) is None  # nothing answers: unknown, not "auth"
+    assert join.is_proxy("127.0.0.1:9", timeout=2) is False
+
+
+def test_port_rule_only_when_nothing_answers(monkeypatch):
+    monkeypatch.setattr(join, "probe_proxy", lambda *a, **k: None)
+    assert join.is_proxy("teleport.example.com:443") and join.is_proxy("t.example.com:3080")
+    assert not join.is_proxy("auth.example.com:3025")
+    monkeypatch.setattr(join, "probe_proxy", lambda *a, **k: False)
+    assert not join.is_proxy("teleport.example.com:443")
