@@ -340,3 +340,21 @@ def test_host_ca_rotation(own_bed, mode, make_host):
     _, doc = kubeconfig_pair(h.dest / "kubeconfig.yaml")
     assert base64.b64decode(doc["clusters"][0]["cluster"]["certificate-authority-data"]) == ca_after
     assert p.poll() is None
+
+
+# --- exec-plugin output: kubectl calls `machine-id-agent kube credentials` -----------------------------------
+def test_exec_plugin_output(teleport_multiplex, make_host, kube):
+    h = make_host(teleport_multiplex)
+    h.write_config(destinations=[{"directory": str(h.dest), "kubernetes_cluster": tb.KUBE_CLUSTER_NAME,
+                                  "exec_plugin": True}])
+    assert h.init().returncode == 0
+    r = h.oneshot()
+    assert r.returncode == 0, r.stderr
+    doc = yaml.safe_load((h.dest / "kubeconfig.yaml").read_text())
+    ex = doc["users"][0]["user"]["exec"]
+    assert ex["args"][-4:] == ["kube", "credentials", "--destination-dir", str(h.dest)]
+    assert "client-key-data" not in doc["users"][0]["user"]
+    # kubectl (as root: the test venv is not reachable for other users) runs the plugin
+    get = kube.kubectl("get", "pods", "-n", tb.DEMO_NAMESPACE, "-o", "name", kubeconfig=h.dest / "kubeconfig.yaml")
+    assert get.returncode == 0, get.stderr
+    assert "pod/%s" % tb.DEMO_POD in get.stdout
