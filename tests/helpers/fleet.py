@@ -119,19 +119,37 @@ class Fleet:
                                     check=False)
 
     def token_creations(self) -> int:
-        """Join tokens created so far, counted from the cluster's audit log (one event per mint)."""
+        """Join tokens created so far: ``join_token.create`` audit events (tokens made with ``tctl create``)
+        plus ``tctl bots add`` calls (v13 makes the bot's first token without that audit event)."""
         log = self.teleport.process.log_path.read_text(errors="replace")
-        return len(re.findall(r"event:join_token\.create\b", log))
+        events = len(re.findall(r"event:join_token\.create\b", log))
+        return events + sum(1 for call in self._calls() if call[:2] == ["bots", "add"])
+
+    def _calls(self) -> list[list[str]]:
+        counter = self.workdir / "tctl-calls"
+        if not counter.exists():
+            return []
+        calls = []
+        for line in counter.read_text().splitlines():
+            words, skip = [], False
+            for w in line.split():
+                if skip:
+                    skip = False
+                elif w in ("-i", "--identity", "-c", "--config", "--auth-server"):
+                    skip = True
+                elif not w.startswith("-"):
+                    words.append(w)
+            calls.append(words)
+        return calls
 
     def tctl_calls(self) -> int:
         """How many times the rollout ran tctl (through the counting wrapper in :meth:`tctl_wrapper`)."""
-        counter = self.workdir / "tctl-calls"
-        return len(counter.read_text().splitlines()) if counter.exists() else 0
+        return len(self._calls())
 
     def tctl_wrapper(self) -> Path:
         """A tctl that records each call (argv only: tokens never travel in argv) and execs the real one."""
         path = self.workdir / "tctl"
-        path.write_text(f"#!/bin/sh\necho \"$1 $2\" >> {self.workdir / 'tctl-calls'}\n"
+        path.write_text(f"#!/bin/sh\necho \"$*\" >> {self.workdir / 'tctl-calls'}\n"
                         f"exec {self.teleport.bins['tctl']} \"$@\"\n")
         path.chmod(0o755)
         return path
