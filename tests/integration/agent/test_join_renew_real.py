@@ -190,8 +190,10 @@ def test_used_token_refused(proto_role, tmp_path):
         with pytest.raises(JoinError) as err:
             join.join(again)
         msg = str(err.value)
-        assert "used, expired or unknown" in msg and "tctl bots add" in msg, msg
-        assert token not in msg
+        # v13 answers either "token expired or not found" or, while its cache still holds the just-used
+        # token, "already been issued a renewable certificate"; both are explained.
+        assert "used, expired or unknown" in msg or "already joined once" in msg, msg
+        assert "tctl bots add" in msg and token not in msg
         assert ident.load(tmp_path / f"second-{via}") is None
 
 
