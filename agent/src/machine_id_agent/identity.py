@@ -336,5 +336,30 @@ def store(storage_dir: Path, identity: Identity, token_hash: Optional[str] = Non
                             f"permissions of {d} (owned by the agent's user, mode 0700)") from None
 
 
+STALE_FILE = "stale-identity"
+
+
+def cert_fingerprint(cert_pem: bytes) -> str:
+    return hashlib.sha256(x509.load_pem_x509_certificate(cert_pem).public_bytes(serialization.Encoding.DER)
+                          ).hexdigest()
+
+
+def mark_stale(storage_dir: Path, identity: Identity) -> None:
+    """Remember that the server refused this identity as an OLD generation. Presenting it again would
+    lock the bot again (also after an admin removed the lock), so it is never sent for renewal again."""
+    try:
+        durable_write(Path(storage_dir) / STALE_FILE, (cert_fingerprint(identity.tls_cert_pem) + "\n").encode())
+    except OSError:
+        pass  # best effort: the in-memory refusal still holds for this process
+
+
+def is_stale(storage_dir: Path, identity: Identity) -> bool:
+    try:
+        marked = (Path(storage_dir) / STALE_FILE).read_text().strip()
+    except OSError:
+        return False
+    return bool(marked) and hmac.compare_digest(marked, cert_fingerprint(identity.tls_cert_pem))
+
+
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()

@@ -209,10 +209,22 @@ class AuthClient:
     def renew_identity(self, ttl: int) -> ident.Identity:
         """Renew the bot's identity with a fresh key; it is stored durably before this returns."""
         old = self.identity
+        storage = Path(self.cfg.storage_dir)
+        if ident.is_stale(storage, old):
+            raise LockedError(
+                f"the bot identity in {storage} (bot {old.bot_name!r}, generation {old.generation}) was refused by "
+                f"Teleport as an old generation and is never presented again, because each attempt locks the bot "
+                f"anew; this host needs its own bot: create one with `tctl bots add <name> --roles=...` and put the "
+                f"new token in the config")
         major = self.server_major  # resolve before the renewal so nothing else runs in between
         key_pem = ident.generate_key()
         expires = _dt.datetime.now(_dt.timezone.utc) + _dt.timedelta(seconds=int(ttl))
-        certs = self._user_certs(key_pem, expires, f"renew bot {old.bot_name!r}")
+        try:
+            certs = self._user_certs(key_pem, expires, f"renew bot {old.bot_name!r}")
+        except LockedError as exc:
+            if "generation mismatch" in str(exc):
+                ident.mark_stale(storage, old)
+            raise
         try:
             new = ident.Identity.from_certs(key_pem, certs.ssh, certs.tls, list(certs.tls_ca_certs),
                                             list(certs.ssh_ca_certs))

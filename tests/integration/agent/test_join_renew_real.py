@@ -233,9 +233,22 @@ def test_stale_generation_locks_the_bot_and_store_before_use_prevents_it(proto_r
         time.sleep(0.5)
     assert mine, f"no lock for bot-{name} after the generation mismatch: {out}"
     assert "generation mismatch" in mine[0]["spec"]["message"]
-    # Clean up: remove the lock so the bed stays usable for other bots.
+    # The refused copy is never presented again (every attempt would lock the bot anew).
+    with pytest.raises(LockedError, match="never presented again"):
+        with renew.AuthClient(stale_cfg, ident.load(stale_dir)) as client:
+            client.renew_identity(3600)
+    # An admin removes the lock: the agent holding the newest generation renews again, no re-join needed.
     for d in mine:
         tp.tctl("rm", f"lock/{d['metadata']['name']}", check=True)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with renew.AuthClient(cfg, ident.load(storage)) as client:
+                assert client.renew_identity(3600).generation == 5
+            break
+        except RenewError as exc:  # the auth server's lock cache follows within seconds
+            assert time.monotonic() < deadline, f"still refused after the lock was removed: {exc}"
+            time.sleep(1)
 
 
 def wait_ready(tp, timeout: float = 120) -> None:

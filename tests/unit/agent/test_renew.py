@@ -189,6 +189,14 @@ def test_stale_generation_is_locked_error(tmp_path, auth):
     e = err.value
     assert not e.retryable and "stored=2, presented=1" in str(e) and "tctl get locks" in str(e)
     assert "\n" not in str(e)
+    # The refused identity is never presented again (each attempt would lock the bot anew).
+    n = len(auth.requests)
+    auth.locked.clear()  # even after an admin removed the lock
+    with pytest.raises(LockedError, match="never presented again"):
+        with renew.AuthClient(c, stale) as client:
+            client.renew_identity(3600)
+    assert len(auth.requests) == n
+    auth.locked.add("bot-unit")
     # Afterwards even the newest identity is refused; the message points at locks.
     with pytest.raises(RenewError) as err:
         with renew.AuthClient(c, ident.load(c.storage_dir)) as client:
