@@ -18,6 +18,7 @@ from ansible_collections.lanyard.machine_id.plugins.module_utils._errors import 
 from ansible_collections.lanyard.machine_id.plugins.module_utils._teleport_resource import (
     format_duration,
     parse_duration,
+    strip_volatile,
 )
 from ansible_collections.lanyard.machine_id.plugins.module_utils._teleport_wait import wait_for
 from ansible_collections.lanyard.machine_id.plugins.module_utils._teleport_yaml import to_yaml
@@ -148,6 +149,25 @@ def add_bot(tctl, desired, token_ttl):
     return token, ttl
 
 
+def update_bot_role(tctl, desired):
+    """Teleport 13/14 (no ``bots update``): set the roles in the bot's own role ``bot-<name>``.
+
+    Proven on v13.3.8 with the real tbot: the next renewal of an existing bot identity impersonates the new
+    set of roles (added and removed), without a new join.
+    """
+    name = desired["name"]
+    items = tctl.get("role/%s" % bot_user(name), what="read role %s of bot %s" % (bot_user(name), name))
+    if not items:
+        raise LanyardError("bot %s: its role %s is missing, so its roles cannot be changed in place. Fix: set "
+                           "force: true to recreate the bot." % (name, bot_user(name)))
+    role = strip_volatile(items[0])
+    allow = role.setdefault("spec", {}).setdefault("allow", {})
+    impersonate = allow.get("impersonate") or {}
+    impersonate["roles"] = list(desired["roles"])
+    allow["impersonate"] = impersonate
+    tctl.create(role, "update role %s of bot %s" % (bot_user(name), name), force=True)
+
+
 def update_bot(tctl, desired, current, changes):
     """In-place update with ``tctl bots update`` (tctl v15+)."""
     args = ["bots", "update", desired["name"]]
@@ -198,14 +218,17 @@ def ensure_bot(tctl, params, check_mode, revoke_token, revoke_pending=None):
 
     result = dict(changed=True, bot=desired, diff=diff, warnings=list(role_warnings or []))
     recreate = False
+    role_only = False
     if current is not None:
-        if not version.has_bots_update:
+        if not version.has_bots_update and changes == ["roles"]:
+            role_only = True
+        elif not version.has_bots_update:
             if not params.get("force"):
                 raise LanyardError(
                     "bot %s: %s differ(s) from the server (%s), and tctl %s has no `bots update` (it arrived in "
-                    "Teleport 15), so the bot cannot be changed in place. Fix: set force: true to delete and recreate "
-                    "the bot (its existing identities stop working and every host must join again with a new "
-                    "token), or upgrade Teleport." % (name, ", ".join(changes), _describe(changes, desired, current),
+                    "Teleport 15), so only the bot's roles can be changed in place. Fix: set force: true to delete and "
+                    "recreate the bot (its existing identities stop working and every host must join again with a "
+                    "new token), or upgrade Teleport." % (name, ", ".join(changes), _describe(changes, desired, current),
                                                       version))
             recreate = True
             result["warnings"].append(
@@ -216,6 +239,12 @@ def ensure_bot(tctl, params, check_mode, revoke_token, revoke_pending=None):
                                                 ("recreated" if recreate else "updated"))
         return _finish(result)
 
+    if role_only:
+        update_bot_role(tctl, desired)
+        result["msg"] = ("bot %s updated (roles, in its role %s; hosts get the new roles at their next renewal)"
+                         % (name, bot_user(name)))
+        result["bot"] = wait_for(lambda: read_bot(tctl, name), lambda b: not bot_changes(desired, b))
+        return _finish(result)
     if current is not None and not recreate:
         update_bot(tctl, desired, current, changes)
         result["msg"] = "bot %s updated (%s)" % (name, ", ".join(changes))

@@ -17,8 +17,10 @@ description:
   - Creating a bot does not print or return its join token unless O(return_token=true). The token C(tctl bots add)
     makes is revoked otherwise; mint one join token per host with M(lanyard.machine_id.teleport_bot_token).
   - Changes to an existing bot use C(tctl bots update) where the installed C(tctl) has it (Teleport 15 and later).
-    Older versions (such as Teleport 13) cannot change a bot in place, so the task fails and says why, unless
-    O(force=true) allows deleting and recreating the bot.
+  - Older versions (such as Teleport 13) have no C(bots update). There a change of O(roles) is written into the
+    bot's own role C(bot-<name>) (its C(allow.impersonate.roles)); hosts that already joined get the new roles at
+    their next renewal, without joining again. Any other change fails and says why, unless O(force=true) allows
+    deleting and recreating the bot.
 author:
   - Lanyard contributors (@lanyard)
 extends_documentation_fragment:
@@ -64,8 +66,9 @@ options:
     type: str
   force:
     description:
-      - On a C(tctl) without C(bots update) (before Teleport 15), allow changing an existing bot by deleting and
-        recreating it. Identities already issued to the bot stop working and every host must join again.
+      - On a C(tctl) without C(bots update) (before Teleport 15), allow changing the O(logins) of an existing bot by
+        deleting and recreating it. Identities already issued to the bot stop working, its pending join tokens are
+        revoked, and every host must join again.
     type: bool
     default: false
   return_token:

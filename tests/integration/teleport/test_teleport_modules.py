@@ -138,33 +138,60 @@ def test_bot_lifecycle(teleport, tmp_path):
     # the token `tctl bots add` made was revoked: no pending token for this bot
     assert not [t for t in tctl_json(teleport, "get", "tokens") or [] if t["spec"].get("bot_name") == bot]
 
-    # v13 has no `bots update`: a role change fails clearly without force ...
+    # a host joins with a token of this bot
+    token_file = tmp_path / "token"
+    mint = play([{"name": "token", "lanyard.machine_id.teleport_bot_token": {"bot": bot, "name": "h1"},
+                  "register": "join"},
+                 {"name": "save", "ansible.builtin.copy": {"content": "{{ join.token }}", "dest": str(token_file)},
+                  "no_log": True}], defaults)
+    assert run_playbook(tmp_path / "mint", mint).rc == 0
+    joined = tbot_oneshot(teleport, token_file, tmp_path / "tbot")
+    assert joined.returncode == 0 and f"roles=[{role}]" in joined.stderr, joined.stderr[-2000:]
+
+    # v13 has no `bots update`, but a roles change goes into the bot's role bot-<name> in place ...
     pb2 = play([{"name": "bot", "lanyard.machine_id.teleport_bot": {"name": bot, "roles": [role, other]}}],
                defaults)
-    fail = run_playbook(tmp_path / "noforce", pb2)
-    res = fail.result("bot")
-    assert fail.rc != 0 and res["_status"] == "failed"
-    assert "bots update" in res["msg"] and "force: true" in res["msg"] and "Traceback" not in fail.stdout
-    # ... and recreates with force (changed, changed, unchanged, unchanged), warning about identities
-    pb3 = play([{"name": "bot", "lanyard.machine_id.teleport_bot":
-                 {"name": bot, "roles": [role, other], "force": True}}], defaults)
-    runs = four_runs(tmp_path / "force", pb3, "bot")
+    runs = four_runs(tmp_path / "roles", pb2, "bot")
     assert [r["changed"] for r in runs] == [True, True, False, False]
-    assert "stop working" in json.dumps(runs[1].get("warnings"))
+    assert "next renewal" in runs[1]["msg"] and not runs[1].get("warnings")
 
     def roles_updated():
         bot_role = tctl_json(teleport, "get", f"role/bot-{bot}")[0]
         assert sorted(bot_role["spec"]["allow"]["impersonate"]["roles"]) == sorted([role, other])
     eventually(roles_updated)
+    # ... and the joined host's next renewal (same storage, no new join) impersonates both roles
+    renewed = tbot_oneshot(teleport, token_file, tmp_path / "tbot")
+    assert renewed.returncode == 0, renewed.stderr[-2000:]
+    line = [ln for ln in renewed.stderr.splitlines() if "impersonated certificates" in ln][-1]
+    assert role in line and other in line, line
+
+    # a logins change cannot be made in place on v13: clear failure without force ...
+    pb3 = play([{"name": "bot", "lanyard.machine_id.teleport_bot":
+                 {"name": bot, "roles": [role, other], "logins": ["deploy"]}}], defaults)
+    fail = run_playbook(tmp_path / "noforce", pb3)
+    res = fail.result("bot")
+    assert fail.rc != 0 and res["_status"] == "failed"
+    assert "bots update" in res["msg"] and "force: true" in res["msg"] and "Traceback" not in fail.stdout
+    # ... and a recreate with force (changed, changed, unchanged, unchanged), warning about identities
+    pb4 = play([{"name": "bot", "lanyard.machine_id.teleport_bot":
+                 {"name": bot, "roles": [role, other], "logins": ["deploy"], "force": True}}], defaults)
+    runs = four_runs(tmp_path / "force", pb4, "bot")
+    assert [r["changed"] for r in runs] == [True, True, False, False]
+    assert "stop working" in json.dumps(runs[1].get("warnings"))
+
+    def logins_updated():
+        user = tctl_json(teleport, "get", f"user/bot-{bot}")[0]
+        assert user["spec"]["traits"]["logins"] == ["deploy"]
+    eventually(logins_updated)
 
     # unknown role: clear message naming the role
-    pb4 = play([{"name": "bot", "lanyard.machine_id.teleport_bot": {"name": uniq(teleport, "b"),
+    pb5 = play([{"name": "bot", "lanyard.machine_id.teleport_bot": {"name": uniq(teleport, "b"),
                                                                     "roles": ["no-such-role"]}}], defaults)
-    run = run_playbook(tmp_path / "unknown", pb4)
+    run = run_playbook(tmp_path / "unknown", pb5)
     assert run.rc != 0 and "no-such-role do not exist" in run.result("bot")["msg"]
 
-    pb5 = play([{"name": "bot", "lanyard.machine_id.teleport_bot": {"name": bot, "state": "absent"}}], defaults)
-    runs = four_runs(tmp_path / "absent", pb5, "bot")
+    pb6 = play([{"name": "bot", "lanyard.machine_id.teleport_bot": {"name": bot, "state": "absent"}}], defaults)
+    runs = four_runs(tmp_path / "absent", pb6, "bot")
     assert [r["changed"] for r in runs] == [True, True, False, False]
 
     def bot_gone():

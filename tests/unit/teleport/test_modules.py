@@ -144,16 +144,35 @@ def test_bot_unchanged_and_check_mode(run_module):
     assert not res["changed"] and fake.writes() == []
 
 
-def test_bot_role_change_on_v13_fails_without_force(run_module):
+def test_bot_role_change_on_v13_updates_the_bot_role(run_module):
     fake = _bot_server(exists=True)[0]
-    res = run_module(teleport_bot.main, {"name": "example", "roles": ["machine-id-kube-role", "other-role"]}, fake)
+    args = {"name": "example", "roles": ["machine-id-kube-role", "other-role"]}
+    res = run_module(teleport_bot.main, args, fake, check=True, diff=True)
+    assert res["changed"] and "would be updated" in res["msg"] and fake.writes() == []
+    assert "- other-role" in res["diff"]["after"] and "other-role" not in res["diff"]["before"]
+    res = run_module(teleport_bot.main, args, fake)
+    assert res["changed"] and "in its role bot-example" in res["msg"] and not res["warnings"]
+    creates = [(a, d) for a, d in fake.calls if a[:1] == ["create"]]
+    assert [a for a, _ in creates] == [["create", "-f", "-"]]
+    written = json.loads(creates[0][1])
+    assert written["metadata"]["name"] == "bot-example" and "id" not in written["metadata"]
+    assert written["metadata"]["labels"] == {"teleport.internal/bot": "example"}
+    assert written["spec"]["allow"]["impersonate"]["roles"] == ["machine-id-kube-role", "other-role"]
+    assert written["spec"]["allow"]["rules"][0]["resources"] == ["cert_authority"]   # rest of the role kept
+    assert not any(c[:2] in (["bots", "rm"], ["bots", "add"]) for c in fake.writes())
+
+
+def test_bot_logins_change_on_v13_fails_without_force(run_module):
+    fake = _bot_server(exists=True)[0]
+    res = run_module(teleport_bot.main, {"name": "example", "roles": ["machine-id-kube-role"], "logins": ["root"]},
+                     fake)
     assert res["failed"] and "has no `bots update`" in res["msg"] and "force: true" in res["msg"]
-    assert "13.3.8" in res["msg"] and fake.writes() == []
+    assert "13.3.8" in res["msg"] and "logins" in res["msg"] and fake.writes() == []
 
 
-def test_bot_role_change_on_v13_with_force_recreates(run_module):
+def test_bot_logins_change_on_v13_with_force_recreates(run_module):
     fake, state = _bot_server(exists=True)
-    args = {"name": "example", "roles": ["machine-id-kube-role", "other-role"], "force": True}
+    args = {"name": "example", "roles": ["machine-id-kube-role", "other-role"], "logins": ["root"], "force": True}
     res = run_module(teleport_bot.main, args, fake, check=True)
     assert res["changed"] and "would be recreated" in res["msg"] and fake.writes() == []
     res = run_module(teleport_bot.main, args, fake)
