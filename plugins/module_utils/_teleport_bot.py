@@ -228,8 +228,8 @@ def ensure_bot(tctl, params, check_mode, revoke_token, revoke_pending=None):
                     "bot %s: %s differ(s) from the server (%s), and tctl %s has no `bots update` (it arrived in "
                     "Teleport 15), so only the bot's roles can be changed in place. Fix: set force: true to delete and "
                     "recreate the bot (its existing identities stop working and every host must join again with a "
-                    "new token), or upgrade Teleport." % (name, ", ".join(changes), _describe(changes, desired, current),
-                                                      version))
+                    "new token), or upgrade Teleport."
+                    % (name, ", ".join(changes), _describe(changes, desired, current), version))
             recreate = True
             result["warnings"].append(
                 "bot %s was deleted and recreated to change %s: identities issued to it stop working; every host "

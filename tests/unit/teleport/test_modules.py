@@ -153,7 +153,7 @@ def test_bot_role_change_on_v13_updates_the_bot_role(run_module):
     res = run_module(teleport_bot.main, args, fake)
     assert res["changed"] and "in its role bot-example" in res["msg"] and not res["warnings"]
     creates = [(a, d) for a, d in fake.calls if a[:1] == ["create"]]
-    assert [a for a, _ in creates] == [["create", "-f", "-"]]
+    assert [call[0] for call in creates] == [["create", "-f", "-"]]
     written = json.loads(creates[0][1])
     assert written["metadata"]["name"] == "bot-example" and "id" not in written["metadata"]
     assert written["metadata"]["labels"] == {"teleport.internal/bot": "example"}
