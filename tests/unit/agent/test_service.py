@@ -385,3 +385,24 @@ def test_new_agent_waits_for_a_dead_agents_worker(tmp_path, logbuf):
     holder.wait()
     assert 0.5 < waited < 10, waited
     assert fcntl is not None
+
+
+def test_journald_format_has_priority_and_no_timestamp(monkeypatch):
+    buf = io.StringIO()
+    monkeypatch.setenv("JOURNAL_STREAM", "8:1234")
+    log = logs.setup(stream=buf)
+    log.warning("disk %s", "full")
+    assert buf.getvalue() == "<4>WARNING: disk full\n"
+    monkeypatch.delenv("JOURNAL_STREAM")
+    buf2 = io.StringIO()
+    logs.setup(stream=buf2).info("x")
+    assert buf2.getvalue().endswith(" INFO: x\n") and buf2.getvalue()[:4].isdigit()
+
+
+def test_reload_with_a_bad_file_keeps_the_old_config(tmp_path, logbuf):
+    cfg = make_cfg(tmp_path)
+    agent = Agent(cfg, backend=FakeBackend(), log=logbuf[0])
+    cfg.source.write_text("auth_server: [broken\n")
+    agent.reload_config()
+    assert agent.cfg is cfg
+    assert "reload:" in logbuf[1].getvalue() and "keeping the previous configuration" in logbuf[1].getvalue()
