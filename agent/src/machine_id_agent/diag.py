@@ -60,7 +60,7 @@ def _num(v) -> str:
 
 class DiagServer:
     def __init__(self, addr: str, snapshot: Callable[[], Dict]):
-        host, _, port = addr.rpartition(":")
+        host, _sep, port = addr.rpartition(":")
         host = host.strip("[]")
         self.snapshot = snapshot
         outer = self

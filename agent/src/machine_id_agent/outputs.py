@@ -50,10 +50,10 @@ class KubeEndpoint:
 def _split_hostport(addr: str):
     addr = addr.strip()
     if addr.startswith("["):
-        host, _, rest = addr[1:].partition("]")
+        host, _sep, rest = addr[1:].partition("]")
         return host, rest[1:] if rest.startswith(":") else ""
     if addr.count(":") == 1:
-        host, _, port = addr.partition(":")
+        host, _sep, port = addr.partition(":")
         return host, port
     return addr, ""
 

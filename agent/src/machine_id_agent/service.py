@@ -26,7 +26,7 @@ import signal
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -265,7 +265,7 @@ class Agent:
         env["MACHINE_ID_AGENT_DESTINATION"] = str(out.destination)
         try:
             p = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               timeout=RELOAD_TIMEOUT, env=env, close_fds=True)
+                               timeout=RELOAD_TIMEOUT, env=env, close_fds=True, check=False)
         except FileNotFoundError:
             self.log.warning("reload_command for %s: %s not found; fix reload_command in the config",
                              out.destination, argv[0])
@@ -368,7 +368,7 @@ class Agent:
             os.close(rfd)
         while True:
             try:
-                _, status = os.waitpid(pid, 0)
+                _pid, status = os.waitpid(pid, 0)
                 break
             except ChildProcessError:
                 status = 0

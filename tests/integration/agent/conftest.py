@@ -20,7 +20,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -41,7 +40,7 @@ def _ensure_user(name: str) -> int:
     except KeyError:
         pass
     r = subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                        name], capture_output=True, text=True)
+                        name], capture_output=True, text=True, check=False)
     if r.returncode != 0 and "already exists" not in r.stderr:
         pytest.fail("cannot create test user %s (%s); run the tests as root" % (name, r.stderr.strip()),
                     pytrace=False)
@@ -155,7 +154,7 @@ class AgentHost:
 
     def run(self, *args: str, as_bot: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run(self.argv(*args, as_bot=as_bot), capture_output=True, text=True, env=self.env(),
-                              timeout=timeout, cwd=str(self.root))
+                              timeout=timeout, cwd=str(self.root), check=False)
 
     def init(self, *readers: str) -> subprocess.CompletedProcess:
         rd = []
@@ -199,7 +198,7 @@ class AgentHost:
     def as_user(self, user: str, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
         runuser = shutil.which("runuser") or "/usr/sbin/runuser"
         return subprocess.run([runuser, "-u", user, "--", *argv], capture_output=True, text=True,
-                              timeout=timeout, cwd="/", env={"PATH": "/usr/bin:/bin", "HOME": "/"})
+                              timeout=timeout, cwd="/", env={"PATH": "/usr/bin:/bin", "HOME": "/"}, check=False)
 
     def kubectl_as(self, user: str, *args: str) -> subprocess.CompletedProcess:
         return self.as_user(user, str(self.kubectl_bin), "--kubeconfig=%s" % (self.dest / "kubeconfig.yaml"),

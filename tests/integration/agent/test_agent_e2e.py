@@ -125,7 +125,7 @@ def test_guide_config_kubectl_as_reader_other_denied(teleport, make_host):
     assert getfacl(h.dest) == ["user::rwx", "user:%s:r-x" % APP_USER, "group::---", "mask::r-x", "other::---"]
 
     # kubeconfig routing per listener mode
-    _, doc = kubeconfig_pair(h.dest / "kubeconfig.yaml")
+    dummy, doc = kubeconfig_pair(h.dest / "kubeconfig.yaml")
     name = "%s-%s" % (tb.CLUSTER_NAME, tb.KUBE_CLUSTER_NAME)
     assert doc["current-context"] == name
     cl = doc["clusters"][0]["cluster"]
@@ -160,7 +160,7 @@ def test_service_renewals_keep_kubectl_working(teleport, make_host):
         n = wait_for(lambda: metric(diag, "renewals_total") > seen and metric(diag, "renewals_total"), 30,
                      "renewal %d" % (seen + 1))
         seen = int(n)
-        cert, _ = kubeconfig_pair(h.dest / "kubeconfig.yaml")
+        cert, dummy = kubeconfig_pair(h.dest / "kubeconfig.yaml")
         serials.add(cert.serial_number)
         pods = h.pods_as(APP_USER)
         assert pods.returncode == 0, (seen, pods.stderr)
@@ -276,8 +276,8 @@ def test_kill9_never_tears_outputs_nor_locks_the_bot(teleport, make_host):
     assert h.pods_as(APP_USER).returncode == 0
     locks = teleport.tctl("get", "locks", "--format=json", check=True).stdout
     assert h.bot not in locks, locks
-    print("[agent] mode=%s kill -9: %d renewals, %d kills, %d consistent reads" % (teleport.mode, renewals, kills,
-                                                                                  reads[0]))
+    print("[agent] mode=%s kill -9: %d renewals, %d kills, %d consistent reads"
+          % (teleport.mode, renewals, kills, reads[0]))
 
 
 # --- 3 + 7 on a private bed: Teleport down and back; host CA rotation --------------------------------------
@@ -302,8 +302,10 @@ def test_teleport_down_outputs_stay_then_recover(own_bed, mode, make_host):
     before = (h.dest / "kubeconfig.yaml").read_bytes()
     tp.stop_process()
     try:
-        code, body = wait_for(lambda: (lambda r: r if r[0] == 503 else None)(http_get("http://%s/readyz" % diag)),
-                              30, "/readyz 503 while Teleport is down")
+        def not_ready():
+            answer = http_get("http://%s/readyz" % diag)
+            return answer if answer[0] == 503 else None
+        dummy, body = wait_for(not_ready, 30, "/readyz 503 while Teleport is down")
         assert "renewal failed" in json.loads(body)["reason"]
         time.sleep(6)  # longer than one renewal interval
         assert metric(diag, "renewal_failures_total") >= 2
@@ -337,7 +339,7 @@ def test_host_ca_rotation(own_bed, mode, make_host):
         wait_for(lambda: h.pods_as(APP_USER).returncode == 0, 120, "kubectl after phase %s" % phase)
     ca_after = (h.dest / "teleport-host-ca.crt").read_bytes()
     assert ca_after != ca_before, "the outputs carry the rotated host CA"
-    _, doc = kubeconfig_pair(h.dest / "kubeconfig.yaml")
+    dummy, doc = kubeconfig_pair(h.dest / "kubeconfig.yaml")
     assert base64.b64decode(doc["clusters"][0]["cluster"]["certificate-authority-data"]) == ca_after
     assert p.poll() is None
 

@@ -124,7 +124,7 @@ def test_try_falls_back_to_modes_with_one_warning(tmp_path, monkeypatch):
     warnings = []
     d = tmp_path / "out"
     out = KubeOutput(destination=d, kubernetes_cluster="k")
-    for _ in range(2):
+    for dummy in range(2):
         outputs.write_kube(out, make_creds(), "tc", outputs.KubeEndpoint("https://x:1"), acls="try",
                            reader_uids=[NOBODY], warn=warnings.append)
     assert stat.S_IMODE(d.stat().st_mode) == 0o700

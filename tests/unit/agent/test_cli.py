@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
 from machine_id_agent import cli, outputs, service
 from machine_id_agent.config import KubeOutput
@@ -20,7 +19,7 @@ from test_service import TOKEN, FakeBackend, FakeIdent, make_cfg  # noqa: E402
 
 def run_cli(*argv):
     return subprocess.run([sys.executable, "-m", "machine_id_agent", *argv], capture_output=True, text=True,
-                          timeout=60)
+                          timeout=60, check=False)
 
 
 def test_init_changed_then_unchanged(tmp_path):

@@ -10,7 +10,6 @@ import os
 import stat
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -153,7 +152,7 @@ def test_reader_never_sees_a_torn_kubeconfig(tmp_path):
     dest = tmp_path / "out"
     out = KubeOutput(destination=dest, kubernetes_cluster="k")
     ep = outputs.KubeEndpoint("https://x:1")
-    creds = [make_creds() for _ in range(3)]
+    creds = [make_creds() for dummy in range(3)]
     outputs.write_kube(out, creds[0], "tc", ep, acls="off")
     stop = threading.Event()
     bad = []

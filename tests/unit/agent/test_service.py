@@ -360,7 +360,7 @@ def test_isolated_cycle_runs_in_a_worker_and_reports_back(tmp_path, logbuf):
     assert "generation mismatch" in str(err)
     be.fail = RenewError("auth down", retryable=True)
     err = agent.attempt()
-    assert type(err) is RenewError and err.retryable is True
+    assert isinstance(err, RenewError) and not isinstance(err, LockedError) and err.retryable is True
     assert not agent.snapshot()["ready"]
 
 
