@@ -83,7 +83,13 @@ def locked_explanation(bot: str, detail: str, storage_dir) -> str:
 class AuthClient:
     """A connection to the auth server's gRPC API as the bot, for one renewal cycle."""
 
-    def __init__(self, cfg, identity: ident.Identity, facts: Optional[webapi.ProxyFacts] = None):
+    def __init__(self, cfg, identity: ident.Identity, facts: Optional[webapi.ProxyFacts] = None,
+                 prefer: Optional[str] = None):
+        """``prefer`` (tests, diagnostics): "alpn" or "ssh" for the proxy route. By default the proxy's web
+        port with the teleport-auth@ ALPN is used, and a proxy without TLS routing that does not route
+        that ALPN is reached through its SSH reverse tunnel instead."""
+        self.prefer = prefer
+        self._fell_back = False
         self.cfg = cfg
         self.identity = identity
         self.facts = facts
@@ -115,7 +121,15 @@ class AuthClient:
                     f"renewed; a fresh join is needed: create a new token with `tctl bots add {idt.bot_name} ...` "
                     f"(after `tctl bots rm {idt.bot_name}`) and put it in the config", retryable=False)
             kind, addr = self.route
-            if kind == "proxy":
+            if kind == "proxy" and (self.prefer == "ssh" or self._fell_back):
+                tunnel = (self.facts.tunnel_addr if self.facts else None) or addr
+                try:
+                    self._conn = transport.via_ssh_tunnel(tunnel, idt.cluster_name, idt.tls_cert_pem, idt.key_pem,
+                                                          idt.tls_ca_pems, idt.ssh_cert, idt.ssh_ca_lines)
+                except transport.TransportError as exc:
+                    raise RenewError(f"cannot reach auth through the proxy's SSH tunnel {tunnel}: {exc}",
+                                     retryable="paramiko" not in str(exc)) from None
+            elif kind == "proxy":
                 self._conn = transport.via_proxy_alpn(addr, idt.cluster_name, idt.tls_cert_pem, idt.key_pem,
                                                       idt.tls_ca_pems)
             else:
@@ -130,7 +144,22 @@ class AuthClient:
         try:
             return fn(request, timeout=RPC_TIMEOUT)
         except grpc.RpcError as exc:
+            if self._should_fall_back(conn):
+                log.info("the proxy does not route the teleport-auth@ ALPN (%s); using its SSH reverse tunnel",
+                         conn.last_transport_error())
+                self._fell_back = True
+                self.close()
+                return self._call(method, request, what)
             raise self._error(exc, what, conn) from None
+
+    def _should_fall_back(self, conn: transport.Connection) -> bool:
+        """A proxy without TLS routing whose web port closed our teleport-auth@ handshake."""
+        if self._fell_back or self.prefer == "alpn" or self.route[0] != "proxy" or conn.bridge is None:
+            return False
+        if conn.bridge.name != "proxy-alpn" or self.facts is None or self.facts.tls_routing:
+            return False
+        err = conn.last_transport_error() or ""
+        return "during the TLS handshake" in err
 
     def _error(self, exc: grpc.RpcError, what: str, conn: transport.Connection) -> RenewError:
         code = exc.code() if hasattr(exc, "code") else None

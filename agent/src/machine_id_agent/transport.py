@@ -32,6 +32,7 @@ import socket
 import ssl
 import tempfile
 import threading
+import time
 from typing import Callable, List, Optional
 
 import grpc
@@ -267,10 +268,17 @@ class TLSBridge:
                 raw.sendall(data)
 
         def feed() -> bool:
-            r, _, _ = select.select([raw], [], [], self._timeout)
-            if not r:
-                raise TransportError(f"no answer from the server within {self._timeout:g}s during the TLS handshake")
-            data = raw.recv(_CHUNK)
+            deadline = time.monotonic() + self._timeout
+            while True:
+                r, _, _ = select.select([raw], [], [], max(0.0, deadline - time.monotonic()))
+                if not r:
+                    raise TransportError(f"no answer from the server within {self._timeout:g}s during the TLS "
+                                         f"handshake")
+                try:
+                    data = raw.recv(_CHUNK)
+                    break
+                except BlockingIOError:  # a stream whose readiness signal ran ahead of its data
+                    time.sleep(0.001)
             if not data:
                 inc.write_eof()
                 return False
@@ -328,7 +336,11 @@ class TLSBridge:
                 tls.write(data)
                 flush()
             if raw in r:
-                data = raw.recv(_CHUNK)
+                try:
+                    data = raw.recv(_CHUNK)
+                except BlockingIOError:
+                    time.sleep(0.001)
+                    continue
                 if not data:
                     return
                 inc.write(data)
@@ -375,10 +387,12 @@ def tcp_dialer(addr: str, timeout: float = 10.0, default_port: int = 443) -> Cal
 class Connection:
     """A gRPC channel to auth plus whatever carries it (bridge); ``describe`` names the route."""
 
-    def __init__(self, channel: grpc.Channel, describe: str, bridge: Optional[TLSBridge] = None):
+    def __init__(self, channel: grpc.Channel, describe: str, bridge: Optional[TLSBridge] = None,
+                 carrier=None):
         self.channel = channel
         self.describe = describe
         self.bridge = bridge
+        self.carrier = carrier  # e.g. the SSH tunnel under the bridge; closed last
 
     def last_transport_error(self) -> Optional[str]:
         return self.bridge.last_error if self.bridge else None
@@ -387,8 +401,12 @@ class Connection:
         try:
             self.channel.close()
         finally:
-            if self.bridge:
-                self.bridge.close()
+            try:
+                if self.bridge:
+                    self.bridge.close()
+            finally:
+                if self.carrier is not None:
+                    self.carrier.close()
 
 
 def direct(auth_addr: str, cluster: str, cert_pem: bytes, key_pem: bytes, ca_pems: List[bytes]) -> Connection:
@@ -422,3 +440,18 @@ def insecure_bootstrap(auth_addr: str) -> Connection:
                        require_alpn="h2", name="bootstrap")
     ch = grpc.insecure_channel(bridge.target, options=_CHANNEL_OPTIONS + [("grpc.default_authority", AUTH_SNI)])
     return Connection(ch, f"auth {join_addr(host, port)} (unverified, for the CA pin check)", bridge)
+
+
+def via_ssh_tunnel(tunnel_addr: str, cluster: str, cert_pem: bytes, key_pem: bytes, ca_pems: List[bytes],
+                   ssh_cert: bytes, ssh_ca_lines: List[bytes]) -> Connection:
+    """mTLS gRPC to auth inside the proxy's SSH reverse tunnel (``teleport-transport`` channels)."""
+    from machine_id_agent.sshtunnel import SSHTunnel
+
+    tunnel = SSHTunnel(tunnel_addr, key_pem, ssh_cert, ssh_ca_lines)
+    sni = encode_cluster_name(cluster)
+    ctx = mtls_context(cert_pem, key_pem, ["h2"])
+    cas = list(ca_pems)
+    bridge = TLSBridge(tunnel.dial, ctx, sni, require_alpn="h2", name="ssh-tunnel",
+                       verify=lambda der: verify_server_cert(der, cas, sni))
+    ch = grpc.insecure_channel(bridge.target, options=_CHANNEL_OPTIONS + [("grpc.default_authority", sni)])
+    return Connection(ch, f"auth through the proxy's SSH tunnel {tunnel_addr}", bridge, carrier=tunnel)

@@ -311,3 +311,42 @@ def test_unknown_kube_cluster_is_not_retryable(tmp_path):
         assert not err.value.retryable and "tctl kube ls" in str(err.value) and "not registered" in str(err.value)
     finally:
         a.stop()
+
+
+def test_proxy_without_alpn_route_falls_back_to_the_ssh_tunnel(tmp_path, auth):
+    """A non-TLS-routing proxy whose web port drops the teleport-auth@ handshake: the client switches to
+    the proxy's SSH reverse tunnel (here a closed port, so the error names the tunnel)."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(8)
+    stop = []
+
+    def drop():
+        while not stop:
+            try:
+                c, _ = lsock.accept()
+            except OSError:
+                return
+            c.recv(4096)
+            c.close()  # like a listener with no route for this ALPN
+
+    import threading
+
+    threading.Thread(target=drop, daemon=True).start()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_tunnel = f"127.0.0.1:{s.getsockname()[1]}"
+    web = f"127.0.0.1:{lsock.getsockname()[1]}"
+    facts = webapi.ProxyFacts(cluster_name=CLUSTER, server_version="13.3.8", tls_routing=False,
+                              kube_public_addr="k:3026", kube_listen_addr=None, web_addr=web, tunnel_addr=dead_tunnel)
+    c = cfg(tmp_path, auth, auth_server=None, proxy_server=web)
+    try:
+        with renew.AuthClient(c, auth.join(), facts) as client:
+            with pytest.raises(RenewError) as err:
+                client.renew_identity(3600)
+        msg = str(err.value)
+        assert "SSH tunnel" in msg and dead_tunnel in msg, msg
+    finally:
+        stop.append(1)
+        lsock.close()
+    assert auth.requests == []

@@ -256,3 +256,83 @@ def test_signature_fallback_without_shortcut(pki):
 
     with pytest.raises(InvalidSignature):
         transport._verify_issued_by(leaf, PKI().cert)
+
+
+# --- the SSH reverse-tunnel pieces that need no SSH server ------------------------------------------------
+def _ssh_ca():
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    k = ed25519.Ed25519PrivateKey.generate()
+    line = k.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return k, line
+
+
+def _host_cert(ca_key, kind=serialization.SSHCertificateType.HOST, hours=1):
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    now = int(NOW.timestamp())
+    cert = (serialization.SSHCertificateBuilder().public_key(ed25519.Ed25519PrivateKey.generate().public_key())
+            .type(kind).valid_principals([b"proxy"]).valid_after(now - 60).valid_before(now + 3600 * hours)
+            .sign(ca_key))
+    return cert.public_bytes()
+
+
+def test_ssh_host_certificate_checks():
+    from machine_id_agent import sshtunnel
+
+    ca, ca_line = _ssh_ca()
+    other, other_line = _ssh_ca()
+    good = _host_cert(ca)
+    sshtunnel.verify_host_cert(good, [other_line, ca_line])
+    sshtunnel.verify_host_cert(good, [b"@cert-authority *.c1 " + ca_line + b" type=host"])
+    with pytest.raises(transport.TransportError, match="not signed by a CA of the bot's cluster"):
+        sshtunnel.verify_host_cert(good, [other_line])
+    with pytest.raises(transport.TransportError, match="not a host certificate"):
+        sshtunnel.verify_host_cert(_host_cert(ca, serialization.SSHCertificateType.USER), [ca_line])
+    with pytest.raises(transport.TransportError, match="plain key"):
+        sshtunnel.verify_host_cert(ca_line, [ca_line])
+    with pytest.raises(transport.TransportError, match="expired"):
+        sshtunnel.verify_host_cert(good, [ca_line], now=NOW + dt.timedelta(hours=3))
+
+
+class _FakeChannel:
+    def __init__(self):
+        self.buf, self.closed, self.eof_received = b"", False, False
+
+    def recv_ready(self):
+        return bool(self.buf)
+
+    def recv(self, n):
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+
+def test_channel_stream_never_blocks():
+    from machine_id_agent import sshtunnel
+
+    ch = _FakeChannel()
+    s = sshtunnel._ChannelStream(ch)
+    with pytest.raises(BlockingIOError):
+        s.recv(10)
+    ch.buf = b"abc"
+    assert s.recv(10) == b"abc"
+    ch.eof_received = True
+    assert s.recv(10) == b""
+
+
+def test_ssh_tunnel_without_paramiko_says_what_to_do(monkeypatch):
+    import builtins
+
+    from machine_id_agent import sshtunnel
+
+    real_import = builtins.__import__
+
+    def no_paramiko(name, *a, **k):
+        if name == "paramiko" or name.startswith("paramiko."):
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_paramiko)
+    with pytest.raises(transport.TransportError) as err:
+        sshtunnel.SSHTunnel("127.0.0.1:9", b"", b"", [])
+    assert "paramiko" in str(err.value) and "auth_server" in str(err.value)
