@@ -7,7 +7,8 @@ Kubernetes RoleBinding; molecule then boots a fresh Debian 12 host (tests/hosts,
 only the proxy port forwarded in) and runs, step by step:
 
   create -> prepare -> converge --check (fresh host) -> converge -> idempotence
-  -> converge --check (converged host: zero changes) -> verify -> destroy
+  -> converge --check (converged host: zero changes) -> verify
+  -> new agent wheel: converge (restart, new PID) -> idempotence -> destroy
 
 The real agent (built into wheels from agent/ on the controller) joins the bed with the bot token,
 and verify.yml checks the service, files, ACLs, kubectl as the reader, denial for another user and
@@ -67,6 +68,19 @@ def _recap(output: str) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(1))}
 
 
+def _host(*argv: str) -> str:
+    from hosts import Host
+
+    proc = Host.load(HOST).run(list(argv), check=True)
+    return proc.stdout
+
+
+def _main_pid() -> int:
+    pid = int(_host("systemctl", "show", "-p", "MainPID", "--value", "machine-id.service").strip())
+    assert pid > 0, "machine-id.service has no main process"
+    return pid
+
+
 def test_molecule_default_scenario(bed, tmp_path):
     if shutil.which("systemd-nspawn") is None or shutil.which("debootstrap") is None:
         pytest.fail("systemd-nspawn/debootstrap missing. Fix: scripts/bootstrap.sh (as root) or "
@@ -81,6 +95,9 @@ def test_molecule_default_scenario(bed, tmp_path):
     kube.kubectl("create", "rolebinding", "example-rolebinding-group", "--namespace=demo",
                  "--role=example-role", "--group=example", check=True)
 
+    agent_src = tmp_path / "agent-src"
+    shutil.copytree(REPO / "agent", agent_src,
+                    ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__", ".*"))
     venv_bin = str(Path(sys.executable).parent)
     env = dict(os.environ)
     env.update({
@@ -100,6 +117,9 @@ def test_molecule_default_scenario(bed, tmp_path):
         "LANYARD_MOL_WEB_CA": str(tp.web_ca_path),
         "LANYARD_MOL_KUBECTL": str(bed.bins["kubectl"]),
         "LANYARD_MOL_KUBE_CLUSTER": tb.KUBE_CLUSTER_NAME,
+        # A snapshot of the agent's source: the run is not disturbed by edits to agent/ meanwhile,
+        # and changing the snapshot below is "a new agent version".
+        "LANYARD_MOL_AGENT_SOURCE": str(agent_src),
     })
     log = tmp_path / "molecule.log"
     timings: dict[str, float] = {}
@@ -130,6 +150,18 @@ def test_molecule_default_scenario(bed, tmp_path):
         assert recap["changed"] == 0 and recap["failed"] == 0, f"check mode on a converged host: {recap}"
         verify = molecule("verify")
         assert "Overall exposure level for machine-id.service" in verify
+
+        pid = _main_pid()
+        # A new agent version (different wheel) restarts; again no change on the next run.
+        (agent_src / "src" / "machine_id_agent" / "_build_marker.py").write_text("MARKER = 'test rebuild'\n")
+        assert _recap(molecule("converge"))["changed"] >= 1
+        new_pid = _main_pid()
+        assert new_pid != pid, "a new agent wheel must restart the service"
+        assert _host("/opt/machine-id-agent/bin/python", "-c",
+                     "import machine_id_agent._build_marker as m; print(m.MARKER)").strip() == "test rebuild"
+        molecule("idempotence")
+        assert _main_pid() == new_pid
+        assert _host("systemctl", "is-active", "machine-id.service").strip() == "active"
     finally:
         try:
             molecule("destroy")
