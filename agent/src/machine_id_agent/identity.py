@@ -253,6 +253,23 @@ def durable_write(path: Path, data: bytes, mode: int = 0o600) -> None:
                 pass
 
 
+def _read_text(path: Path) -> Optional[str]:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _remove_stale_temps(d: Path) -> None:
+    """Temp files a killed writer left behind (never the live files)."""
+    for name in (IDENTITY_FILE, TOKENHASH_FILE, "stale-identity"):
+        for p in d.glob(f".{name}.*.tmp"):
+            try:
+                p.unlink()
+            except OSError:
+                pass
+
+
 def ensure_storage_dir(storage_dir: Path) -> Path:
     d = Path(storage_dir)
     try:
@@ -329,7 +346,8 @@ def store(storage_dir: Path, identity: Identity, token_hash: Optional[str] = Non
             token_hash = None
     try:
         durable_write(d / IDENTITY_FILE, identity.to_json(token_hash))
-        if token_hash:
+        _remove_stale_temps(d)
+        if token_hash and _read_text(d / TOKENHASH_FILE) != token_hash:  # only after a join: keep renewals short
             durable_write(d / TOKENHASH_FILE, (token_hash + "\n").encode())
     except OSError as exc:
         raise IdentityError(f"cannot write the bot identity to {d}: {exc.strerror}; free space or fix the "

@@ -142,3 +142,16 @@ def test_split_pems_and_pin(key_pem):
 
 def test_token_hash_is_sha256_hex():
     assert ident.token_hash("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_renewal_store_skips_unchanged_tokenhash_and_cleans_temps(tmp_path, key_pem, monkeypatch):
+    ident.store(tmp_path, make(key_pem, generation="1"), "h1")
+    (tmp_path / ".identity.json.abc.tmp").write_text("left by a killed writer")
+    writes = []
+    real = ident.durable_write
+    monkeypatch.setattr(ident, "durable_write", lambda p, *a, **k: (writes.append(p.name), real(p, *a, **k)))
+    ident.store(tmp_path, make(key_pem, generation="2"))
+    assert writes == [ident.IDENTITY_FILE]  # the token hash did not change: one durable write per renewal
+    assert not list(tmp_path.glob(".*.tmp"))
+    ident.store(tmp_path, make(key_pem, generation="1"), "h2")  # a new join rewrites it
+    assert writes[-1] == ident.TOKENHASH_FILE and (tmp_path / ident.TOKENHASH_FILE).read_text().strip() == "h2"
