@@ -100,3 +100,19 @@ def test_exit_codes(argv, code):
     r = run_cli(*argv)
     assert r.returncode == code, r
     assert "Traceback" not in r.stderr
+
+
+def test_wait_on_diag_addr(tmp_path):
+    from machine_id_agent.diag import DiagServer
+    state = {"ready": False, "reason": "no renewal has finished yet"}
+    srv = DiagServer("127.0.0.1:0", lambda: dict(state))
+    srv.start()
+    try:
+        addr = "127.0.0.1:%d" % srv.address[1]
+        r = run_cli("wait", "--diag-addr", addr, "--timeout", "0.5")
+        assert r.returncode == 1 and "no renewal has finished yet" in r.stderr, r.stderr
+        state["ready"] = True
+        r = run_cli("wait", "--diag-addr", addr, "--timeout", "5")
+        assert (r.returncode, r.stdout) == (0, "ready\n"), r.stderr
+    finally:
+        srv.stop()
