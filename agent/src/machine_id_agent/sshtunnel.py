@@ -52,6 +52,9 @@ def verify_host_cert(cert_line: bytes, ca_lines: List[bytes], now: Optional[_dt.
     """The proxy's host key must be a HOST certificate, signed by a cluster CA key, valid now."""
     from cryptography.exceptions import InvalidSignature
 
+    if not hasattr(serialization, "load_ssh_public_identity"):
+        raise TransportError("checking the proxy's SSH host certificate needs the Python package cryptography "
+                             ">= 40; upgrade it, or set auth_server to the auth service address (host:3025)")
     try:
         cert = serialization.load_ssh_public_identity(cert_line)
     except (ValueError, TypeError, AttributeError) as exc:

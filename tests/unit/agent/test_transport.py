@@ -267,8 +267,10 @@ def _ssh_ca():
     return k, line
 
 
-def _host_cert(ca_key, kind=serialization.SSHCertificateType.HOST, hours=1):
+def _host_cert(ca_key, kind=None, hours=1):
     from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    kind = kind or serialization.SSHCertificateType.HOST
 
     now = int(NOW.timestamp())
     cert = (serialization.SSHCertificateBuilder().public_key(ed25519.Ed25519PrivateKey.generate().public_key())
