@@ -114,9 +114,15 @@ def bot_changes(desired, current):
 
 def check_roles_exist(tctl, name, roles, check_mode=False):
     """Fail when a role is unknown; in check mode only warn (an earlier task may create it)."""
-    items = tctl.get("roles", what="list roles (to check the roles of bot %s)" % name)
-    known = set((i.get("metadata") or {}).get("name") for i in items)
-    missing = [r for r in roles if r not in known]
+    def read_missing():
+        items = tctl.get("roles", what="list roles (to check the roles of bot %s)" % name)
+        known = set((i.get("metadata") or {}).get("name") for i in items)
+        return [r for r in roles if r not in known]
+
+    missing = read_missing()
+    if missing and not check_mode:
+        # a role created by the previous task may not be in the auth server's cache yet
+        missing = wait_for(read_missing, lambda m: not m)
     if missing and check_mode:
         return ["bot %s: role(s) %s do not exist yet; the real run fails unless an earlier task creates them."
                 % (name, ", ".join(missing))]
