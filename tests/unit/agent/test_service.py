@@ -116,11 +116,20 @@ def make_cfg(tmp_path, **extra):
     return config.load(p)
 
 
+def _reset_logger():
+    log = logs.get()
+    for h in list(log.handlers):
+        log.removeHandler(h)
+    log.propagate = True
+    log.setLevel(0)
+
+
 @pytest.fixture
 def logbuf():
     buf = io.StringIO()
     log = logs.setup(debug=True, stream=buf)
-    return log, buf
+    yield log, buf
+    _reset_logger()  # leave logging as other tests (caplog) expect it
 
 
 def test_first_cycle_joins_then_renews_and_stores_before_use(tmp_path, logbuf):
@@ -396,6 +405,7 @@ def test_journald_format_has_priority_and_no_timestamp(monkeypatch):
     monkeypatch.delenv("JOURNAL_STREAM")
     buf2 = io.StringIO()
     logs.setup(stream=buf2).info("x")
+    _reset_logger()
     assert buf2.getvalue().endswith(" INFO: x\n") and buf2.getvalue()[:4].isdigit()
 
 
