@@ -360,3 +360,20 @@ def test_exec_plugin_output(teleport_multiplex, make_host, kube):
     get = kube.kubectl("get", "pods", "-n", tb.DEMO_NAMESPACE, "-o", "name", kubeconfig=h.dest / "kubeconfig.yaml")
     assert get.returncode == 0, get.stderr
     assert "pod/%s" % tb.DEMO_POD in get.stdout
+
+
+# --- direct to auth (CA pins checked), kubeconfig pointed at the proxy the auth server names ---------------------
+def test_direct_to_auth_with_pins(teleport, make_host):
+    h = make_host(teleport)
+    h.write_config(auth_server=teleport.auth_addr)
+    assert h.init().returncode == 0
+    r = h.oneshot()
+    assert r.returncode == 0, r.stderr
+    assert "joined via auth" in r.stderr, r.stderr
+    pods = h.pods_as(APP_USER)
+    assert pods.returncode == 0 and "pod/%s" % tb.DEMO_POD in pods.stdout, pods.stderr
+    dummy, doc = kubeconfig_pair(h.dest / "kubeconfig.yaml")
+    server = doc["clusters"][0]["cluster"]["server"]
+    assert server == "https://%s" % (teleport.proxy_addr if teleport.mode == "multiplex" else teleport.kube_public_addr)
+    r2 = h.oneshot()
+    assert r2.returncode == 0 and "renewed the bot identity" in r2.stderr, r2.stderr
