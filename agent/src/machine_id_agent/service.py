@@ -39,6 +39,7 @@ from machine_id_agent.notify import Notifier
 BACKOFF_CAP = 60.0
 RELOAD_TIMEOUT = 60
 LOCK_FILE = "agent.lock"
+STALL_AFTER = 300.0  # seconds one cycle may take before /livez fails and the watchdog pings stop
 ORPHAN_WAIT = 120.0  # seconds a new agent waits for a dead agent's renewal worker
 
 
@@ -172,7 +173,7 @@ class Agent:
                     reason = "last renewal failed: %s" % (self.last_error or "unknown error")
                 else:
                     reason = "an output has no valid certificate"
-            stalled = self.cycle_started is not None and time.monotonic() - self.cycle_started > 300
+            stalled = self.cycle_started is not None and time.monotonic() - self.cycle_started > STALL_AFTER
             return {
                 "alive": not stalled, "ready": ready, "reason": reason, "renewals": self.renewals,
                 "failures": self.failures, "outputs": outs,
@@ -358,8 +359,17 @@ class Agent:
                 os._exit(code)
         os.close(wfd)
         chunks = []
+        started = time.monotonic()
         try:
             while True:
+                wd = self.notifier.watchdog_interval
+                ready, _w, _x = select.select([rfd], [], [], wd if wd else None)
+                if not ready:
+                    # keep systemd's watchdog fed while the worker makes progress; a worker stuck longer
+                    # than STALL_AFTER stops the pings, so systemd restarts the service
+                    if time.monotonic() - started < STALL_AFTER:
+                        self.notifier.watchdog()
+                    continue
                 b = os.read(rfd, 65536)
                 if not b:
                     break

@@ -416,3 +416,27 @@ def test_reload_with_a_bad_file_keeps_the_old_config(tmp_path, logbuf):
     agent.reload_config()
     assert agent.cfg is cfg
     assert "reload:" in logbuf[1].getvalue() and "keeping the previous configuration" in logbuf[1].getvalue()
+
+
+def test_watchdog_fed_while_a_worker_makes_progress(tmp_path, logbuf):
+    class Slow(FakeBackend):
+        def client(self, cfg, ident, facts):
+            time.sleep(0.8)
+            return FakeClient(self, ident)
+    sock_path = str(tmp_path / "wd.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    srv.bind(sock_path)
+    srv.settimeout(0.1)
+    try:
+        notifier = Notifier({"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "200000"})
+        agent = Agent(make_cfg(tmp_path), backend=Slow(), notifier=notifier, log=logbuf[0], isolate=True)
+        assert agent.attempt() is None
+        pings = 0
+        try:
+            while True:
+                pings += srv.recv(64) == b"WATCHDOG=1\n"
+        except socket.timeout:
+            pass
+        assert pings >= 4, pings
+    finally:
+        srv.close()
