@@ -123,9 +123,9 @@ def token_hash(token: str) -> str:
 
 def cert_key_matches(cert_pem: bytes, key_pem: bytes) -> bool:
     cert = x509.load_pem_x509_certificate(cert_pem)
-    der = lambda k: k.public_bytes(serialization.Encoding.DER,  # noqa: E731
-                                   serialization.PublicFormat.SubjectPublicKeyInfo)
-    return der(cert.public_key()) == der(_public_key(key_pem))
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    return (cert.public_key().public_bytes(serialization.Encoding.DER, spki)
+            == _public_key(key_pem).public_bytes(serialization.Encoding.DER, spki))
 
 
 # --- the identity -----------------------------------------------------------------------------------

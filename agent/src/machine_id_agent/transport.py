@@ -112,7 +112,7 @@ def mtls_context(cert_pem: bytes, key_pem: bytes, alpn: List[str]) -> ssl.SSLCon
 def _dns_match(pattern: str, host: str) -> bool:
     p, h = pattern.lower().rstrip("."), host.lower().rstrip(".")
     if p.startswith("*."):
-        head, _, rest = h.partition(".")
+        head, _sep, rest = h.partition(".")
         return bool(head) and rest == p[2:]
     return p == h
 
@@ -215,7 +215,7 @@ class TLSBridge:
     def _accept_loop(self) -> None:
         while not self._closed.is_set():
             try:
-                client, _ = self._lsock.accept()
+                client = self._lsock.accept()[0]
             except OSError:
                 return
             if self._closed.is_set():
@@ -270,7 +270,7 @@ class TLSBridge:
         def feed() -> bool:
             deadline = time.monotonic() + self._timeout
             while True:
-                r, _, _ = select.select([raw], [], [], max(0.0, deadline - time.monotonic()))
+                r = select.select([raw], [], [], max(0.0, deadline - time.monotonic()))[0]
                 if not r:
                     raise TransportError(f"no answer from the server within {self._timeout:g}s during the TLS "
                                          f"handshake")
@@ -323,7 +323,7 @@ class TLSBridge:
         flush()
         socks = [client, raw]
         while not self._closed.is_set():
-            r, _, _ = select.select(socks, [], [], 1.0)
+            r = select.select(socks, [], [], 1.0)[0]
             if client in r:
                 data = client.recv(_CHUNK)
                 if not data:

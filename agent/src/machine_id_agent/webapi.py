@@ -40,10 +40,10 @@ def split_addr(addr: str, default_port: int = DEFAULT_WEB_PORT) -> Tuple[str, in
         a = a.split("://", 1)[1]
     a = a.rstrip("/")
     if a.startswith("["):
-        host, _, rest = a[1:].partition("]")
+        host, _sep, rest = a[1:].partition("]")
         port = rest[1:] if rest.startswith(":") else ""
     elif a.count(":") == 1:
-        host, _, port = a.partition(":")
+        host, _sep, port = a.partition(":")
     else:
         host, port = a, ""
     return host, int(port) if port else default_port

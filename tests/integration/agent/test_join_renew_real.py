@@ -87,7 +87,9 @@ def make_cfg(tp, token: str, storage: Path, *, via: str, pins=None) -> Config:
 
 def write_kubeconfig(path: Path, creds: renew.KubeCredentials, facts: webapi.ProxyFacts) -> Path:
     """A minimal kubeconfig as teleport-protocol.md section 4 describes the server choice."""
-    b = lambda data: base64.b64encode(data).decode()  # noqa: E731
+    def b(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+
     cluster = {"certificate-authority-data": b(b"".join(creds.host_ca_pems))}
     if facts.tls_routing:
         cluster["server"] = f"https://{facts.web_addr}"
@@ -164,7 +166,7 @@ def test_join_renew_and_kubectl(proto_role, proto_kube, tmp_path, via):
 
 def test_wrong_pin_refused_and_token_not_spent(proto_role, tmp_path):
     tp = proto_role
-    _, token = new_bot(tp)
+    token = new_bot(tp)[1]
     bad = make_cfg(tp, token, tmp_path / "bad", via="auth", pins=["sha256:" + "0" * 64])
     with pytest.raises(JoinError) as err:
         join.join(bad)
@@ -178,7 +180,7 @@ def test_wrong_pin_refused_and_token_not_spent(proto_role, tmp_path):
 
 def test_used_token_refused(proto_role, tmp_path):
     tp = proto_role
-    _, token = new_bot(tp)
+    token = new_bot(tp)[1]
     first = make_cfg(tp, token, tmp_path / "first", via="proxy")
     join.join(first)
     # The same storage: refused locally, the token is never sent again.
@@ -278,7 +280,7 @@ def test_host_ca_rotation_reaches_outputs(testbed_bins, tmp_path):
         tp, kube = bed.teleport["multiplex"], bed.kube
         _kube_rbac(kube)
         _teleport_role(tp, tmp_path)
-        _, token = new_bot(tp)
+        token = new_bot(tp)[1]
         storage = tmp_path / "bot"
         cfg = make_cfg(tp, token, storage, via="proxy")
         idt = join.join(cfg)
@@ -321,7 +323,7 @@ def test_ssh_reverse_tunnel_separate_mode(teleport_separate, proto_kube, tmp_pat
     it the agent must say so and name the alternative, which is what this test then checks."""
     tp = teleport_separate
     _teleport_role(tp, tmp_path_factory.mktemp("role-ssh"))
-    _, token = new_bot(tp)
+    token = new_bot(tp)[1]
     cfg = make_cfg(tp, token, tmp_path / "bot", via="proxy")
     idt = join.join(cfg)
     facts = facts_for(tp)

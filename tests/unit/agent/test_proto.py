@@ -55,7 +55,7 @@ def test_renewal_request_v13_uses_field_1_only():
     assert nums == [1, 2, 3]
     assert fields[0][2] == b"ssh-rsa AAAA\n"
     assert fields[1][2] == b"bot-example"
-    ts = dict((n, v) for n, _, v in decode(fields[2][2]))
+    ts = dict((n, v) for n, _wt, v in decode(fields[2][2]))
     assert ts[1] == int(WHEN.timestamp()) and ts[2] == 500_000_000
 
 
@@ -63,7 +63,7 @@ def test_renewal_request_v13_uses_field_1_only():
 def test_v17_and_later_use_fields_22_23(major):
     req = proto.user_certs_request(username="bot-x", expires=WHEN, ssh_public_key=b"ssh", tls_public_key=b"pem",
                                    server_major=major)
-    fields = {n: v for n, _, v in decode(req.SerializeToString())}
+    fields = {n: v for n, _wt, v in decode(req.SerializeToString())}
     assert 1 not in fields
     assert fields[22] == b"ssh" and fields[23] == b"pem"
 

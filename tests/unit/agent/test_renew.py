@@ -324,7 +324,7 @@ def test_proxy_without_alpn_route_falls_back_to_the_ssh_tunnel(tmp_path, auth):
     def drop():
         while not stop:
             try:
-                c, _ = lsock.accept()
+                c = lsock.accept()[0]
             except OSError:
                 return
             c.recv(4096)

@@ -190,7 +190,7 @@ def test_bridge_offers_teleport_auth_alpn_and_sni(pki):
     lsock.listen(1)
 
     def serve():
-        c, _ = lsock.accept()
+        c = lsock.accept()[0]
         with sctx.wrap_socket(c, server_side=True) as t:
             seen["alpn"] = t.selected_alpn_protocol()
             t.sendall(t.recv(100).upper())
@@ -249,7 +249,7 @@ def test_verify_server_cert(pki):
 
 
 def test_signature_fallback_without_shortcut(pki):
-    _, cert = pki.server()
+    cert = pki.server()[1]
     leaf = _NoShortcut(x509.load_pem_x509_certificate(cert))
     transport._verify_issued_by(leaf, pki.cert)
     from cryptography.exceptions import InvalidSignature
