@@ -17,6 +17,7 @@ the systemd-analyze security score.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -66,6 +67,17 @@ def _recap(output: str) -> dict[str, int]:
     m = re.search(rf"^{re.escape(HOST)}\s*:\s*(.*)$", output, re.M)
     assert m, f"no PLAY RECAP line for {HOST}:\n{output[-3000:]}"
     return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(1))}
+
+
+def _task_status(output: str, task: str) -> str:
+    """First word of the result line after the last header of ``task`` in ansible output."""
+    idx = output.rfind(f": {task}]")
+    assert idx >= 0, f"task {task!r} not in the output"
+    for line in output[idx:].splitlines()[1:]:
+        line = line.strip().lstrip("\u2502").strip()  # molecule may frame ansible output with "│"
+        if line and not line.startswith("*"):
+            return line.split(":")[0].strip()
+    return ""
 
 
 def _host(*argv: str) -> str:
@@ -144,7 +156,12 @@ def test_molecule_default_scenario(bed, tmp_path):
         fresh_check = molecule("converge", "--", "--check")
         assert _recap(fresh_check)["failed"] == 0
         molecule("converge")
-        molecule("idempotence")
+        token_sha = _host("sha256sum", "/etc/machine-id-agent/token").split()[0]
+        assert token_sha == hashlib.sha256((token + "\n").encode()).hexdigest(), "token file content differs"
+        idem = molecule("idempotence")
+        # The host now holds a valid identity: the play passes no token and the token file stays.
+        assert _task_status(idem, "Write the join token file (0600, bot user)") == "skipping"
+        assert _host("sha256sum", "/etc/machine-id-agent/token").split()[0] == token_sha
         converged_check = molecule("converge", "--", "--check")
         recap = _recap(converged_check)
         assert recap["changed"] == 0 and recap["failed"] == 0, f"check mode on a converged host: {recap}"
