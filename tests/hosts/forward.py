@@ -95,8 +95,8 @@ def main(argv: list[str]) -> int:
         sel.register(s, selectors.EVENT_READ, port)
     print("ready", flush=True)
     while True:
-        for key, _ in sel.select():
-            conn, _addr = key.fileobj.accept()
+        for key, dummy_events in sel.select():
+            conn, dummy = key.fileobj.accept()
             threading.Thread(target=_serve, args=(conn, key.data), daemon=True).start()
 
 

@@ -99,7 +99,7 @@ def build(force: bool = False) -> Path:
     with open(log, "wb") as fh:
         rc = subprocess.run(
             ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE,
-             str(tmp / "rootfs"), MIRROR], stdout=fh, stderr=subprocess.STDOUT).returncode
+             str(tmp / "rootfs"), MIRROR], stdout=fh, stderr=subprocess.STDOUT, check=False).returncode
     if rc != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-5:]
         shutil.rmtree(tmp, ignore_errors=True)

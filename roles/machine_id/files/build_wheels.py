@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 # -*- coding: utf-8 -*-
 # Copyright: lanyard.machine_id contributors
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
@@ -75,7 +74,7 @@ def main(argv):
             env = dict(os.environ, SOURCE_DATE_EPOCH="315532800", PIP_DISABLE_PIP_VERSION_CHECK="1")
             proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", wheels, copy],
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                  universal_newlines=True)
+                                  universal_newlines=True, check=False)
             if proc.returncode != 0:
                 fail("building the agent's wheels failed (pip wheel %s): %s; fix the agent source or give "
                      "machine_id_agent_wheels_dir" % (src, " | ".join(proc.stdout.strip().splitlines()[-5:])))

@@ -6,7 +6,6 @@ network namespace (the way molecule's test hosts reach the Teleport proxy), noth
 from __future__ import annotations
 
 import os
-import socket
 import socketserver
 import subprocess
 import sys
@@ -40,7 +39,7 @@ class _Echo(socketserver.BaseRequestHandler):
 @pytest.fixture
 def echo_servers():
     servers = []
-    for _ in range(2):
+    for dummy in range(2):
         srv = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
         threading.Thread(target=srv.serve_forever, daemon=True).start()
         servers.append(srv)
@@ -58,7 +57,7 @@ def test_only_the_forwarded_port_reaches_into_the_namespace(echo_servers):
     fwd = None
     try:
         pid = ns.pid
-        for _ in range(100):  # wait until unshare has exec'd sleep inside the new namespace
+        for dummy in range(100):  # wait until unshare has exec'd sleep inside the new namespace
             if os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net"):
                 break
             threading.Event().wait(0.02)

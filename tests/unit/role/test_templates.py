@@ -43,8 +43,8 @@ def agent_config(text: str, tmp_path: Path, token_path: str):
 def test_tbot_yaml_guide_shape_loads_in_the_agent(tmp_path):
     ca = tmp_path / "ca.pem"
     ca.write_text("-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n")
-    text, _ = render(tmp_path, machine_id_auth_server="teleport.example.com:443", machine_id_ca_pins=[PIN],
-                     machine_id_token=TOKEN, machine_id_ca_path=str(ca))
+    text, dummy = render(tmp_path, machine_id_auth_server="teleport.example.com:443", machine_id_ca_pins=[PIN],
+                         machine_id_token=TOKEN, machine_id_ca_path=str(ca))
     assert TOKEN not in text, "the join token must live in its own 0600 file, not in tbot.yaml"
     cfg = agent_config(text, tmp_path, "/etc/machine-id-agent/token")
     assert cfg.auth_server == "teleport.example.com:443" and cfg.proxy_server is None
@@ -83,7 +83,7 @@ def _unit_settings(unit: str) -> dict[str, list[str]]:
 
 @pytest.mark.parametrize("systemd_version", [252, 254])
 def test_unit_directives_follow_systemd_version(tmp_path, systemd_version):
-    _, unit = render(tmp_path, machine_id_proxy_server="localhost:3080", _machine_id_systemd_version=systemd_version)
+    dummy, unit = render(tmp_path, machine_id_proxy_server="localhost:3080", _machine_id_systemd_version=systemd_version)
     s = _unit_settings(unit)
     assert s["Type"] == ["notify"] and s["WatchdogSec"] == ["120"]
     assert s["ExecStart"] == ["/opt/machine-id-agent/bin/machine-id-agent start -c /etc/tbot.yaml"]
@@ -99,12 +99,12 @@ def test_unit_directives_follow_systemd_version(tmp_path, systemd_version):
 def test_unit_security_exposure_at_most_2(tmp_path):
     if shutil.which("systemd-analyze") is None:
         pytest.fail("systemd-analyze is missing. Fix: apt-get install systemd", pytrace=False)
-    _, unit = render(tmp_path, machine_id_proxy_server="localhost:3080", machine_id_ip_address_allow=["localhost"])
+    dummy, unit = render(tmp_path, machine_id_proxy_server="localhost:3080", machine_id_ip_address_allow=["localhost"])
     assert "IPAddressDeny=any\nIPAddressAllow=localhost\n" in unit
     path = tmp_path / "machine-id.service"
     path.write_text(unit)
     proc = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager", str(path)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     m = re.search(r"Overall exposure level for machine-id.service: ([0-9.]+)", proc.stdout)
     assert m, proc.stdout[-2000:] + proc.stderr
     assert float(m.group(1)) <= 2.0, proc.stdout
@@ -115,6 +115,6 @@ def test_unit_security_exposure_at_most_2(tmp_path):
                      "Restart=on-failure\nExecStart=/usr/local/bin/tbot start -c /etc/tbot.yaml\n"
                      "ExecReload=/bin/kill -HUP $MAINPID\n[Install]\nWantedBy=multi-user.target\n")
     g = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager", str(guide)],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, check=False)
     gm = re.search(r"Overall exposure level for machine-id.service: ([0-9.]+)", g.stdout)
     assert gm and float(gm.group(1)) > 8.0
