@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/env python
 # Copyright: lanyard.machine_id contributors
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """machine-id-agent against the real tbot, on the same bed and the same (guide) config.
@@ -86,7 +86,8 @@ def measure(name: str, bed, mode: str, runs: int, renewals: int, interval: str, 
         token = tp.bot_add(f"bench-{name}-{mode}-{i}", ["bench-kube"])
         cfg = write_config(d, tp, token, pin, "1h", "20m")
         t0 = time.monotonic()
-        r = subprocess.run(program_argv(name, bed, cfg, True), capture_output=True, text=True, env=env, timeout=120)
+        r = subprocess.run(program_argv(name, bed, cfg, True), capture_output=True, text=True, env=env, timeout=120,
+                           check=False)
         if r.returncode != 0:
             raise SystemExit(f"{name} oneshot failed in {mode}: {r.stderr[-2000:]}")
         k = bed.kube.kubectl("get", "pods", "-n", "demo", kubeconfig=d / "out" / "kubeconfig.yaml")

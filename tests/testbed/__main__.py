@@ -128,7 +128,7 @@ def cmd_down(args) -> int:
         state_file.unlink(missing_ok=True)
         print("test bed supervisor was already gone")
         return 0
-    for _ in range(100):
+    for _attempt in range(100):
         if not state_file.exists():
             break
         time.sleep(0.2)

@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/env python
 # Copyright: lanyard.machine_id contributors
 # GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Find or build the real binaries of the test bed.
@@ -48,7 +48,7 @@ def load_versions(path: Path = VERSIONS_FILE) -> dict[str, str]:
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        key, _, value = line.partition("=")
+        key, _sep, value = line.partition("=")
         versions[key.strip()] = value.strip()
     return versions
 
@@ -91,7 +91,7 @@ def _go_env(toolchain: str) -> dict[str, str]:
 
 def _run(argv: list[str], env: dict[str, str], cwd: Path | None = None) -> str:
     _log("$ " + " ".join(argv))
-    proc = subprocess.run(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.run(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, text=True, check=False)
     if proc.returncode != 0:
         raise BuildError(f"command failed ({proc.returncode}): {' '.join(argv)}")
     return proc.stdout

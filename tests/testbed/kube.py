@@ -136,7 +136,7 @@ class KubeCluster:
     def kubectl(self, *args: str, kubeconfig: Path | None = None, check: bool = False,
                 timeout: float = 60) -> subprocess.CompletedProcess:
         argv = [str(self.bins["kubectl"]), f"--kubeconfig={kubeconfig or self.admin_kubeconfig}", *args]
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
         if check and proc.returncode != 0:
             raise TestbedError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
         return proc

@@ -153,7 +153,8 @@ class TeleportCluster:
     def tctl(self, *args: str, check: bool = False, remote: bool = False, input: str | None = None,
              timeout: float = 60) -> subprocess.CompletedProcess:
         argv = (self.tctl_remote_argv if remote else self.tctl_local_argv) + list(args)
-        proc = subprocess.run(argv, capture_output=True, text=True, env=self.env, input=input, timeout=timeout)
+        proc = subprocess.run(argv, capture_output=True, text=True, env=self.env, input=input, timeout=timeout,
+                              check=False)
         if check and proc.returncode != 0:
             raise TestbedError(f"tctl {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()[-800:]}")
         return proc

@@ -50,7 +50,7 @@ def test_missing_binaries_name_the_fix(tmp_path, monkeypatch):
     monkeypatch.delenv("LANYARD_TESTBED_BIN", raising=False)
     found = build.find_binaries()
     assert all(v is None for v in found.values())
-    msg = build.missing_message([k for k in found])
+    msg = build.missing_message(list(found))
     assert "make testbed-build" in msg and str(tmp_path / "empty") in msg
 
 
