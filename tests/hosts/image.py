@@ -10,6 +10,7 @@ directory first and is renamed into place only when complete: a half-built image
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -77,11 +78,22 @@ def _customise(root: Path) -> None:
 
 
 def build(force: bool = False) -> Path:
-    """Return the cached rootfs, building it first when absent (prints progress and duration)."""
+    """Return the cached rootfs, building it first when absent (prints progress and duration).
+
+    Several test processes may ask at once: one builds under a lock, the others wait and reuse it."""
     target = image_dir()
     done = target / ".complete"
     if done.exists() and not force:
         return target / "rootfs"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if done.exists() and not force:
+            return target / "rootfs"
+        return _build(target)
+
+
+def _build(target: Path) -> Path:
     for tool in ("debootstrap", "systemd-nspawn"):
         if shutil.which(tool) is None:
             raise HostError(f"test host image: `{tool}` is not installed. Fix: apt-get install "
@@ -89,7 +101,6 @@ def build(force: bool = False) -> Path:
                             "(or run scripts/bootstrap.sh as root)")
     if os.geteuid() != 0:
         raise HostError("test host image: debootstrap and systemd-nspawn need root. Fix: run the tests as root")
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.build-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
