@@ -161,12 +161,13 @@ def cfg(tmp_path, proxy, **kw):
 
 def test_join_via_proxy_stores_before_returning(tmp_path, proxy):
     c = cfg(tmp_path, proxy)
+    asked = dt.datetime.now(dt.timezone.utc)
     idt = join.join(c)
     assert idt.bot_name == "unit" and idt.generation == 1 and idt.renewable
     path, body = proxy.requests[-1]
     assert path == "/v1/webapi/host/credentials" and body["token"] == "secret-token-value"
     expires = dt.datetime.strptime(body["expires"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
-    assert abs((expires - NOW).total_seconds() - 1800) < 120
+    assert abs((expires - asked).total_seconds() - 1800) < 120
     stored = ident.load(c.storage_dir)
     assert stored.tls_cert_pem == idt.tls_cert_pem and len(stored.tls_ca_pems) == 2
     assert ident.stored_token_hash(c.storage_dir) == ident.token_hash("secret-token-value")
