@@ -24,6 +24,7 @@ import sys
 import tempfile
 
 SKIP_DIRS = {"build", "dist", "__pycache__", ".pytest_cache", ".mypy_cache"}
+KEEP_SETS = 5  # older wheel sets in BUILD_DIR are removed after a build
 
 
 def _files(src):
@@ -44,6 +45,16 @@ def source_key(src):
         with open(path, "rb") as fh:
             h.update(hashlib.sha256(fh.read()).digest())
     return h.hexdigest()[:16]
+
+
+def prune(build_dir, keep):
+    """Drop all but the KEEP_SETS newest complete wheel sets (never ``keep``)."""
+    sets = [os.path.join(build_dir, d) for d in os.listdir(build_dir)
+            if os.path.isfile(os.path.join(build_dir, d, ".complete"))]
+    sets.sort(key=os.path.getmtime, reverse=True)
+    for old in sets[KEEP_SETS:]:
+        if os.path.realpath(old) != os.path.realpath(keep):
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def fail(msg):
@@ -86,6 +97,7 @@ def main(argv):
             built = True
         finally:
             shutil.rmtree(work, ignore_errors=True)
+        prune(build_dir, keep=out)
     names = sorted(n for n in os.listdir(out) if n.endswith(".whl"))
     agent = [n for n in names if n.startswith("machine_id_agent-")]
     if len(agent) != 1:

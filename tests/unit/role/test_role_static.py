@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import yaml
@@ -84,3 +85,16 @@ def test_wheel_set_key_follows_sources_only(tmp_path):
     # ... a changed source file does (a new agent version restarts the service).
     (src / "src" / "pkg" / "a.py").write_text("A = 2\n")
     assert bw.source_key(str(src)) != k1
+
+
+def test_old_wheel_sets_are_pruned(tmp_path):
+    bw = _build_wheels_module()
+    for i in range(8):
+        d = tmp_path / f"set{i}"
+        d.mkdir()
+        (d / ".complete").write_text("x")
+        os.utime(d, (1000 + i, 1000 + i))
+    (tmp_path / "not-a-set").mkdir()
+    bw.prune(str(tmp_path), keep=str(tmp_path / "set0"))
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["not-a-set", "set0", "set3", "set4", "set5", "set6", "set7"], left
