@@ -531,6 +531,9 @@ class Agent:
                 self._reload = False
                 self.notifier.reloading()
                 self.reload_config()
+                # systemd waits in "reloading" until READY=1 follows RELOADING=1, even when the new file
+                # was refused and the old config stays.
+                self.notifier.ready("configuration reloaded; renewing now")
                 self._renew_now = True
             if self._renew_now or now >= next_at:
                 self._renew_now = False

@@ -339,6 +339,8 @@ def test_service_loop_signals_notify_and_diag(tmp_path, logbuf):
     assert any(x.startswith("READY=1") for x in msgs), msgs
     assert "WATCHDOG=1\n" in msgs
     assert any("RELOADING=1" in x for x in msgs) and any("STOPPING=1" in x for x in msgs)
+    reloading = next(i for i, x in enumerate(msgs) if "RELOADING=1" in x)
+    assert any(x.startswith("READY=1") for x in msgs[reloading + 1:]), "no READY=1 after RELOADING=1"
     assert TOKEN not in logbuf[1].getvalue() and "second-token-7890" not in logbuf[1].getvalue()
 
 
