@@ -23,9 +23,11 @@ if [ ${#pkgs[@]} -gt 0 ]; then
     # One apt run at a time, even when several jobs bootstrap at once.
     (
       flock -w 600 9
-      DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        -o DPkg::Lock::Timeout=300 "${pkgs[@]}" >&2
+      export DEBIAN_FRONTEND=noninteractive
+      apt-get update -qq >&2
+      # A dpkg run cut short earlier leaves packages half-configured; finish it before installing.
+      dpkg --configure -a >&2 || apt-get -f install -y -qq >&2 || true
+      apt-get install -y -qq --no-install-recommends -o DPkg::Lock::Timeout=300 "${pkgs[@]}" >&2
     ) 9>"$cache/apt.lock"
   else
     echo "[bootstrap] missing Debian packages: ${pkgs[*]} -- run as root: apt-get install ${pkgs[*]}" >&2
