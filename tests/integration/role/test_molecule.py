@@ -179,6 +179,14 @@ def test_molecule_default_scenario(bed, tmp_path):
         molecule("idempotence")
         assert _main_pid() == new_pid
         assert _host("systemctl", "is-active", "machine-id.service").strip() == "active"
+
+        # A config change reloads the agent (SIGHUP, READY=1 again): same process, no restart.
+        env["LANYARD_MOL_RENEWAL"] = "15m"
+        assert _recap(molecule("converge"))["changed"] >= 1
+        assert "15m" in _host("grep", "renewal_interval", "/etc/tbot.yaml")
+        assert _main_pid() == new_pid, "a config change must reload the agent, not restart it"
+        assert "Reloaded" in _host("journalctl", "-u", "machine-id.service", "--no-pager", "-o", "cat")
+        assert _host("systemctl", "is-active", "machine-id.service").strip() == "active"
     finally:
         try:
             molecule("destroy")
