@@ -13,7 +13,7 @@ import json
 import pytest
 
 import testbed as tb
-from helpers.fleet import Fleet, changed_by_host
+from helpers.fleet import Fleet, changed_by_host, wait_for
 
 pytestmark = [pytest.mark.testbed, pytest.mark.slow]
 
@@ -92,9 +92,14 @@ def test_4_removed_host_loses_agent_files_and_identity(fleet):
     for path in ("/etc/tbot.yaml", "/var/lib/teleport/bot", "/opt/machine-id",
                  "/etc/systemd/system/machine-id.service"):
         assert host.run(["test", "-e", path], check=False).returncode != 0, path
-    assert not _bot_exists(fleet, gone), "the removed host's bot still exists"
-    denied = fleet.kube.kubectl("get", "pods", "-n", "demo", kubeconfig=saved)
-    assert denied.returncode != 0 and "not found" in denied.stderr, denied.stderr
+    # Teleport's cache serves reads about a second behind writes.
+    assert wait_for(lambda: not _bot_exists(fleet, gone), 15), "the removed host's bot still exists"
+
+    def refused():
+        r = fleet.kube.kubectl("get", "pods", "-n", "demo", kubeconfig=saved)
+        return r if r.returncode != 0 else None
+    denied = wait_for(refused, 15)
+    assert denied and "not found" in denied.stderr, denied and denied.stderr
     # The other hosts are untouched and still work.
     for other in ("app-1", "app-2", "app-4"):
         r = fleet.reader_get_pods(other)
