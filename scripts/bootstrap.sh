@@ -10,12 +10,13 @@ key=$( (cat "$req"; python3 --version) | sha256sum | cut -c1-12)
 venv="$cache/venv/$key"
 
 # Debian packages the test suite needs (etcd for the bed, acl tools, systemd-nspawn and debootstrap
-# for test hosts). Installed only when missing.
+# for test hosts, strace for the agent's socket boundary test). Installed only when missing.
 pkgs=()
 command -v setfacl >/dev/null || pkgs+=(acl)
 command -v etcd >/dev/null || [ -x /usr/bin/etcd ] || pkgs+=(etcd-server)
 command -v systemd-nspawn >/dev/null || pkgs+=(systemd-container)
 command -v debootstrap >/dev/null || pkgs+=(debootstrap)
+command -v strace >/dev/null || pkgs+=(strace)  # the agent boundary test traces bind()
 if [ ${#pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "[bootstrap] apt-get install ${pkgs[*]}" >&2

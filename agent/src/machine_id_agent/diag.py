@@ -3,7 +3,10 @@
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Diagnostics HTTP server (``diag_addr``): ``/livez``, ``/readyz`` and ``/metrics`` (Prometheus text).
 
-The server only reads a snapshot the service loop publishes; it never touches credentials."""
+The server only reads a snapshot the service loop publishes (counters, expiry times, destination paths,
+the last error message); it never reads the storage or destination files, holds no credential, and
+changes no state: only GET is served (any other method gets 405), unknown paths get 404, and a client
+that sends nothing is dropped after ``request_timeout`` seconds."""
 
 from __future__ import annotations
 
@@ -59,7 +62,7 @@ def _num(v) -> str:
 
 
 class DiagServer:
-    def __init__(self, addr: str, snapshot: Callable[[], Dict]):
+    def __init__(self, addr: str, snapshot: Callable[[], Dict], request_timeout: float = 10.0):
         host, _sep, port = addr.rpartition(":")
         host = host.strip("[]")
         self.snapshot = snapshot
@@ -67,6 +70,7 @@ class DiagServer:
 
         class Handler(BaseHTTPRequestHandler):
             server_version = "machine-id-agent"
+            timeout = request_timeout  # a connection that sends nothing does not hold a thread forever
 
             def log_message(self, *args):  # quiet: the journal is for the agent's own events
                 pass
@@ -96,6 +100,20 @@ class DiagServer:
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
+
+            def _read_only(self):
+                data = b'{"error": "read-only endpoint; use GET /livez, /readyz or /metrics"}\n'
+                self.send_response(405)
+                self.send_header("Allow", "GET")
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.close_connection = True
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_TRACE = do_CONNECT = _read_only
 
         class Server(ThreadingHTTPServer):
             daemon_threads = True

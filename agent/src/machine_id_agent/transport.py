@@ -3,23 +3,24 @@
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Connections to the Teleport auth server's gRPC API.
 
-* **Direct** (``auth_server`` is the auth service, port 3025): grpcio's own TLS with the bot's
-  certificate and key, roots = the cluster's CAs, and the verification name / SNI
-  ``hex(cluster).teleport.cluster.local`` (``grpc.ssl_target_name_override``). grpcio offers ALPN
-  ``h2``, which is what the auth server's listener needs to route a connection to gRPC.
-* **Through the proxy's web port** (TLS routing, and also the web port of a proxy in ``separate``
-  listener mode, whose web listener runs the same ALPN router on v13): grpcio cannot set ALPN, so a
-  small local bridge (:class:`TLSBridge`) listens on 127.0.0.1, and for each connection grpcio opens
-  it dials the proxy, runs TLS itself with Python's ``ssl`` -- ALPN
-  ``["teleport-auth@<hex(cluster)>.teleport.cluster.local", "h2"]``, SNI
-  ``<hex(cluster)>.teleport.cluster.local``, the bot's client certificate, roots = the cluster CAs --
-  and hands the plaintext HTTP/2 to grpcio over the loopback socket. The proxy forwards the raw TLS
-  stream to auth (``ForwardTLS``), so the handshake is end-to-end mTLS with the auth server.
-* **Insecure bootstrap** (direct join with CA pins): the same bridge with no verification and no client
-  certificate, SNI ``teleport.cluster.local``, ALPN ``h2``, just to call ``GetClusterCACert``.
+The agent opens the TCP connection and runs TLS itself (Python's :mod:`ssl`), then speaks gRPC over
+HTTP/2 on that socket (:mod:`machine_id_agent.grpcwire`). Nothing listens: no relay, no local port,
+no Unix socket, so no other process on the host can reach a connection that carries the bot's
+identity. Three routes, one code path:
 
-The bridge's TLS runs over a :class:`ssl.SSLObject` and memory BIOs, so the raw stream can be any
-object with ``recv``/``sendall``/``fileno``/``close`` (a TCP socket, or an SSH channel).
+* **Direct** (``auth_server`` is the auth service, port 3025): ALPN ``h2``, SNI
+  ``hex(cluster).teleport.cluster.local``, the bot's client certificate.
+* **Through the proxy's web port** (TLS routing, and also the web port of a proxy in ``separate``
+  listener mode, whose web listener runs the same ALPN router on v13): ALPN
+  ``["teleport-auth@<hex(cluster)>.teleport.cluster.local", "h2"]``, the same SNI and client
+  certificate. The proxy forwards the raw TLS stream to auth (``ForwardTLS``), so the handshake is
+  end-to-end mTLS with the auth server.
+* **Insecure bootstrap** (direct join with CA pins): no client certificate and no verification, SNI
+  ``teleport.cluster.local``, ALPN ``h2``, used only for ``GetClusterCACert`` before the pin check.
+
+With a client certificate the server is verified by :func:`verify_server_cert` (signed directly by a
+cluster CA, valid now, names the SNI) right after the handshake and before any application byte is
+sent; see :func:`mtls_context` for why OpenSSL's own verification is not used.
 """
 
 from __future__ import annotations
@@ -27,29 +28,17 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
-import select
-import socket
 import ssl
 import tempfile
-import threading
-import time
-from typing import Callable, List, Optional
+from typing import List, Optional
 
-import grpc
-
+from machine_id_agent import grpcwire
 from machine_id_agent.webapi import join_addr, split_addr
 
 log = logging.getLogger(__name__)
 
 AUTH_SNI = "teleport.cluster.local"
 ALPN_AUTH_PREFIX = "teleport-auth@"
-_CHUNK = 65536
-
-_CHANNEL_OPTIONS = [
-    ("grpc.enable_http_proxy", 0),       # never send auth traffic through an HTTP proxy from the env
-    ("grpc.enable_retries", 0),
-    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-]
 
 
 def encode_cluster_name(cluster: str) -> str:
@@ -180,278 +169,48 @@ def insecure_context(alpn: List[str]) -> ssl.SSLContext:
     return ctx
 
 
-# --- the bridge --------------------------------------------------------------------------------------
-class TLSBridge:
-    """Loopback listener; each accepted plaintext connection is tunnelled through a TLS session that
-    this process runs over a stream returned by ``dial()``."""
-
-    def __init__(self, dial: Callable[[], object], ctx: ssl.SSLContext, server_hostname: str,
-                 require_alpn: Optional[str] = "h2", name: str = "auth", timeout: float = 15.0,
-                 verify: Optional[Callable[[Optional[bytes]], None]] = None):
-        self._verify = verify
-        self._dial = dial
-        self._ctx = ctx
-        self._sni = server_hostname
-        self._require_alpn = require_alpn
-        self._timeout = timeout
-        self.name = name
-        self.last_error: Optional[str] = None
-        self.handshakes = 0
-        self.peer_cert_der: Optional[bytes] = None
-        self._lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._lsock.bind(("127.0.0.1", 0))
-        self._lsock.listen(16)
-        self.port = self._lsock.getsockname()[1]
-        self._closed = threading.Event()
-        self._conns: set = set()
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._accept_loop, name=f"bridge-{name}", daemon=True)
-        self._thread.start()
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def _accept_loop(self) -> None:
-        while not self._closed.is_set():
-            try:
-                client = self._lsock.accept()[0]
-            except OSError:
-                return
-            if self._closed.is_set():
-                client.close()
-                return
-            t = threading.Thread(target=self._serve, args=(client,), name=f"bridge-{self.name}-conn", daemon=True)
-            t.start()
-
-    def _serve(self, client: socket.socket) -> None:
-        raw = None
-        with self._lock:
-            self._conns.add(client)
-        try:
-            try:
-                raw = self._dial()
-            except (OSError, TransportError) as exc:
-                self.last_error = f"cannot connect: {getattr(exc, 'strerror', None) or exc}"
-                return
-            with self._lock:
-                self._conns.add(raw)
-            try:
-                self._pump(client, raw)
-            except ssl.SSLCertVerificationError as exc:
-                self.last_error = f"server certificate not trusted ({exc.verify_message})"
-            except ssl.SSLError as exc:
-                self.last_error = f"TLS failed ({exc.reason or exc})"
-            except TransportError as exc:
-                self.last_error = str(exc)
-            except OSError as exc:
-                if not self._closed.is_set():
-                    self.last_error = f"connection failed ({exc.strerror or exc})"
-        finally:
-            for s in (client, raw):
-                if s is None:
-                    continue
-                try:
-                    s.close()
-                except Exception:  # noqa: BLE001 - closing a broken stream
-                    pass
-                with self._lock:
-                    self._conns.discard(s)
-
-    def _pump(self, client: socket.socket, raw) -> None:
-        inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
-        tls = self._ctx.wrap_bio(inc, out, server_side=False, server_hostname=self._sni)
-
-        def flush():
-            data = out.read()
-            if data:
-                raw.sendall(data)
-
-        def feed() -> bool:
-            deadline = time.monotonic() + self._timeout
-            while True:
-                r = select.select([raw], [], [], max(0.0, deadline - time.monotonic()))[0]
-                if not r:
-                    raise TransportError(f"no answer from the server within {self._timeout:g}s during the TLS "
-                                         f"handshake")
-                try:
-                    data = raw.recv(_CHUNK)
-                    break
-                except BlockingIOError:  # a stream whose readiness signal ran ahead of its data
-                    time.sleep(0.001)
-            if not data:
-                inc.write_eof()
-                return False
-            inc.write(data)
-            return True
-
-        while True:
-            try:
-                tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                flush()
-                if not feed():
-                    raise TransportError("the server closed the connection during the TLS handshake "
-                                         "(no route for this ALPN/SNI, or client certificate rejected)")
-        flush()
-        self.handshakes += 1
-        self.peer_cert_der = tls.getpeercert(binary_form=True)
-        if self._verify is not None:
-            self._verify(self.peer_cert_der)
-        proto = tls.selected_alpn_protocol()
-        if self._require_alpn and proto != self._require_alpn:
-            raise TransportError(f"the server negotiated ALPN {proto!r}, not {self._require_alpn!r}")
-        self.last_error = None
-
-        def drain() -> bool:
-            """Hand every decrypted byte to grpc; False when the TLS session ended."""
-            while True:
-                try:
-                    plain = tls.read(_CHUNK)
-                except ssl.SSLWantReadError:
-                    return True
-                except ssl.SSLZeroReturnError:
-                    return False
-                if not plain:
-                    return False
-                client.sendall(plain)
-
-        client.setblocking(True)
-        if not drain():  # application data that arrived with the last handshake flight
-            return
-        flush()
-        socks = [client, raw]
-        while not self._closed.is_set():
-            r = select.select(socks, [], [], 1.0)[0]
-            if client in r:
-                data = client.recv(_CHUNK)
-                if not data:
-                    try:
-                        tls.unwrap()
-                    except ssl.SSLError:
-                        pass
-                    flush()
-                    return
-                tls.write(data)
-                flush()
-            if raw in r:
-                try:
-                    data = raw.recv(_CHUNK)
-                except BlockingIOError:
-                    time.sleep(0.001)
-                    continue
-                if not data:
-                    return
-                inc.write(data)
-                alive = drain()
-                flush()
-                if not alive:
-                    return
-
-    def close(self) -> None:
-        self._closed.set()
-        try:  # shutdown() wakes the thread blocked in accept(); close() alone does not
-            self._lsock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        try:
-            self._lsock.close()
-        except OSError:
-            pass
-        with self._lock:
-            conns = list(self._conns)
-        for s in conns:
-            try:
-                if isinstance(s, socket.socket):
-                    s.shutdown(socket.SHUT_RDWR)
-                s.close()
-            except Exception:  # noqa: BLE001
-                pass
-        self._thread.join(timeout=2)
-
-
-def tcp_dialer(addr: str, timeout: float = 10.0, default_port: int = 443) -> Callable[[], socket.socket]:
-    host, port = split_addr(addr, default_port)
-
-    def dial() -> socket.socket:
-        s = socket.create_connection((host, port), timeout=timeout)
-        s.settimeout(None)
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return s
-
-    return dial
-
-
-# --- channels -----------------------------------------------------------------------------------------
+# --- connections --------------------------------------------------------------------------------------
 class Connection:
-    """A gRPC channel to auth plus whatever carries it (bridge); ``describe`` names the route."""
+    """An HTTP/2 connection to auth (opened at the first call); ``describe`` names the route."""
 
-    def __init__(self, channel: grpc.Channel, describe: str, bridge: Optional[TLSBridge] = None,
-                 carrier=None):
+    def __init__(self, channel: grpcwire.Channel, describe: str, name: str):
         self.channel = channel
         self.describe = describe
-        self.bridge = bridge
-        self.carrier = carrier  # e.g. the SSH tunnel under the bridge; closed last
+        self.name = name  # "direct", "proxy-alpn" or "bootstrap"
 
-    def last_transport_error(self) -> Optional[str]:
-        return self.bridge.last_error if self.bridge else None
+    def call(self, path: str, request: bytes, timeout: float) -> bytes:
+        """One unary call; raises :class:`grpcwire.RpcError`."""
+        return self.channel.unary(path, request, timeout)
 
     def close(self) -> None:
-        try:
-            self.channel.close()
-        finally:
-            try:
-                if self.bridge:
-                    self.bridge.close()
-            finally:
-                if self.carrier is not None:
-                    self.carrier.close()
+        self.channel.close()
 
 
 def direct(auth_addr: str, cluster: str, cert_pem: bytes, key_pem: bytes, ca_pems: List[bytes]) -> Connection:
-    """mTLS gRPC straight to the auth service with grpcio's TLS."""
+    """mTLS gRPC straight to the auth service."""
     host, port = split_addr(auth_addr, 3025)
     sni = encode_cluster_name(cluster)
-    creds = grpc.ssl_channel_credentials(root_certificates=b"".join(ca_pems), private_key=key_pem,
-                                         certificate_chain=cert_pem)
-    opts = _CHANNEL_OPTIONS + [("grpc.ssl_target_name_override", sni), ("grpc.default_authority", sni)]
-    ch = grpc.secure_channel(join_addr(host, port), creds, options=opts)
-    return Connection(ch, f"auth {join_addr(host, port)} (direct mTLS)")
+    cas = list(ca_pems)
+    ch = grpcwire.Channel(grpcwire.tcp_dial(host, port), mtls_context(cert_pem, key_pem, ["h2"]), sni,
+                          verify=lambda der: verify_server_cert(der, cas, sni), require_alpn="h2")
+    return Connection(ch, f"auth {join_addr(host, port)} (direct mTLS)", "direct")
 
 
 def via_proxy_alpn(proxy_addr: str, cluster: str, cert_pem: bytes, key_pem: bytes, ca_pems: List[bytes]
                    ) -> Connection:
     """mTLS gRPC to auth through the proxy's web port (``teleport-auth@`` ALPN passthrough)."""
+    host, port = split_addr(proxy_addr, 443)
     sni = encode_cluster_name(cluster)
-    ctx = mtls_context(cert_pem, key_pem, [auth_alpn(cluster), "h2"])
     cas = list(ca_pems)
-    bridge = TLSBridge(tcp_dialer(proxy_addr), ctx, sni, require_alpn="h2", name="proxy-alpn",
-                       verify=lambda der: verify_server_cert(der, cas, sni))
-    opts = _CHANNEL_OPTIONS + [("grpc.default_authority", sni)]
-    ch = grpc.insecure_channel(bridge.target, options=opts)
-    return Connection(ch, f"auth through proxy {proxy_addr} (ALPN {ALPN_AUTH_PREFIX})", bridge)
+    ch = grpcwire.Channel(grpcwire.tcp_dial(host, port), mtls_context(cert_pem, key_pem, [auth_alpn(cluster), "h2"]),
+                          sni, verify=lambda der: verify_server_cert(der, cas, sni), require_alpn="h2")
+    return Connection(ch, f"auth through proxy {join_addr(host, port)} (ALPN {ALPN_AUTH_PREFIX})", "proxy-alpn")
 
 
 def insecure_bootstrap(auth_addr: str) -> Connection:
-    """Unverified TLS to auth (SNI teleport.cluster.local, ALPN h2) for GetClusterCACert before a pinned join."""
+    """Unverified TLS to auth (SNI teleport.cluster.local, ALPN h2, no client certificate) for
+    GetClusterCACert before a pinned join. Nothing secret is sent on it."""
     host, port = split_addr(auth_addr, 3025)
-    bridge = TLSBridge(tcp_dialer(join_addr(host, port), default_port=3025), insecure_context(["h2"]), AUTH_SNI,
-                       require_alpn="h2", name="bootstrap")
-    ch = grpc.insecure_channel(bridge.target, options=_CHANNEL_OPTIONS + [("grpc.default_authority", AUTH_SNI)])
-    return Connection(ch, f"auth {join_addr(host, port)} (unverified, for the CA pin check)", bridge)
-
-
-def via_ssh_tunnel(tunnel_addr: str, cluster: str, cert_pem: bytes, key_pem: bytes, ca_pems: List[bytes],
-                   ssh_cert: bytes, ssh_ca_lines: List[bytes]) -> Connection:
-    """mTLS gRPC to auth inside the proxy's SSH reverse tunnel (``teleport-transport`` channels)."""
-    from machine_id_agent.sshtunnel import SSHTunnel
-
-    tunnel = SSHTunnel(tunnel_addr, key_pem, ssh_cert, ssh_ca_lines)
-    sni = encode_cluster_name(cluster)
-    ctx = mtls_context(cert_pem, key_pem, ["h2"])
-    cas = list(ca_pems)
-    bridge = TLSBridge(tunnel.dial, ctx, sni, require_alpn="h2", name="ssh-tunnel",
-                       verify=lambda der: verify_server_cert(der, cas, sni))
-    ch = grpc.insecure_channel(bridge.target, options=_CHANNEL_OPTIONS + [("grpc.default_authority", sni)])
-    return Connection(ch, f"auth through the proxy's SSH tunnel {tunnel_addr}", bridge, carrier=tunnel)
+    ch = grpcwire.Channel(grpcwire.tcp_dial(host, port), insecure_context(["h2"]), AUTH_SNI, verify=None,
+                          require_alpn="h2")
+    return Connection(ch, f"auth {join_addr(host, port)} (unverified, for the CA pin check)", "bootstrap")

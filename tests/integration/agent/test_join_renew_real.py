@@ -317,28 +317,3 @@ def test_host_ca_rotation_reaches_outputs(testbed_bins, tmp_path):
     finally:
         bed.stop()
 
-
-def test_ssh_reverse_tunnel_separate_mode(teleport_separate, proto_kube, tmp_path, tmp_path_factory):
-    """The proxy's SSH reverse tunnel (tbot's transport without TLS routing). It needs paramiko; without
-    it the agent must say so and name the alternative, which is what this test then checks."""
-    tp = teleport_separate
-    _teleport_role(tp, tmp_path_factory.mktemp("role-ssh"))
-    token = new_bot(tp)[1]
-    cfg = make_cfg(tp, token, tmp_path / "bot", via="proxy")
-    idt = join.join(cfg)
-    facts = facts_for(tp)
-    try:
-        import paramiko  # noqa: F401
-    except ImportError:
-        with pytest.raises(RenewError) as err:
-            with renew.AuthClient(cfg, idt, facts, prefer="ssh") as client:
-                client.renew_identity(3600)
-        assert "paramiko" in str(err.value) and "auth_server" in str(err.value) and not err.value.retryable
-        return
-    for n in range(3):
-        with renew.AuthClient(cfg, idt, facts, prefer="ssh") as client:
-            idt = client.renew_identity(3600)
-            assert idt.generation == 2 + n
-            creds = client.kube_credentials(tb.KUBE_CLUSTER_NAME, None, 600)
-            assert "SSH tunnel" in client._conn.describe
-    assert_kubectl_lists_demo_pod(proto_kube, write_kubeconfig(tmp_path / "kubeconfig.yaml", creds, facts))

@@ -1,6 +1,7 @@
 # Copyright: lanyard.machine_id contributors
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Transports against local stand-ins: a grpcio TLS server plays the auth server's gRPC listener."""
+"""Transports against local stand-ins: a grpcio TLS server plays the auth server's gRPC listener (grpcio is only
+a test dependency: the agent's own client is machine_id_agent.grpcwire over h2)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from machine_id_agent import identity as ident
-from machine_id_agent import join, proto, transport
+from machine_id_agent import grpcwire, join, proto, transport
 
 CLUSTER = "c1.example"
 NOW = dt.datetime.now(dt.timezone.utc)
@@ -104,9 +105,8 @@ def auth(pki):
 
 
 def _get_ca(conn: transport.Connection) -> bytes:
-    fn = conn.channel.unary_unary(proto.METHODS["GetClusterCACert"], request_serializer=proto.Empty.SerializeToString,
-                                  response_deserializer=proto.GetClusterCACertResponse.FromString)
-    return fn(proto.Empty(), timeout=10).tls_ca
+    raw = conn.call(proto.METHODS["GetClusterCACert"], proto.Empty().SerializeToString(), 10)
+    return proto.GetClusterCACertResponse.FromString(raw).tls_ca
 
 
 def test_encode_cluster_name():
@@ -124,29 +124,32 @@ def test_direct_mtls(pki, auth):
     assert auth.seen[-1] == "bot-direct"
 
 
-def test_bridge_mtls_end_to_end(pki, auth):
+def test_proxy_route_mtls_end_to_end(pki, auth):
     key, cert = pki.client("bot-bridge")
     conn = transport.via_proxy_alpn(auth.addr, CLUSTER, cert, key, [pki.ca_pem])
     try:
         assert _get_ca(conn) == pki.ca_pem
         assert _get_ca(conn) == pki.ca_pem  # second call on the same HTTP/2 connection
-        assert conn.bridge.handshakes >= 1
+        assert conn.channel.handshakes == 1
     finally:
         conn.close()
     assert auth.seen[-1] == "bot-bridge"
 
 
-def test_bridge_refuses_untrusted_server(pki, auth):
+@pytest.mark.parametrize("route", ["direct", "proxy"])
+def test_refuses_untrusted_server_before_any_request(pki, auth, route):
     other = PKI()
-    key, cert = pki.client()
-    conn = transport.via_proxy_alpn(auth.addr, CLUSTER, cert, key, [other.ca_pem])
+    key, cert = pki.client("bot-untrusted-" + route)
+    fn = transport.direct if route == "direct" else transport.via_proxy_alpn
+    conn = fn(auth.addr, CLUSTER, cert, key, [other.ca_pem])
     try:
-        with pytest.raises(grpc.RpcError) as err:
+        with pytest.raises(grpcwire.RpcError) as err:
             _get_ca(conn)
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "not trusted" in (conn.last_transport_error() or "")
+        assert err.value.code == grpcwire.UNAVAILABLE and err.value.transport
+        assert "not trusted" in err.value.details
     finally:
         conn.close()
+    assert "bot-untrusted-" + route not in auth.seen  # no request reached the server
 
 
 def test_insecure_bootstrap_fetches_cas_for_pin_check(pki):
@@ -168,9 +171,9 @@ def test_fetch_cluster_cas_nothing_listening():
     assert "cannot fetch the cluster CA" in str(err.value) and "\n" not in str(err.value)
 
 
-def test_bridge_offers_teleport_auth_alpn_and_sni(pki):
-    """A TLS server that only speaks the teleport-auth@ protocol: it is selected, so the bridge offered it,
-    and the SNI is hex(cluster).teleport.cluster.local."""
+def test_proxy_route_offers_teleport_auth_alpn_and_sni(pki):
+    """A TLS server that only speaks the teleport-auth@ protocol: it is selected, so the client offered it,
+    and the SNI is hex(cluster).teleport.cluster.local. The client then insists on h2 and says so."""
     key, cert = pki.server()
     skey = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"srv-{os.getpid()}.pem")
     with open(skey, "wb") as f:
@@ -193,24 +196,57 @@ def test_bridge_offers_teleport_auth_alpn_and_sni(pki):
         c = lsock.accept()[0]
         with sctx.wrap_socket(c, server_side=True) as t:
             seen["alpn"] = t.selected_alpn_protocol()
-            t.sendall(t.recv(100).upper())
+            t.settimeout(5)
+            try:
+                seen["got"] = t.recv(100)
+            except (OSError, ssl.SSLError):
+                seen["got"] = b""
 
     th = threading.Thread(target=serve, daemon=True)
     th.start()
     ckey, ccert = pki.client()
-    ctx = transport.mtls_context(ccert, ckey, [transport.auth_alpn(CLUSTER), "h2"])
-    bridge = transport.TLSBridge(transport.tcp_dialer(f"127.0.0.1:{lsock.getsockname()[1]}"), ctx,
-                                 transport.encode_cluster_name(CLUSTER), require_alpn=None)
+    conn = transport.via_proxy_alpn(f"127.0.0.1:{lsock.getsockname()[1]}", CLUSTER, ccert, ckey, [pki.ca_pem])
     try:
-        with socket.create_connection(("127.0.0.1", bridge.port), timeout=10) as c:
-            c.sendall(b"hello")
-            assert c.recv(100) == b"HELLO"
+        with pytest.raises(grpcwire.RpcError) as err:
+            _get_ca(conn)
     finally:
-        bridge.close()
+        conn.close()
         lsock.close()
     th.join(5)
     assert seen["sni"] == transport.encode_cluster_name(CLUSTER)
     assert seen["alpn"] == transport.auth_alpn(CLUSTER)
+    assert "negotiated ALPN" in err.value.details and "teleport-auth@" in err.value.details
+    assert seen["got"] == b""  # not a byte of HTTP/2 was sent
+
+
+def test_no_listening_socket_is_opened(pki, auth):
+    """The transport never listens: every socket the process holds before and after calls on every route is
+    the same set of listeners (the stand-in's), none of them ours."""
+    def listeners():
+        found = set()
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                s = socket.socket(fileno=int(fd))
+            except OSError:
+                continue
+            try:
+                if s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                    found.add(s.getsockname())
+            except OSError:
+                pass
+            finally:
+                s.detach()
+        return found
+
+    before = listeners()
+    key, cert = pki.client("bot-nolisten")
+    for fn in (transport.direct, transport.via_proxy_alpn):
+        conn = fn(auth.addr, CLUSTER, cert, key, [pki.ca_pem])
+        try:
+            assert _get_ca(conn) == pki.ca_pem
+            assert listeners() == before
+        finally:
+            conn.close()
 
 
 def test_client_key_never_touches_disk(pki, tmp_path, monkeypatch):
@@ -256,85 +292,3 @@ def test_signature_fallback_without_shortcut(pki):
 
     with pytest.raises(InvalidSignature):
         transport._verify_issued_by(leaf, PKI().cert)
-
-
-# --- the SSH reverse-tunnel pieces that need no SSH server ------------------------------------------------
-def _ssh_ca():
-    from cryptography.hazmat.primitives.asymmetric import ed25519
-
-    k = ed25519.Ed25519PrivateKey.generate()
-    line = k.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return k, line
-
-
-def _host_cert(ca_key, kind=None, hours=1):
-    from cryptography.hazmat.primitives.asymmetric import ed25519
-
-    kind = kind or serialization.SSHCertificateType.HOST
-
-    now = int(NOW.timestamp())
-    cert = (serialization.SSHCertificateBuilder().public_key(ed25519.Ed25519PrivateKey.generate().public_key())
-            .type(kind).valid_principals([b"proxy"]).valid_after(now - 60).valid_before(now + 3600 * hours)
-            .sign(ca_key))
-    return cert.public_bytes()
-
-
-def test_ssh_host_certificate_checks():
-    from machine_id_agent import sshtunnel
-
-    ca, ca_line = _ssh_ca()
-    other, other_line = _ssh_ca()
-    good = _host_cert(ca)
-    sshtunnel.verify_host_cert(good, [other_line, ca_line])
-    sshtunnel.verify_host_cert(good, [b"@cert-authority *.c1 " + ca_line + b" type=host"])
-    with pytest.raises(transport.TransportError, match="not signed by a CA of the bot's cluster"):
-        sshtunnel.verify_host_cert(good, [other_line])
-    with pytest.raises(transport.TransportError, match="not a host certificate"):
-        sshtunnel.verify_host_cert(_host_cert(ca, serialization.SSHCertificateType.USER), [ca_line])
-    with pytest.raises(transport.TransportError, match="plain key"):
-        sshtunnel.verify_host_cert(ca_line, [ca_line])
-    with pytest.raises(transport.TransportError, match="expired"):
-        sshtunnel.verify_host_cert(good, [ca_line], now=NOW + dt.timedelta(hours=3))
-
-
-class _FakeChannel:
-    def __init__(self):
-        self.buf, self.closed, self.eof_received = b"", False, False
-
-    def recv_ready(self):
-        return bool(self.buf)
-
-    def recv(self, n):
-        out, self.buf = self.buf[:n], self.buf[n:]
-        return out
-
-
-def test_channel_stream_never_blocks():
-    from machine_id_agent import sshtunnel
-
-    ch = _FakeChannel()
-    s = sshtunnel._ChannelStream(ch)
-    with pytest.raises(BlockingIOError):
-        s.recv(10)
-    ch.buf = b"abc"
-    assert s.recv(10) == b"abc"
-    ch.eof_received = True
-    assert s.recv(10) == b""
-
-
-def test_ssh_tunnel_without_paramiko_says_what_to_do(monkeypatch):
-    import builtins
-
-    from machine_id_agent import sshtunnel
-
-    real_import = builtins.__import__
-
-    def no_paramiko(name, *a, **k):
-        if name == "paramiko" or name.startswith("paramiko."):
-            raise ImportError(name)
-        return real_import(name, *a, **k)
-
-    monkeypatch.setattr(builtins, "__import__", no_paramiko)
-    with pytest.raises(transport.TransportError) as err:
-        sshtunnel.SSHTunnel("127.0.0.1:9", b"", b"", [])
-    assert "paramiko" in str(err.value) and "auth_server" in str(err.value)
