@@ -6,11 +6,20 @@
 Two routes, as tbot v13 has them:
 
 * **through the proxy**: ``POST /v1/webapi/host/credentials`` (JSON ``RegisterUsingTokenRequest``) over
-  the proxy's verified HTTPS;
+  the proxy's HTTPS, verified against ``ca_path`` or the system trust (only ``insecure: true`` skips that,
+  with a warning). When ``ca_pins`` are set, the cluster's host CA is first read from the proxy
+  (``GET /webapi/auth/export?type=tls-host``, no authentication) and must match a pin, else the token is
+  not sent: the proxy belongs to another cluster (or the pin is wrong). Pins cannot stop a proxy that
+  relays; on this route the web certificate is what protects the token;
 * **directly to auth**: an unverified TLS connection (SNI ``teleport.cluster.local``, ALPN ``h2``) calls
   gRPC ``GetClusterCACert``; every returned CA certificate must match a configured pin
   (``sha256:<hex SPKI>``) and be currently valid; then ``POST /v2/tokens/register`` goes over TLS verified
   against those CAs (ALPN ``http/1.1``).
+
+After the join, on both routes, when ``ca_pins`` are set (:func:`check_joined_cas`): every returned TLS CA
+must match a pin, except the one CA that signed the bot's new certificate (the cluster's user CA, which
+``tctl status`` does not print); that one is checked by its signature and cluster name and is not kept as a
+trust anchor for servers. Any other unpinned CA refuses the identity, and nothing is stored.
 
 The new identity is stored durably (with the token hash) BEFORE :func:`join` returns, so a crash right
 after a join never loses the identity that consumed the one-time token. A token whose hash equals the
@@ -19,6 +28,7 @@ stored one is never sent a second time.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hmac
 import http.client
@@ -29,8 +39,7 @@ import ssl
 from pathlib import Path
 from typing import List, Optional
 
-import grpc
-
+from machine_id_agent import grpcwire
 from machine_id_agent import identity as ident
 from machine_id_agent import proto, transport, webapi
 from machine_id_agent.errors import JoinError
@@ -152,15 +161,16 @@ def _join_error(where: str, status: Optional[int], server_message: str, full: st
 def fetch_cluster_cas(auth_addr: str, timeout: float = 15) -> List[bytes]:
     """GetClusterCACert over unverified TLS (the pins make it trustworthy)."""
     conn = transport.insecure_bootstrap(auth_addr)
+    req_t, resp_t = proto.SIGNATURES["GetClusterCACert"]
     try:
-        req_t, resp_t = proto.SIGNATURES["GetClusterCACert"]
-        call = conn.channel.unary_unary(proto.METHODS["GetClusterCACert"], request_serializer=req_t.SerializeToString,
-                                        response_deserializer=resp_t.FromString)
-        resp = call(req_t(), timeout=timeout)
-    except grpc.RpcError as exc:
-        detail = conn.last_transport_error() or (exc.details() if hasattr(exc, "details") else str(exc))
+        resp = resp_t.FromString(conn.call(proto.METHODS["GetClusterCACert"], req_t().SerializeToString(), timeout))
+    except grpcwire.RpcError as exc:
+        detail = exc.details if exc.transport else f"{exc.code_name}: {exc.details}"
         raise JoinError(f"the auth server {auth_addr}: cannot fetch the cluster CA for the pin check ({detail}); "
                         f"check that auth_server is the auth service (host:3025) and that it is running") from None
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError: not a Teleport auth server
+        raise JoinError(f"the auth server {auth_addr}: its GetClusterCACert answer is not valid "
+                        f"({exc.__class__.__name__}); check that auth_server is a Teleport auth service") from None
     finally:
         conn.close()
     cas = ident.split_pems(resp.tls_ca)
@@ -180,8 +190,9 @@ def check_pins(cas: List[bytes], pins: List[str], where: str, now: Optional[_dt.
         got = ident.spki_pin(pem)
         if not any(hmac.compare_digest(got, p) for p in wanted):
             raise JoinError(f"{where}: the cluster CA certificate with pin {got} matches none of the configured "
-                            f"ca_pins; check the pin with `tctl status` (CA pin) and update ca_pins -- if it did "
-                            f"not change, someone may be intercepting the connection")
+                            f"ca_pins; the join token was not sent. Check the pin with `tctl status` (CA pin) and "
+                            f"update ca_pins (during a host CA rotation it prints two pins: configure both) -- if "
+                            f"it did not change, this is another cluster or someone is intercepting the connection")
         cert = x509.load_pem_x509_certificate(pem)
         if not ident.cert_not_before(cert) <= now < ident.cert_not_after(cert):
             raise JoinError(f"{where}: the cluster CA certificate with pin {got} is not valid now (valid "
@@ -189,17 +200,128 @@ def check_pins(cas: List[bytes], pins: List[str], where: str, now: Optional[_dt.
                             f"check the clock of this host")
 
 
-def check_proxy_join_pins(cas: List[bytes], pins: List[str], where: str) -> None:
-    """Through the proxy, tbot ignores pins. When pins are configured anyway (the guide's config puts the
-    proxy address in auth_server together with ca_pins), the CA certificates the join returned -- the
-    cluster's user CA and host CA -- must include one that matches a pin; else the proxy is not the
-    cluster the pins name, and the identity is not used."""
+def _wanted(pins: List[str]) -> List[str]:
+    return [p.strip().lower() for p in pins if p and p.strip()]
+
+
+def _pinned(pin: str, wanted: List[str]) -> bool:
+    return any(hmac.compare_digest(pin, w) for w in wanted)
+
+
+def check_proxy_cluster(addr: str, pins: List[str], ca_path: Optional[Path] = None, insecure: bool = False,
+                        timeout: float = 10, now: Optional[_dt.datetime] = None) -> List[bytes]:
+    """Before the token goes to a proxy: its cluster's host CA (``/webapi/auth/export?type=tls-host``) must
+    match ``ca_pins`` and be valid now. Returns the host CA certificates; JoinError when not."""
+    from cryptography import x509
+
+    where = f"the proxy {addr}"
+    try:
+        cas = webapi.export_host_cas(addr, ca_path=ca_path, insecure=insecure, timeout=timeout)
+    except webapi.WebAPIError as exc:
+        raise JoinError(f"{exc}; the join token was not sent (with ca_pins set, the cluster's host CA is checked "
+                        f"first)") from None
+    wanted = _wanted(pins)
     got = [ident.spki_pin(c) for c in cas]
-    wanted = [p.strip().lower() for p in pins]
-    if not any(hmac.compare_digest(g, w) for g in got for w in wanted):
-        raise JoinError(f"{where}: none of the cluster CA certificates it returned ({', '.join(got) or 'none'}) "
-                        f"matches the configured ca_pins; check the pin with `tctl status` (CA pin) -- if it is "
-                        f"right, this proxy does not belong to that cluster")
+    bad = [g for g in got if not _pinned(g, wanted)]
+    if bad:
+        raise JoinError(f"{where}: its cluster's host CA has pin {', '.join(bad)}, which matches none of the "
+                        f"configured ca_pins, so this proxy belongs to another cluster or the pin is wrong; the "
+                        f"join token was not sent. Run `tctl status` on the cluster you mean to join and put its "
+                        f"CA pin in ca_pins, or point the config at that cluster's proxy")
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    for pem, pin in zip(cas, got):
+        cert = x509.load_pem_x509_certificate(pem)
+        if not ident.cert_not_before(cert) <= now < ident.cert_not_after(cert):
+            raise JoinError(f"{where}: the cluster host CA with pin {pin} is not valid now (valid "
+                            f"{ident.cert_not_before(cert).isoformat()} to {ident.cert_not_after(cert).isoformat()}); "
+                            f"the join token was not sent; check the clock of this host")
+    return cas
+
+
+def _signed_by(cert_pem: bytes, ca_pem: bytes) -> bool:
+    """Is ``cert_pem`` issued by ``ca_pem`` (issuer name and signature)?"""
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+
+    leaf = x509.load_pem_x509_certificate(cert_pem)
+    ca = x509.load_pem_x509_certificate(ca_pem)
+    if leaf.issuer != ca.subject:
+        return False
+    pub = ca.public_key()
+    try:
+        if isinstance(pub, rsa.RSAPublicKey):
+            pub.verify(leaf.signature, leaf.tbs_certificate_bytes, padding.PKCS1v15(), leaf.signature_hash_algorithm)
+        elif isinstance(pub, ec.EllipticCurvePublicKey):
+            pub.verify(leaf.signature, leaf.tbs_certificate_bytes, ec.ECDSA(leaf.signature_hash_algorithm))
+        elif isinstance(pub, ed25519.Ed25519PublicKey):
+            pub.verify(leaf.signature, leaf.tbs_certificate_bytes)
+        else:
+            return False
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+    return True
+
+
+def _org(pem: bytes) -> str:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    orgs = x509.load_pem_x509_certificate(pem).subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    return str(orgs[0].value) if orgs else ""
+
+
+def check_joined_cas(result: ident.Identity, pins: List[str], where: str) -> ident.Identity:
+    """The TLS CA set a join returned, when ``ca_pins`` are configured (both routes). Returns the identity
+    to store; raises JoinError (nothing is stored then).
+
+    * every CA that did not sign the bot's new certificate must match a pin: these are the host CAs (one,
+      or two during a host CA rotation -- then both pins must be configured);
+    * the CA that signed it (the cluster's user CA; ``tctl status`` prints no pin for it) is accepted by its
+      signature on the certificate for our key and its cluster name (that of the pinned host CA); unless it
+      is pinned too, it is dropped from the stored trust set, so that no unpinned CA ever authenticates a
+      server to the agent;
+    * at least one returned CA must match a pin.
+    """
+    from cryptography import x509
+
+    wanted = _wanted(pins)
+    cas = list(result.tls_ca_pems)
+    for c in cas:
+        try:
+            x509.load_pem_x509_certificate(c)
+        except ValueError:
+            raise JoinError(f"{where}: the join answer holds a CA certificate that does not parse; the identity "
+                            f"was refused and not stored -- check that the address is the cluster's proxy or auth "
+                            f"service, then {_FIX_TOKEN}") from None
+    issuers = [c for c in cas if _signed_by(result.tls_cert_pem, c)]
+    if not issuers:
+        raise JoinError(f"{where}: the bot certificate it issued is signed by none of the CA certificates it "
+                        f"returned, so the answer is not a Teleport join answer; the identity was refused and not "
+                        f"stored -- check that the address is the cluster's proxy or auth service")
+    pinned = [c for c in cas if _pinned(ident.spki_pin(c), wanted)]
+    if not pinned:
+        got = ", ".join(ident.spki_pin(c) for c in cas)
+        raise JoinError(f"{where}: none of the CA certificates it returned ({got}) matches the configured ca_pins, "
+                        f"so the server belongs to another cluster or the pin is wrong; the identity was refused "
+                        f"and not stored. Check the pin with `tctl status` (CA pin), then {_FIX_TOKEN}")
+    stray = [c for c in cas if c not in pinned and c not in issuers]
+    if stray:
+        desc = "; ".join(f"pin {ident.spki_pin(c)}, organization {_org(c) or '-'}" for c in stray)
+        raise JoinError(f"{where}: the join answer holds a CA certificate that matches none of the configured "
+                        f"ca_pins ({desc}); the identity was refused and not stored, and the token is spent. If "
+                        f"the cluster is rotating its host CA, put both CA pins that `tctl status` prints in "
+                        f"ca_pins; if it is rotating its user CA, join after the rotation or pin the user CAs too; "
+                        f"otherwise something between this host and the cluster changed the answer. Then "
+                        f"{_FIX_TOKEN}")
+    clusters = {_org(c) for c in pinned}
+    for c in issuers:
+        if c not in pinned and _org(c) not in clusters:
+            raise JoinError(f"{where}: the bot certificate is signed by a CA of cluster {_org(c)!r}, but the "
+                            f"pinned host CA belongs to {', '.join(sorted(clusters))!r}; the identity was refused "
+                            f"and not stored -- check the address and ca_pins, then {_FIX_TOKEN}")
+    kept = [c for c in cas if c in pinned]
+    return dataclasses.replace(result, tls_ca_pems=kept)
 
 
 def _https_post_auth(auth_addr: str, path: str, body: dict, ca_pems: List[bytes], timeout: float) -> tuple:
@@ -240,7 +362,9 @@ def join_via_auth(addr: str, token: str, key_pem: bytes, expires: _dt.datetime, 
             raise JoinError(f"ca_path {ca_path} holds no PEM certificate; export it with "
                             f"`tctl auth export --type=tls-host` or use ca_pins")
     elif insecure:
-        log.warning("joining %s without verifying the auth server (insecure: true)", addr)
+        log.warning("insecure: true and neither ca_pins nor ca_path: the auth server %s is NOT verified and the "
+                    "join token is sent to whatever answers there; set ca_pins (the CA pin from `tctl status`) "
+                    "and remove insecure", addr)
         cas = fetch_cluster_cas(addr)
     else:
         raise JoinError(f"{where}: a direct join needs ca_pins (the CA pin from `tctl status`) or ca_path; add "
@@ -281,12 +405,22 @@ def join(cfg) -> ident.Identity:
     key_pem = ident.generate_key()
     expires = _dt.datetime.now(_dt.timezone.utc) + _dt.timedelta(seconds=int(cfg.credential_ttl))
     kind, addr = endpoint(cfg)
+    pins = list(cfg.ca_pins or [])
     if kind == "proxy":
+        where = f"the proxy {addr}"
+        if cfg.insecure:
+            log.warning("insecure: true: the HTTPS certificate of the proxy %s is NOT verified, so the join token "
+                        "is sent over a connection anyone on the path can read%s; set ca_path to the CA that "
+                        "signed the proxy's certificate and remove insecure", addr,
+                        " (ca_pins still refuse a proxy of another cluster, not an interceptor)" if pins else "")
+        if pins:
+            check_proxy_cluster(addr, pins, cfg.ca_path, cfg.insecure)
         result = join_via_proxy(addr, token, key_pem, expires, cfg.ca_path, cfg.insecure)
-        if cfg.ca_pins:
-            check_proxy_join_pins(result.tls_ca_pems, list(cfg.ca_pins), f"the proxy {addr}")
     else:
-        result = join_via_auth(addr, token, key_pem, expires, list(cfg.ca_pins or []), cfg.ca_path, cfg.insecure)
+        where = f"the auth server {addr}"
+        result = join_via_auth(addr, token, key_pem, expires, pins, cfg.ca_path, cfg.insecure)
+    if pins:
+        result = check_joined_cas(result, pins, where)
     if not result.renewable:
         log.warning("the joined identity is not marked renewable; renewals may fail")
     ident.store(storage, result, ident.token_hash(token))

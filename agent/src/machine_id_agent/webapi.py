@@ -4,8 +4,13 @@
 """The proxy's unauthenticated web API: ``/webapi/ping`` (and ``/webapi/find``), plus a tiny JSON client.
 
 TLS to the proxy is verified against the system trust store (which honours ``SSL_CERT_FILE``, as Go
-clients do) plus ``ca_path`` when configured; ``insecure`` turns verification off. Python's own ``ssl``
-and ``http.client`` are used instead of ``requests`` so that the trust rules are exactly these.
+clients do) plus ``ca_path`` when configured. Verification is never skipped unless the config says
+``insecure: true``; that is the only switch that turns it off, and the join warns before it sends the
+token over such a connection (see ``join.py``). Python's own ``ssl`` and ``http.client`` are used instead
+of ``requests`` so that the trust rules are exactly these.
+
+``/webapi/auth/export?type=tls-host`` (:func:`export_host_cas`) is the proxy's unauthenticated copy of
+the cluster's host CA (PEM); the join checks it against ``ca_pins`` before the token is sent.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import socket
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 from machine_id_agent.errors import RenewError
 
@@ -54,7 +59,11 @@ def join_addr(host: str, port: int) -> str:
 
 
 def web_ssl_context(ca_path: Optional[Path] = None, insecure: bool = False) -> ssl.SSLContext:
+    """A client context for the proxy's web port: the system trust (``SSL_CERT_FILE`` honoured) plus
+    ``ca_path``, host name checked, TLS >= 1.2. Only ``insecure=True`` (the config's ``insecure: true``,
+    set on purpose by the operator) turns verification off; nothing else does."""
     ctx = ssl.create_default_context()
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if insecure:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
@@ -88,11 +97,26 @@ def request_json(addr: str, method: str, path: str, body: Any = None, *, ca_path
                  insecure: bool = False, timeout: float = 10, ctx: Optional[ssl.SSLContext] = None,
                  what: str = "the proxy") -> Any:
     """One HTTPS JSON request. Raises WebAPIError naming the address, the cause and a fix."""
+    raw = request_bytes(addr, method, path, body, ca_path=ca_path, insecure=insecure, timeout=timeout, ctx=ctx,
+                        what=what)
+    try:
+        return json.loads(raw)
+    except ValueError:
+        where = join_addr(*split_addr(addr))
+        raise WebAPIError(f"{what} {where}: {method} {path} did not return JSON; check that the address is the "
+                          f"Teleport proxy's web port", retryable=False) from None
+
+
+def request_bytes(addr: str, method: str, path: str, body: Any = None, *, ca_path: Optional[Path] = None,
+                  insecure: bool = False, timeout: float = 10, ctx: Optional[ssl.SSLContext] = None,
+                  what: str = "the proxy", accept: str = "application/json") -> bytes:
+    """One HTTPS request (``body``, when given, is sent as JSON); returns the answer's body. Raises
+    WebAPIError naming the address, the cause and a fix."""
     host, port = split_addr(addr)
     ctx = ctx or web_ssl_context(ca_path, insecure)
     conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=ctx)
     data = None
-    headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
+    headers = {"User-Agent": USER_AGENT, "Accept": accept}
     if body is not None:
         data = json.dumps(body).encode()
         headers["Content-Type"] = "application/json"
@@ -124,11 +148,7 @@ def request_json(addr: str, method: str, path: str, body: Any = None, *, ca_path
         raise WebAPIError(f"{what} {where}: {method} {path} answered HTTP {resp.status}"
                           + (f": {msg}" if msg else ""), retryable=resp.status >= 500 or resp.status == 429,
                           status=resp.status, server_message=msg)
-    try:
-        return json.loads(raw)
-    except ValueError:
-        raise WebAPIError(f"{what} {where}: {method} {path} did not return JSON; check that the address is the "
-                          f"Teleport proxy's web port", retryable=False) from None
+    return raw
 
 
 @dataclass
@@ -208,3 +228,24 @@ def find(addr: str, ca_path: Optional[Path] = None, insecure: bool = False, time
     """GET ``/webapi/find`` (the light form of ping without auth connector details)."""
     doc = request_json(addr, "GET", "/webapi/find", ca_path=ca_path, insecure=insecure, timeout=timeout)
     return facts_from_ping(doc, addr)
+
+
+EXPORT_HOST_CA_PATH = "/webapi/auth/export?type=tls-host"
+
+
+def export_host_cas(addr: str, ca_path: Optional[Path] = None, insecure: bool = False, timeout: float = 10
+                    ) -> List[bytes]:
+    """GET ``/webapi/auth/export?type=tls-host``: the cluster's host CA certificate(s) as the proxy serves
+    them, without authentication (PEM). Only as trustworthy as the connection: the web certificate says
+    which server answered, the pins say whether its cluster is the one meant."""
+    from machine_id_agent.identity import split_pems
+
+    raw = request_bytes(addr, "GET", EXPORT_HOST_CA_PATH, ca_path=ca_path, insecure=insecure, timeout=timeout,
+                        accept="application/x-pem-file, */*")
+    pems = split_pems(raw)
+    pems = [p for p in pems if p.startswith(b"-----BEGIN CERTIFICATE-----")]
+    if not pems:
+        where = join_addr(*split_addr(addr))
+        raise WebAPIError(f"the proxy {where}: GET {EXPORT_HOST_CA_PATH} returned no PEM certificate; check that "
+                          f"the address is a Teleport v13+ proxy's web port", retryable=False)
+    return pems

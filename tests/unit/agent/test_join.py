@@ -85,17 +85,63 @@ def test_check_pins(host_ca):
         join.check_pins([old.pem], [ident.spki_pin(old.pem)], "auth")
 
 
-def test_check_proxy_join_pins(host_ca, user_ca):
-    join.check_proxy_join_pins([user_ca.pem, host_ca.pem], [ident.spki_pin(host_ca.pem)], "proxy")
-    with pytest.raises(JoinError, match="does not belong to that cluster"):
-        join.check_proxy_join_pins([user_ca.pem, host_ca.pem], ["sha256:" + "1" * 64], "proxy")
+def joined(user_ca, *cas, signer=None):
+    """An Identity as a join returns it: a bot certificate signed by ``signer`` (default the user CA) and
+    the TLS CA list ``cas``."""
+    key = ident.generate_key()
+    tls = (signer or user_ca).issue(ident.tls_public_key(key), "bot-unit")
+    return ident.Identity.from_certs(key, b"ssh-rsa-cert-v01@openssh.com AAAA", tls, [c.pem for c in cas], [])
+
+
+def test_check_joined_cas_accepts_pinned_host_ca_and_the_issuer(host_ca, user_ca):
+    idt = joined(user_ca, user_ca, host_ca)
+    kept = join.check_joined_cas(idt, [ident.spki_pin(host_ca.pem)], "the proxy p:443")
+    # the user CA signed our certificate: accepted, but not kept as a trust anchor for servers
+    assert kept.tls_ca_pems == [host_ca.pem] and kept.tls_cert_pem == idt.tls_cert_pem
+    both = join.check_joined_cas(idt, [ident.spki_pin(host_ca.pem), ident.spki_pin(user_ca.pem)], "p")
+    assert both.tls_ca_pems == [user_ca.pem, host_ca.pem]  # pinned too: kept
+
+
+def test_check_joined_cas_refuses_any_unpinned_member(host_ca, user_ca):
+    pin = ident.spki_pin(host_ca.pem)
+    extra = CA()  # same cluster name, another key: what a man in the middle would add
+    with pytest.raises(JoinError) as err:
+        join.check_joined_cas(joined(user_ca, user_ca, host_ca, extra), [pin], "the proxy p:443")
+    msg = str(err.value)
+    assert ident.spki_pin(extra.pem) in msg and "not stored" in msg and "tctl status" in msg and "\n" not in msg
+    # a host CA rotation: two host CAs returned, only the old one pinned -> refused; both pinned -> accepted
+    new_host = CA()
+    with pytest.raises(JoinError, match="rotating"):
+        join.check_joined_cas(joined(user_ca, user_ca, host_ca, new_host), [pin], "p")
+    ok = join.check_joined_cas(joined(user_ca, user_ca, host_ca, new_host), [pin, ident.spki_pin(new_host.pem)], "p")
+    assert ok.tls_ca_pems == [host_ca.pem, new_host.pem]
+
+
+def test_check_joined_cas_other_refusals(host_ca, user_ca):
+    pin = ident.spki_pin(host_ca.pem)
+    with pytest.raises(JoinError, match="matches the configured ca_pins"):  # nothing pinned at all
+        join.check_joined_cas(joined(user_ca, user_ca, host_ca), ["sha256:" + "1" * 64], "p")
+    with pytest.raises(JoinError, match="signed by none"):  # the issuer is not in the set
+        join.check_joined_cas(joined(user_ca, host_ca), [pin], "p")
+    other_cluster = CA(name="other-cluster")
+    with pytest.raises(JoinError, match="other-cluster"):  # issuer of another cluster than the pinned host CA
+        join.check_joined_cas(joined(user_ca, other_cluster, host_ca, signer=other_cluster), [pin], "p")
+    broken = joined(user_ca, user_ca, host_ca)
+    broken.tls_ca_pems.append(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    with pytest.raises(JoinError, match="does not parse"):
+        join.check_joined_cas(broken, [pin], "p")
+    # the pinned CA also signed the certificate (a single-CA cluster): fine
+    assert join.check_joined_cas(joined(user_ca, host_ca, signer=host_ca), [pin], "p").tls_ca_pems == [host_ca.pem]
 
 
 # --- a stand-in proxy ------------------------------------------------------------------------------
 class FakeProxy:
     def __init__(self, tmp_path, user_ca: CA, host_ca: CA):
         self.requests = []
+        self.gets = []
         self.answer = None  # (status, dict) to force an error
+        self.export = host_ca.pem  # what /webapi/auth/export?type=tls-host serves
+        self.extra_cas = []  # CA certificates added to the join answer
         web = CA("web")
         key = ec.generate_private_key(ec.SECP256R1())
         kpem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -110,6 +156,13 @@ class FakeProxy:
                 pass
 
             def do_GET(self):
+                outer.gets.append(self.path)
+                if self.path == "/webapi/auth/export?type=tls-host":
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/x-pem-file")
+                    self.send_header("Content-Length", str(len(outer.export)))
+                    self.end_headers()
+                    return self.wfile.write(outer.export)
                 if self.path == "/webapi/find":
                     return self._send(200, {"proxy": {"tls_routing_enabled": True}, "cluster_name": CLUSTER})
                 self._send(404, {"error": {"message": "not found"}})
@@ -122,8 +175,8 @@ class FakeProxy:
                 tls = user_ca.issue(base64.b64decode(body["public_tls_key"]), "bot-unit")
                 self._send(200, {"ssh": base64.b64encode(b"ssh-rsa-cert-v01@openssh.com AAAA").decode(),
                                  "tls": base64.b64encode(tls).decode(),
-                                 "tls_ca_certs": [base64.b64encode(user_ca.pem).decode(),
-                                                  base64.b64encode(host_ca.pem).decode()],
+                                 "tls_ca_certs": [base64.b64encode(c).decode()
+                                                  for c in [user_ca.pem, host_ca.pem] + outer.extra_cas],
                                  "ssh_ca_certs": [base64.b64encode(b"@cert-authority * ssh-rsa AAA").decode()]})
 
             def _send(self, status, doc):
@@ -184,9 +237,51 @@ def test_guide_shape_auth_server_is_a_proxy_with_pins(tmp_path, proxy, host_ca):
     assert join.join(c).generation == 1
     bad = cfg(tmp_path, proxy, proxy_server=None, auth_server=proxy.addr, ca_pins=["sha256:" + "2" * 64],
               storage_dir=tmp_path / "bad")
-    with pytest.raises(JoinError, match="matches the configured ca_pins"):
+    with pytest.raises(JoinError, match="another cluster or the pin is wrong"):
         join.join(bad)
-    assert ident.load(tmp_path / "bad") is None  # refused identities are never stored
+    assert ident.load(tmp_path / "bad") is None
+
+
+def test_proxy_of_another_cluster_never_gets_the_token(tmp_path, proxy, host_ca):
+    """Pins of cluster A, a proxy serving cluster B's host CA: refused before the POST."""
+    proxy.export = CA().pem
+    c = cfg(tmp_path, proxy, ca_pins=[ident.spki_pin(host_ca.pem)])
+    with pytest.raises(JoinError) as err:
+        join.join(c)
+    msg = str(err.value)
+    assert "another cluster or the pin is wrong" in msg and "token was not sent" in msg and "tctl status" in msg
+    assert ident.spki_pin(proxy.export) in msg and "secret-token-value" not in msg
+    assert proxy.requests == [] and "/webapi/auth/export?type=tls-host" in proxy.gets
+    assert ident.load(c.storage_dir) is None
+    # the export answers no certificate: also refused before the POST
+    proxy.export = b"<html>not a proxy</html>"
+    with pytest.raises(JoinError, match="no PEM certificate.*token was not sent"):
+        join.join(c)
+    assert proxy.requests == []
+
+
+def test_pinned_proxy_join_checks_before_and_after(tmp_path, proxy, host_ca, user_ca):
+    c = cfg(tmp_path, proxy, ca_pins=[ident.spki_pin(host_ca.pem)])
+    idt = join.join(c)
+    assert proxy.gets.index("/webapi/auth/export?type=tls-host") == 0 and len(proxy.requests) == 1
+    assert ident.load(c.storage_dir).tls_ca_pems == [host_ca.pem] == idt.tls_ca_pems
+
+
+def test_unpinned_ca_in_join_answer_refused_nothing_stored(tmp_path, proxy, host_ca):
+    proxy.extra_cas = [CA().pem]
+    c = cfg(tmp_path, proxy, ca_pins=[ident.spki_pin(host_ca.pem)])
+    with pytest.raises(JoinError, match="matches none of the configured ca_pins.*not stored"):
+        join.join(c)
+    assert len(proxy.requests) == 1  # the token went (to the right cluster); the identity is refused
+    assert ident.load(c.storage_dir) is None and list(c.storage_dir.iterdir()) == []
+
+
+def test_insecure_proxy_join_warns(tmp_path, proxy, caplog):
+    c = cfg(tmp_path, proxy, ca_path=None, insecure=True)
+    with caplog.at_level("WARNING", logger="machine_id_agent.join"):
+        join.join(c)
+    warn = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("NOT verified" in w and "join token" in w and "secret-token-value" not in w for w in warn)
 
 
 def test_server_refusal_is_explained_without_the_token(tmp_path, proxy):
@@ -202,9 +297,12 @@ def test_server_refusal_is_explained_without_the_token(tmp_path, proxy):
     assert ident.load(tmp_path / "bot") is None
 
 
-def test_untrusted_proxy_is_a_join_error(tmp_path, proxy):
+def test_untrusted_proxy_is_a_join_error(tmp_path, proxy, host_ca):
     with pytest.raises(JoinError, match="not trusted"):
         join.join(cfg(tmp_path, proxy, ca_path=None))
+    with pytest.raises(JoinError, match="not trusted.*token was not sent"):  # pins do not replace the web certificate
+        join.join(cfg(tmp_path, proxy, ca_path=None, ca_pins=[ident.spki_pin(host_ca.pem)]))
+    assert proxy.requests == [] and proxy.gets == []  # the TLS handshake failed: no request got through
 
 
 def test_config_mistakes_fail_before_the_network(tmp_path, proxy):

@@ -181,3 +181,26 @@ def test_bad_ca_path(tmp_path):
     (tmp_path / "ca.pem").write_text("nope")
     with pytest.raises(webapi.WebAPIError, match="ca_path"):
         webapi.ping("localhost:1", ca_path=tmp_path / "ca.pem")
+
+
+def test_web_context_verifies_unless_insecure(tls_files):
+    ctx = webapi.web_ssl_context(tls_files / "ca.pem")
+    assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+    assert ctx.minimum_version >= ssl.TLSVersion.TLSv1_2
+    plain = webapi.web_ssl_context()
+    assert plain.verify_mode == ssl.CERT_REQUIRED and plain.check_hostname  # system trust, still verified
+    off = webapi.web_ssl_context(tls_files / "ca.pem", insecure=True)  # only the explicit switch turns it off
+    assert off.verify_mode == ssl.CERT_NONE and not off.check_hostname
+
+
+def test_export_host_cas(server, tls_files):
+    ca = (tls_files / "ca.pem").read_bytes()
+    ROUTES[("GET", webapi.EXPORT_HOST_CA_PATH)] = (200, ca + ca)
+    assert webapi.export_host_cas(server, ca_path=tls_files / "ca.pem") == [ca, ca]
+    assert ROUTES["seen"][-1][:2] == ("GET", "/webapi/auth/export?type=tls-host")
+    ROUTES[("GET", webapi.EXPORT_HOST_CA_PATH)] = (200, b"<html>")
+    with pytest.raises(webapi.WebAPIError, match="no PEM certificate") as err:
+        webapi.export_host_cas(server, ca_path=tls_files / "ca.pem")
+    assert not err.value.retryable
+    with pytest.raises(webapi.WebAPIError, match="not trusted"):
+        webapi.export_host_cas(server)
