@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+from machine_id_agent import fsutil
 from machine_id_agent.errors import ConfigError, OutputError
 
 XATTR = "system.posix_acl_access"
@@ -239,6 +240,12 @@ class AclPolicy:
                     return False
                 write(target, want)
                 self.supported = True
+                if self.mode == "required":
+                    got = read(target)
+                    if got != want:
+                        raise OutputError("%s: the filesystem did not keep the ACL (reads back %s, want %s) and acls "
+                                          "is 'required'; mount it with ACL support or set acls: try"
+                                          % (where, to_text(got), to_text(want)))
                 return True
             except OSError as e:
                 if e.errno in NOT_SUPPORTED:
@@ -278,10 +285,11 @@ class AclPolicy:
         return None if stat.S_IMODE(st.st_mode) == mode else "mode is %o, want %o" % (stat.S_IMODE(st.st_mode), mode)
 
 
-def probe(directory: Union[str, Path]) -> Optional[OSError]:
-    """None if ``directory`` can hold access ACLs, else the error (EOPNOTSUPP when the fs has none)."""
+def probe(directory: Target) -> Optional[OSError]:
+    """None if ``directory`` (a path or an fd) can hold access ACLs, else the error (EOPNOTSUPP when the fs
+    has none)."""
     try:
-        os.getxattr(str(directory), XATTR)
+        os.getxattr(directory if isinstance(directory, int) else str(directory), XATTR)
         return None
     except OSError as e:
         if e.errno == errno.ENODATA:
@@ -301,65 +309,130 @@ class InitResult:
     actions: List[str]
 
 
+XATTR_DEFAULT = "system.posix_acl_default"
+
+
+def make_private(fd: int, mode: str, where: str, warn: Optional[Callable[[str], None]] = None) -> bool:
+    """The storage directory's ACL under ``acls`` (``fd`` is the open directory): ``try``/``required`` remove
+    every named user/group entry and any default ACL, so the directory is 0700 and nothing more, and
+    ``required`` fails where ACLs cannot be read or set; ``off`` does not touch ACLs. Returns True if
+    something changed."""
+    if mode == "off":
+        return False
+    policy = AclPolicy(mode, warn=warn)
+    changed = False
+    try:
+        have = read(fd)
+    except OSError as e:
+        if e.errno in NOT_SUPPORTED:
+            policy._unsupported(where, e)  # raises under required
+            return False
+        raise OutputError("%s: cannot read its ACL (%s)" % (where, e.strerror or e)) from None
+    if any(e.tag in (USER, GROUP, MASK) for e in have):
+        st = os.fstat(fd)
+        policy.ensure(fd, True, where, owner_uid=st.st_uid)
+        changed = True
+    try:
+        os.getxattr(fd, XATTR_DEFAULT)
+        os.removexattr(fd, XATTR_DEFAULT)
+        changed = True
+    except OSError as e:
+        if e.errno not in (errno.ENODATA,) + NOT_SUPPORTED:
+            raise OutputError("%s: cannot remove its default ACL (%s); run setfacl -k %s"
+                              % (where, e.strerror or e, where)) from None
+    return changed
+
+
 def init_dir(directory: Union[str, Path], owner_uid: int, owner_gid: int, bot_uid: int, reader_uids: Sequence[int],
-             mode: str = "try", warn: Optional[Callable[[str], None]] = None) -> InitResult:
+             mode: str = "try", warn: Optional[Callable[[str], None]] = None,
+             symlinks: str = fsutil.DEFAULT_SYMLINKS) -> InitResult:
     """Create ``directory`` if needed, chown it to the owner and give it (and any output files in it) the exact
-    ACL. Idempotent: the second run reports changed=False."""
-    d = Path(directory)
+    ACL. The path is opened under ``symlinks`` (see fsutil), and every change is made through the opened
+    descriptor, so a symlink swapped into the path cannot redirect the chown or the ACL. ``mode`` off touches
+    no ACL (plain 0700/0600). Idempotent: the second run reports changed=False."""
+    if mode not in ("try", "required", "off"):
+        raise ConfigError("--acls: %r is not one of try, required, off" % mode)
+    path = str(directory)
     actions: List[str] = []
-    if not d.is_absolute():
-        raise ConfigError("--init-dir: %r is not an absolute path; pass it like /opt/machine-id" % str(directory))
-    if d.is_symlink():
-        raise ConfigError("--init-dir: %s is a symlink; pass the real directory" % d)
-    if not d.exists():
+    if not path.startswith("/"):
+        raise ConfigError("--init-dir: %r is not an absolute path; pass it like /opt/machine-id" % path)
+    path = os.path.normpath(path)
+    if path == "/":
+        raise ConfigError("--init-dir: / cannot be a destination; pass a directory like /opt/machine-id")
+    parent, name = os.path.split(path)
+    with fsutil.open_dir(parent, symlinks, create=0o755, warn=warn) as pd:
         try:
-            if not d.parent.exists():
-                os.makedirs(str(d.parent), 0o755)
-            os.mkdir(str(d), 0o700)
-        except OSError as e:
-            raise OutputError("%s: cannot create it (%s); run init as root or create the parent directory"
-                              % (d, e.strerror or e)) from None
-        actions.append("created %s" % d)
-    elif not d.is_dir():
-        raise ConfigError("--init-dir: %s exists and is not a directory; remove it or pick another path" % d)
-    st = os.stat(str(d))
-    if (st.st_uid, st.st_gid) != (owner_uid, owner_gid):
-        try:
-            os.chown(str(d), owner_uid, owner_gid)
-        except OSError as e:
-            raise OutputError("%s: cannot chown it to %s:%s (%s); run init as root"
-                              % (d, _uname(owner_uid), _gname(owner_gid), e.strerror or e)) from None
-        actions.append("chown %s:%s" % (_uname(owner_uid), _gname(owner_gid)))
-    policy = AclPolicy(mode, readers=reader_uids, writers=[bot_uid], warn=warn)
-    if mode != "off":
-        err = probe(d)
-        if err is not None and err.errno in NOT_SUPPORTED:
-            policy._unsupported(str(d), err)
-    if policy.ensure(d, True, str(d)):
-        actions.append("acl %s" % d)
-    for name in ARTIFACTS:
-        f = d / name
-        if f.is_symlink():
-            raise OutputError("%s: is a symlink; remove it, the agent writes regular files" % f)
-        if f.is_file() and policy.ensure(f, False, str(f)):
-            actions.append("acl %s" % f)
-    final = read(d) if policy.supported else from_mode(os.stat(str(d)).st_mode)
-    return InitResult(changed=bool(actions), path=str(d), acl=to_text(final), acls_used=bool(policy.supported),
+            os.stat(name, dir_fd=pd.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            try:
+                os.mkdir(name, 0o700, dir_fd=pd.fd)
+            except OSError as e:
+                raise OutputError("%s: cannot create it (%s); run init as root or create the parent directory"
+                                  % (path, e.strerror or e)) from None
+            actions.append("created %s" % path)
+    with fsutil.open_dir(path, symlinks, warn=warn) as d:
+        st = d.stat()
+        if (st.st_uid, st.st_gid) != (owner_uid, owner_gid):
+            try:
+                os.fchown(d.fd, owner_uid, owner_gid)
+            except OSError as e:
+                raise OutputError("%s: cannot chown it to %s:%s (%s); run init as root"
+                                  % (path, _uname(owner_uid), _gname(owner_gid), e.strerror or e)) from None
+            actions.append("chown %s:%s" % (_uname(owner_uid), _gname(owner_gid)))
+        policy = AclPolicy(mode, readers=reader_uids, writers=[bot_uid], warn=warn)
+        if mode == "off":
+            if [u for u in reader_uids if u != owner_uid] and warn is not None:
+                warn("%s: acls is 'off', so the readers (%s) get no access; set acls: try to let them read"
+                     % (path, ", ".join(_uname(u) for u in reader_uids)))
+        else:
+            err = probe(d.fd)
+            if err is not None and err.errno in NOT_SUPPORTED:
+                policy._unsupported(path, err)
+        if policy.ensure(d.fd, True, path):
+            actions.append("acl %s" % path)
+        changed_files = apply_files(d, policy)
+        actions += ["acl %s" % f for f in changed_files]
+        final = read(d.fd) if policy.supported else from_mode(d.stat().st_mode)
+    return InitResult(changed=bool(actions), path=path, acl=to_text(final), acls_used=bool(policy.supported),
                       actions=actions)
 
 
-def runtime_policy(directory: Union[str, Path], mode: str, config_readers: Sequence[int],
-                   warn: Optional[Callable[[str], None]] = None) -> AclPolicy:
-    """The policy for writes into an output directory at run time: readers and writers already named on the
-    directory's ACL (set by init) plus the readers from the config."""
+def apply_files(d: "fsutil.Dir", policy: AclPolicy, names: Iterable[str] = ARTIFACTS) -> List[str]:
+    """Give the output files already in ``d`` the policy's ACL (through O_NOFOLLOW descriptors; a symlink is
+    refused). Returns the paths that changed."""
+    changed = []
+    for name in names:
+        fd = d.open_file(name)
+        if fd is None:
+            continue
+        try:
+            if policy.ensure(fd, False, d.name(name)):
+                changed.append(d.name(name))
+        finally:
+            os.close(fd)
+    return changed
+
+
+def runtime_policy(directory: Target, mode: str, config_readers: Sequence[int],
+                   warn: Optional[Callable[[str], None]] = None, managed: bool = False,
+                   revoke: Iterable[int] = (), where: Optional[str] = None) -> AclPolicy:
+    """The policy for writes into an output directory at run time (``directory`` is a path or an fd).
+
+    Writers: the named users with write access on the directory's ACL (the bot's own entry that init set; the
+    agent's user is never dropped). Readers: with ``managed`` (the output lists ``readers:``) exactly the
+    config's readers; otherwise the readers init named on the directory plus the config's readers. Users in
+    ``revoke`` (removed from ``readers:`` at a reload) lose their entry either way, unless they are writers."""
+    where = where or str(directory)
     writers: List[int] = []
-    readers: List[int] = list(config_readers)
+    on_acl: List[int] = []
     if mode != "off":
         try:
-            w, r = named_users(read(directory))
-            writers += w
-            readers += [u for u in r if u not in readers]
+            writers, on_acl = named_users(read(directory))
         except OSError as e:
             if e.errno not in NOT_SUPPORTED:
-                raise OutputError("%s: cannot read its ACL (%s)" % (directory, e.strerror or e)) from None
+                raise OutputError("%s: cannot read its ACL (%s)" % (where, e.strerror or e)) from None
+    gone = set(revoke) - set(config_readers)
+    readers: List[int] = [u for u in config_readers if u not in writers]
+    if not managed:
+        readers += [u for u in on_acl if u not in readers and u not in gone and u not in writers]
     return AclPolicy(mode, readers=readers, writers=writers, warn=warn)

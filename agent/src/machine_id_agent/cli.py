@@ -79,12 +79,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _load_config(path):
+    """The config, with the storage's symlinks/acls rules applied to every storage access of this process."""
+    from machine_id_agent import identity as identmod
+
+    cfg = configmod.load(path)
+    identmod.configure_storage(cfg.storage_symlinks, cfg.storage_acls)
+    return cfg
+
+
 def _err(msg: str) -> None:
     sys.stderr.write("machine-id-agent: %s\n" % msg)
 
 
 def cmd_check(args) -> int:
-    cfg = configmod.load(args.config)
+    cfg = _load_config(args.config)
     if args.json:
         print(json.dumps({"ok": True, "config": str(cfg.source), "version": cfg.version,
                           "outputs": [str(o.destination) for o in cfg.outputs]}))
@@ -97,7 +106,7 @@ def cmd_check(args) -> int:
 
 def cmd_init(args) -> int:
     from machine_id_agent import acl
-    cfg = configmod.load(args.config) if args.config else None
+    cfg = _load_config(args.config) if args.config else None
     init_dir = args.init_dir
     readers: List[str] = list(args.reader_user)
     if cfg is not None:
@@ -114,7 +123,10 @@ def cmd_init(args) -> int:
         readers += [r for r in match[0].readers if r not in readers]
     if not init_dir:
         raise ConfigError("--init-dir: missing; pass the destination directory, e.g. --init-dir=/opt/machine-id")
-    mode = args.acls or (cfg.acls if cfg else "try")
+    out = match[0] if cfg is not None else None
+    # the destination's own acls/symlinks (tbot's keys), else the top-level acls
+    mode = args.acls or ((out.acls or cfg.acls) if out is not None else "try")
+    symlinks = out.symlinks if out is not None else configmod.DEFAULT_SYMLINKS
     bot_uid = acl.resolve_user(args.bot_user, "--bot-user")
     if args.owner:
         user, sep, group = args.owner.partition(":")
@@ -129,7 +141,8 @@ def cmd_init(args) -> int:
         owner_uid, owner_gid = bot_uid, _primary_gid(bot_uid)
     reader_uids = [acl.resolve_user(r, "--reader-user") for r in readers]
     warnings: List[str] = []
-    res = acl.init_dir(init_dir, owner_uid, owner_gid, bot_uid, reader_uids, mode, warn=warnings.append)
+    res = acl.init_dir(init_dir, owner_uid, owner_gid, bot_uid, reader_uids, mode, warn=warnings.append,
+                       symlinks=symlinks)
     for w in warnings:
         _err("warning: " + w)
     if args.json:
@@ -149,7 +162,7 @@ def _primary_gid(uid: int) -> int:
 
 
 def cmd_start(args) -> int:
-    cfg = configmod.load(args.config)
+    cfg = _load_config(args.config)
     from machine_id_agent.service import Agent
     log = logs.setup(debug=args.debug or cfg.debug)
     if args.oneshot or cfg.oneshot:
@@ -162,10 +175,18 @@ def cmd_start(args) -> int:
 
 
 def status_doc(cfg: configmod.Config, backend=None) -> Dict[str, Any]:
+    """What is on disk, judged offline: the identity, its state and the fix, and the outputs.
+
+    ``identity.state`` is one of ``none`` (not joined yet), ``ok``, ``expired`` (a new token is needed),
+    ``locked`` (Teleport refused this identity as an old generation and locked the bot), ``lost-renewal``
+    (a renewal Teleport counted never reached the disk; the agent does not present the identity, so the bot
+    is not locked, but the host needs re-enrolment), ``storage-full`` (the storage cannot take the next
+    renewal: the agent does not renew until it can), ``damaged``. ``problem`` and ``fix`` say it in words."""
+    from machine_id_agent import identity as identmod
     from machine_id_agent import outputs
     now = _dt.datetime.now(_dt.timezone.utc)
     ident_doc: Dict[str, Any] = {"present": False, "valid": False, "expires": None, "bot": None,
-                                 "token_hash_matches": None}
+                                 "token_hash_matches": None, "state": "none", "problem": None, "fix": None}
     if backend is None:
         from machine_id_agent.service import Backend
         backend = Backend()
@@ -176,17 +197,51 @@ def status_doc(cfg: configmod.Config, backend=None) -> Dict[str, Any]:
                           % (cfg.storage_dir, e.strerror or e)) from None
     except AgentError as e:
         ident = None
-        ident_doc.update(present=True, error=str(e))
+        ident_doc.update(present=True, error=str(e), state="damaged", problem=str(e),
+                         fix="re-enrol the host: a new token from `tctl bots add` in the config")
+    bot = None
     if ident is not None:
-        ident_doc.update(present=True, valid=bool(ident.valid()), expires=ident.not_after.isoformat())
+        ident_doc.update(present=True, valid=bool(ident.valid()), expires=ident.not_after.isoformat(), state="ok")
         try:
-            ident_doc["bot"] = ident.bot_name
+            bot = ident_doc["bot"] = ident.bot_name
         except Exception:
             ident_doc["bot"] = None
         stored = backend.stored_token_hash(cfg.storage_dir)
-        if stored is not None and cfg.token:
-            ident_doc["token_hash_matches"] = stored == backend.token_hash(cfg.token)
+        try:
+            token = configmod.read_token(cfg)
+        except ConfigError:
+            token = None
+        if stored is not None and token:
+            ident_doc["token_hash_matches"] = stored == backend.token_hash(token)
         ident_doc["seconds_to_expiry"] = int((ident.not_after - now).total_seconds())
+        ident_doc["generation"] = getattr(ident, "generation", None)
+        try:
+            reason = identmod.stale_reason(cfg.storage_dir, ident)
+        except Exception:
+            reason = None
+        name = bot or "<bot>"
+        reenrol = ("re-enrol the host: `tctl bots rm %s`, `tctl bots add %s --roles=...`, put the new token in the "
+                   "config (or let the rollout re-enrol it), then restart the agent" % (name, name))
+        if reason == identmod.STALE_LOCKED:
+            ident_doc.update(state="locked", problem="Teleport locked bot %s: this identity was presented as an old "
+                             "generation (generation mismatch)" % name,
+                             fix="remove the lock (`tctl get locks`, `tctl rm lock/<id>`) and " + reenrol)
+        elif reason == identmod.STALE_LOST:
+            ident_doc.update(state="lost-renewal", problem="the identity lost a renewal (Teleport counts a newer "
+                             "generation than the one on disk); it is never presented, so the bot is not locked; "
+                             "the outputs work until %s" % ident.not_after.isoformat(), fix=reenrol)
+        elif not ident.valid():
+            ident_doc.update(state="expired", problem="the bot identity expired at %s" % ident.not_after.isoformat(),
+                             fix="put a new token from `tctl bots add` in the config; the agent joins again")
+    if ident_doc["state"] == "ok":
+        try:
+            identmod.check_storage(cfg.storage_dir)
+        except identmod.StorageError as e:
+            ident_doc.update(state="storage-full", problem=str(e),
+                             fix="free space in the filesystem of %s; the agent renews again by itself"
+                             % cfg.storage_dir)
+        except (AgentError, OSError):
+            pass  # status may run as a user who cannot write there: not a verdict on the agent
     outs = []
     for o in cfg.outputs:
         d = outputs.inspect(o.destination, now)
@@ -196,7 +251,7 @@ def status_doc(cfg: configmod.Config, backend=None) -> Dict[str, Any]:
 
 
 def cmd_status(args) -> int:
-    cfg = configmod.load(args.config)
+    cfg = _load_config(args.config)
     doc = status_doc(cfg)
     if args.json:
         print(json.dumps(doc))
@@ -208,6 +263,9 @@ def cmd_status(args) -> int:
             print("identity: %s, %s until %s%s" % (
                 i.get("bot") or "?", "valid" if i["valid"] else "NOT valid", i.get("expires"),
                 "" if i["token_hash_matches"] in (None, True) else " (configured token differs: re-join pending)"))
+        if i.get("problem"):
+            print("state: %s: %s" % (i["state"].upper(), i["problem"]))
+            print("fix: %s" % i["fix"])
         for o in doc["outputs"]:
             print("output %s: %s%s" % (o["destination"], "valid until %s" % o["expires"] if o["valid"] else "not valid",
                                        (" (%s)" % o["error"]) if o.get("error") else ""))
@@ -233,7 +291,7 @@ def cmd_wait(args) -> int:
     from machine_id_agent import outputs
     dests = [Path(d) for d in args.destination_dir]
     if args.config:
-        dests += [o.destination for o in configmod.load(args.config).outputs]
+        dests += [o.destination for o in _load_config(args.config).outputs]
     if not dests and not args.diag_addr:
         raise ConfigError("wait: nothing to wait for; pass --diag-addr, -c FILE or --destination-dir")
     if args.diag_addr:

@@ -5,7 +5,8 @@
 
 ``load(path)`` returns a :class:`Config` or raises :class:`ConfigError` with one line that names the key
 (as a dotted path such as ``destinations[0].kubernetes_cluster``), the cause and the fix. Nothing here
-touches the network; reading a token file is the only I/O besides the config file itself.
+touches the network; reading a token file is the only I/O besides the config file itself (a missing token
+file is not an error here: :func:`read_token` reads it again when a join needs it).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ MIN_TTL = 10
 MAX_TTL = 24 * 3600
 MIN_RENEWAL = 1
 ACL_MODES = ("try", "required", "off")
+SYMLINK_MODES = ("secure", "try-secure", "insecure")
+DEFAULT_SYMLINKS = "try-secure"
 JOIN_METHODS = ("token",)
 
 _PIN_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -46,6 +49,11 @@ class KubeOutput:
     reload_command: Optional[List[str]] = None
     exec_plugin: bool = False
     readers: List[str] = field(default_factory=list)
+    # tbot's per-directory keys: how to open the path and whether to use ACLs (None: the top-level acls)
+    symlinks: str = DEFAULT_SYMLINKS
+    acls: Optional[str] = None
+    # True when the output has a readers: key; the list is then the exact set of readers on the ACL
+    readers_managed: bool = False
 
 
 @dataclass
@@ -69,6 +77,8 @@ class Config:
     version: str = "v1"
     debug: bool = False
     token_path: Optional[Path] = None
+    storage_symlinks: str = DEFAULT_SYMLINKS
+    storage_acls: str = "try"
 
     @property
     def addr(self) -> str:
@@ -216,27 +226,55 @@ def _check_pin(pin: str, key: str) -> str:
     return p
 
 
-def _read_token(value: str, key: str, base: Path) -> (str, Optional[Path]):
-    """A token is either the value itself or an absolute path to a file holding it (tbot's rule)."""
+def _read_token(value: str, key: str, base: Path) -> (Optional[str], Optional[Path]):
+    """A token is either the value itself or an absolute path to a file holding it (tbot's rule).
+
+    A token FILE is not required at load time: it is only needed when a join is (see :func:`read_token`),
+    so a host that holds a valid identity keeps working after the spent token file was deleted. The value
+    returned for a file is its content now, or None when it is missing or unreadable."""
     v = value.strip()
     if v.startswith("/") or v.startswith("./"):
         path = Path(v) if v.startswith("/") else (base / v)
         try:
-            text = path.read_text(encoding="utf-8").strip()
-        except FileNotFoundError:
-            raise ConfigError("%s: token file %s does not exist; create it with the join token from "
-                              "'tctl bots add' or put the token value in the config" % (key, path)) from None
-        except OSError as e:
-            raise ConfigError("%s: cannot read token file %s (%s); make it readable by the agent's user"
-                              % (key, path, e.strerror or e)) from None
-        if not text:
-            raise ConfigError("%s: token file %s is empty; write the join token from 'tctl bots add' into it"
-                              % (key, path))
-        return text, path
+            return _token_file(path, key, required=False), path
+        except ConfigError:
+            return None, path
     if any(c.isspace() for c in v):
         raise ConfigError("%s: the token contains whitespace; paste the join token exactly as 'tctl bots add' "
                           "printed it" % key)
     return v, None
+
+
+def _token_file(path: Path, key: str, required: bool) -> Optional[str]:
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        if not required:
+            return None
+        raise ConfigError("%s: token file %s does not exist; create it with the join token from "
+                          "'tctl bots add' or put the token value in the config" % (key, path)) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError("%s: cannot read token file %s (%s); make it readable by the agent's user"
+                          % (key, path, getattr(e, "strerror", None) or e)) from None
+    if not text:
+        if not required:
+            return None
+        raise ConfigError("%s: token file %s is empty; write the join token from 'tctl bots add' into it"
+                          % (key, path))
+    return text
+
+
+def read_token(cfg: "Config", required: bool = False) -> Optional[str]:
+    """The join token as configured NOW: the inline value, or the token file read at this moment (a new
+    token written later is picked up without a restart). ``required`` (a join needs it): a missing, empty
+    or unreadable file raises ConfigError; otherwise a missing or empty file gives None."""
+    path = getattr(cfg, "token_path", None)
+    if path is None:
+        if required and not cfg.token:
+            raise ConfigError("onboarding.token: missing; set it to the join token printed by 'tctl bots add' "
+                              "(or to the absolute path of a file holding it)")
+        return cfg.token
+    return _token_file(Path(path), "onboarding.token", required)
 
 
 def _check_user(name: str, key: str) -> str:
@@ -245,7 +283,24 @@ def _check_user(name: str, key: str) -> str:
     return name
 
 
-def _output(r: _Reader, dest: str, key_dest: str, cluster_key: str, base: Path) -> KubeOutput:
+def _choice(r: _Reader, name: str, allowed, default: Optional[str]) -> Optional[str]:
+    value = r.get(name, str, default)
+    if value is None or value in allowed:
+        return value
+    hint = difflib.get_close_matches(value, allowed, n=1)
+    raise ConfigError("%s: %r is not one of %s%s" % (r.key(name), value, ", ".join(allowed),
+                                                       ("; did you mean '%s'?" % hint[0]) if hint else ""))
+
+
+def _dir_opts(r: Optional[_Reader]):
+    """(symlinks, acls) of a storage or destination directory mapping (tbot's keys)."""
+    if r is None:
+        return DEFAULT_SYMLINKS, None
+    return _choice(r, "symlinks", SYMLINK_MODES, DEFAULT_SYMLINKS), _choice(r, "acls", ACL_MODES, None)
+
+
+def _output(r: _Reader, dest: str, key_dest: str, cluster_key: str, base: Path,
+            dir_reader: Optional[_Reader] = None) -> KubeOutput:
     if not dest.startswith("/"):
         raise ConfigError("%s: %r is not an absolute path; write it like '/opt/machine-id'" % (key_dest, dest))
     cluster = r.get(cluster_key, str, example="kubernetes_cluster: example-k8s-cluster")
@@ -264,8 +319,10 @@ def _output(r: _Reader, dest: str, key_dest: str, cluster_key: str, base: Path) 
                               % (r.key("reload_command"), reload_cmd[0]))
     readers = [_check_user(u, "%s[%d]" % (r.key("readers"), i))
                for i, u in enumerate(r.str_list("readers", "readers: [app]"))]
+    symlinks, acls = _dir_opts(dir_reader)
     return KubeOutput(destination=Path(os.path.normpath(dest)), kubernetes_cluster=cluster, roles=roles,
-                      reload_command=reload_cmd, exec_plugin=r.get("exec_plugin", bool, False), readers=readers)
+                      reload_command=reload_cmd, exec_plugin=r.get("exec_plugin", bool, False), readers=readers,
+                      symlinks=symlinks, acls=acls, readers_managed=r.has("readers"))
 
 
 _OUTPUT_EXTRAS = ["reload_command", "readers", "exec_plugin", "roles"]
@@ -327,6 +384,7 @@ def parse(data: Any, source: Optional[Path] = None) -> Config:
     cfg.insecure = top.get("insecure", bool, False)
 
     # storage
+    storage_acls = None
     st_raw = data.get("storage")
     if st_raw is not None:
         if version == "v2":
@@ -339,12 +397,14 @@ def parse(data: Any, source: Optional[Path] = None) -> Config:
                 raise ConfigError("storage.path: missing; set it to the bot's data directory such as "
                                   "'/var/lib/teleport/bot'")
             key = "storage.path"
+            cfg.storage_symlinks, storage_acls = _dir_opts(st)
         else:
             st = _Reader(st_raw, "storage", ["directory"])
             d = st.data.get("directory")
             if isinstance(d, dict):
                 sd = _Reader(d, "storage.directory", ["path", "symlinks", "acls"])
                 path, key = sd.get("path", str), "storage.directory.path"
+                cfg.storage_symlinks, storage_acls = _dir_opts(sd)
             else:
                 path, key = st.get("directory", str), "storage.directory"
             if not path:
@@ -380,7 +440,7 @@ def parse(data: Any, source: Optional[Path] = None) -> Config:
             path = d.get("path", str)
             if not path:
                 raise ConfigError("%s.destination.path: missing; set it like '/opt/machine-id'" % key)
-            cfg.outputs.append(_output(r, path, key + ".destination.path", "kubernetes_cluster", base))
+            cfg.outputs.append(_output(r, path, key + ".destination.path", "kubernetes_cluster", base, d))
     else:
         raw = data.get("destinations")
         if raw is not None and not isinstance(raw, list):
@@ -390,6 +450,7 @@ def parse(data: Any, source: Optional[Path] = None) -> Config:
             key = "destinations[%d]" % i
             r = _Reader(o, key, ["directory", "kubernetes_cluster"] + _OUTPUT_EXTRAS)
             d = r.data.get("directory")
+            dd = None
             if isinstance(d, dict):
                 dd = _Reader(d, key + ".directory", ["path", "symlinks", "acls"])
                 path, pkey = dd.get("path", str), key + ".directory.path"
@@ -400,7 +461,7 @@ def parse(data: Any, source: Optional[Path] = None) -> Config:
             if not r.has("kubernetes_cluster"):
                 raise ConfigError("%s.kubernetes_cluster: missing; machine-id-agent only writes Kubernetes "
                                   "outputs; set it to the name shown by 'tsh kube ls'" % key)
-            cfg.outputs.append(_output(r, path, pkey, "kubernetes_cluster", base))
+            cfg.outputs.append(_output(r, path, pkey, "kubernetes_cluster", base, dd))
     if not cfg.outputs:
         raise ConfigError("%s: no outputs; add one, for example %s" % (
             "outputs" if version == "v2" else "destinations",
@@ -440,6 +501,10 @@ def parse(data: Any, source: Optional[Path] = None) -> Config:
         hint = difflib.get_close_matches(cfg.acls, ACL_MODES, n=1)
         raise ConfigError("acls: %r is not one of try, required, off%s" % (
             cfg.acls, ("; did you mean '%s'?" % hint[0]) if hint else ""))
+    # a directory's own acls wins; destinations without one follow the top-level acls, storage defaults to try
+    for o in cfg.outputs:
+        o.acls = o.acls or cfg.acls
+    cfg.storage_acls = storage_acls or "try"
     diag = top.get("diag_addr", str, example="diag_addr: 127.0.0.1:9191")
     if diag:
         cfg.diag_addr = check_addr(diag, "diag_addr", "127.0.0.1:9191")

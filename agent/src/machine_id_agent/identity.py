@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
+import errno
 import functools
 import hashlib
 import hmac
 import json
 import os
 import stat
-import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -40,7 +41,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from machine_id_agent.errors import AgentError
+from machine_id_agent import fsutil
+from machine_id_agent.errors import AgentError, OutputError
 
 IDENTITY_FILE = "identity.json"
 TOKENHASH_FILE = "tokenhash"
@@ -197,16 +199,8 @@ class Identity:
 
     # serialisation
     def to_json(self, token_hash_hex: Optional[str]) -> bytes:
-        doc = {
-            "version": FORMAT_VERSION,
-            "key": self.key_pem.decode(),
-            "tlscert": self.tls_cert_pem.decode(),
-            "sshcert": self.ssh_cert.decode(),
-            "tlscacerts": [c.decode() for c in self.tls_ca_pems],
-            "sshcacerts": [c.decode() for c in self.ssh_ca_lines],
-            "tokenhash": token_hash_hex,
-        }
-        return (json.dumps(doc, indent=1) + "\n").encode()
+        return doc_bytes(self.key_pem, self.ssh_cert, self.tls_cert_pem, self.tls_ca_pems, self.ssh_ca_lines,
+                         token_hash_hex)
 
     @classmethod
     def from_certs(cls, key_pem: bytes, ssh: bytes, tls: bytes, tls_cas: List[bytes], ssh_cas: List[bytes]
@@ -218,80 +212,110 @@ class Identity:
                    ssh_ca_lines=[c.strip() + b"\n" for c in ssh_cas if c.strip()])
 
 
+def doc_bytes(key_pem: bytes, ssh: bytes, tls: bytes, tls_cas: List[bytes], ssh_cas: List[bytes],
+              token_hash_hex: Optional[str]) -> bytes:
+    """The ``identity.json`` bytes straight from a server answer, WITHOUT parsing any certificate: this runs
+    between Teleport counting a renewal and the renewal being on disk, so it only copies bytes."""
+    cas: List[bytes] = []
+    for blob in tls_cas:
+        cas.extend(split_pems(blob))
+    doc = {
+        "version": FORMAT_VERSION,
+        "key": key_pem.decode(),
+        "tlscert": tls.decode(),
+        "sshcert": (ssh.strip() + b"\n").decode(),
+        "tlscacerts": [c.decode() for c in cas],
+        "sshcacerts": [(c.strip() + b"\n").decode() for c in ssh_cas if c.strip()],
+        "tokenhash": token_hash_hex,
+    }
+    return (json.dumps(doc, indent=1) + "\n").encode()
+
+
 # --- storage ----------------------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+# How the storage path is opened (config: storage symlinks / acls; see fsutil). Every read and write below goes
+# through a descriptor of the storage directory opened under these rules, so a symlink swapped into the path
+# can never redirect the bot identity.
+STORAGE_SYMLINKS = fsutil.DEFAULT_SYMLINKS
+STORAGE_ACLS = "try"
+
+
+def configure_storage(symlinks: str, acls: str) -> None:
+    global STORAGE_SYMLINKS, STORAGE_ACLS
+    STORAGE_SYMLINKS, STORAGE_ACLS = symlinks, acls
 
 
 def durable_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace ``path`` atomically and durably: temp file, write, fsync, rename, fsync the directory."""
+    """Replace ``path`` atomically and durably (temp file, write, fsync, rename, fsync of the directory),
+    through a descriptor of its directory opened under the storage rules."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, str(path))
-        tmp = ""
-        _fsync_dir(path.parent)
-    finally:
-        if fd >= 0:
-            os.close(fd)
-        if tmp:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+    with fsutil.open_dir(path.parent, STORAGE_SYMLINKS) as d:
+        d.write(path.name, data, mode)
 
 
-def _read_text(path: Path) -> Optional[str]:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return None
-
-
-def _remove_stale_temps(d: Path) -> None:
+def _remove_stale_temps(d: "fsutil.Dir") -> None:
     """Temp files a killed writer left behind (never the live files)."""
-    for name in (IDENTITY_FILE, TOKENHASH_FILE, "stale-identity"):
-        for p in d.glob(f".{name}.*.tmp"):
+    d.clean_temp_files()
+    try:
+        names = d.listdir()
+    except OSError:
+        return
+    for name in names:  # the names older versions used
+        if name.startswith(".") and name.endswith(".tmp") and name[1:].split(".")[0] in (
+                "identity", "tokenhash", "stale-identity"):
             try:
-                p.unlink()
+                d.unlink(name)
             except OSError:
                 pass
+
+
+def open_storage(storage_dir: Path) -> "fsutil.Dir":
+    """The storage directory for writing: opened without following untrusted symlinks, created 0700 when
+    missing, refused unless owned by the agent's user and writable by nobody else."""
+    try:
+        return fsutil.open_private_dir(storage_dir, STORAGE_SYMLINKS, STORAGE_ACLS, create=True)
+    except OutputError as exc:
+        raise IdentityError(str(exc)) from None
 
 
 def ensure_storage_dir(storage_dir: Path) -> Path:
-    d = Path(storage_dir)
+    with open_storage(storage_dir):
+        pass
+    return Path(storage_dir)
+
+
+def _read_storage(storage_dir: Path, name: str) -> Optional[bytes]:
+    """A file of the storage directory (None when it or the directory does not exist); no owner check, so
+    ``status`` run by root can read it."""
     try:
-        d.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = d.stat()
-        if stat.S_IMODE(st.st_mode) & 0o077 and st.st_uid == os.geteuid():
-            os.chmod(d, 0o700)
-    except OSError as exc:
-        raise IdentityError(f"storage directory {d}: {exc.strerror}; create it and make it owned by the user the "
-                            f"agent runs as (mode 0700)") from None
-    return d
+        d = fsutil.open_dir(storage_dir, STORAGE_SYMLINKS)
+    except OutputError as exc:
+        if not os.path.lexists(str(storage_dir)):
+            return None
+        raise IdentityError(str(exc)) from None
+    with d:
+        try:
+            return d.read(name)
+        except OutputError as exc:
+            raise IdentityError(str(exc)) from None
+
+
+def _read_text(storage_dir: Path, name: str) -> Optional[str]:
+    try:
+        raw = _read_storage(storage_dir, name)
+    except (OSError, IdentityError):
+        return None
+    return raw.decode(errors="replace").strip() if raw is not None else None
 
 
 def _read_doc(storage_dir: Path) -> Optional[dict]:
     p = Path(storage_dir) / IDENTITY_FILE
     try:
-        raw = p.read_bytes()
-    except FileNotFoundError:
-        return None
+        raw = _read_storage(storage_dir, IDENTITY_FILE)
     except OSError as exc:
         raise IdentityError(f"cannot read the bot identity {p}: {exc.strerror}; run the agent as the user that "
                             f"owns {storage_dir}") from None
+    if raw is None:
+        return None
     try:
         doc = json.loads(raw)
         if not isinstance(doc, dict) or doc.get("version") != FORMAT_VERSION:
@@ -336,22 +360,160 @@ def token_matches(storage_dir: Path, token: Optional[str]) -> bool:
     return bool(stored and token and hmac.compare_digest(stored, token_hash(token)))
 
 
+class StorageError(IdentityError):
+    """The storage directory cannot take a new identity (not writable, no space): nothing was asked of the
+    server, so nothing is lost."""
+
+
+class UnsavedIdentityError(IdentityError):
+    """The server issued an identity (it already counts it) but the storage refused it. The caller must keep
+    ``identity`` in memory, use it, and store it later: the identity on disk is now one generation behind
+    and presenting it would lock the bot (or, for a join, the token is spent)."""
+
+    def __init__(self, msg: str, identity: "Identity", token_hash: Optional[str]):
+        super().__init__(msg)
+        self.identity = identity
+        self.token_hash = token_hash
+
+
+# room the identity file needs (a 2048-bit identity is about 10 KiB; larger CA sets fit too)
+RESERVE_BYTES = 64 * 1024
+# free space demanded before a renewal or a join (statvfs), on top of the reservation
+MIN_FREE_BYTES = 256 * 1024
+
+
+class Reservation:
+    """A temp file in the storage directory, created and given its disk blocks (``posix_fallocate``) BEFORE
+    the server is asked for a new identity. It is the check tbot does (writable, room left) and more: after
+    the answer arrives the write goes into blocks already allocated, so a full disk can no longer make it
+    fail. :meth:`commit` writes, renames over ``identity.json`` (from then on a kill of the process cannot
+    lose the identity), then fsyncs the file and the directory (from then on a power cut cannot either)."""
+
+    def __init__(self, storage_dir: Path, size: Optional[int] = None, min_free: Optional[int] = None):
+        size = RESERVE_BYTES if size is None else size
+        min_free = MIN_FREE_BYTES if min_free is None else min_free
+        self.d = open_storage(storage_dir)
+        d = Path(storage_dir)
+        self.dir = d
+        self.path = d / IDENTITY_FILE
+        self.fd = -1
+        self.tmp = ""
+        self.timings: dict = {}
+        try:
+            st = self.d.statvfs()
+        except OSError as exc:
+            self.abort()
+            raise StorageError(f"storage {d}: cannot check free space ({exc.strerror}); fix the storage "
+                               f"directory") from None
+        free = st.f_bavail * st.f_frsize
+        if free < size + min_free:
+            self.abort()
+            raise StorageError(f"storage {d}: only {free // 1024} KiB free, a renewal needs "
+                               f"{(size + min_free) // 1024} KiB; not renewing the bot identity until space is "
+                               f"freed (the outputs stay valid until they expire): free space on that filesystem")
+        if st.f_files and st.f_favail < 2:
+            self.abort()
+            raise StorageError(f"storage {d}: no free inodes; not renewing the bot identity until some are freed "
+                               f"(the outputs stay valid until they expire): delete files on that filesystem")
+        try:
+            self.fd, self.tmp = self.d.create_temp(IDENTITY_FILE, 0o600)
+            try:
+                os.posix_fallocate(self.fd, 0, size)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)):
+                    raise
+                _write_all(self.fd, b"\0" * size, 0)  # no fallocate here: a test write of the same size
+        except OSError as exc:
+            self.abort()
+            raise StorageError(f"storage {d}: cannot reserve room for the renewed identity ({exc.strerror}); not "
+                               f"renewing the bot identity until that works (the outputs stay valid until they "
+                               f"expire): free space or fix the permissions of {d} (owned by the agent's user, "
+                               f"mode 0700)") from None
+
+    def commit(self, data: bytes) -> dict:
+        """Write ``data`` as the new ``identity.json``; returns monotonic timestamps ``visible`` (renamed in
+        place: safe from a process kill) and ``durable`` (fsynced: safe from a power cut)."""
+        if self.fd < 0:
+            raise OSError(errno.EBADF, "reservation already used")
+        _write_all(self.fd, data, 0)
+        os.ftruncate(self.fd, len(data))
+        self.d.replace(self.tmp, IDENTITY_FILE)
+        self.tmp = ""
+        self.timings["visible"] = monotonic()
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        self.d.fsync()
+        self.timings["durable"] = monotonic()
+        return self.timings
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = -1
+        if self.tmp:
+            try:
+                self.d.unlink(self.tmp)
+            except OSError:
+                pass
+            self.tmp = ""
+        if self.d.fd >= 0:
+            self.d.close()
+
+    def __enter__(self) -> "Reservation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.abort()
+
+
+def monotonic() -> float:
+    return time.monotonic()
+
+
+def _write_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def check_storage(storage_dir: Path) -> None:
+    """Raise StorageError unless the storage directory can take a new identity now (writable, room left,
+    a reservation of the identity's size succeeds). Run before every renewal and join."""
+    try:
+        with open_storage(storage_dir) as d:
+            _remove_stale_temps(d)  # a reservation a killed agent left behind must not eat the room it checks
+    except IdentityError as exc:
+        raise StorageError(str(exc)) from None
+    Reservation(Path(storage_dir)).abort()
+
+
 def store(storage_dir: Path, identity: Identity, token_hash: Optional[str] = None) -> None:
-    """Persist the identity durably. ``token_hash`` None keeps the hash already stored (renewals)."""
-    d = ensure_storage_dir(storage_dir)
+    """Persist the identity durably. ``token_hash`` None keeps the hash already stored (renewals).
+    Raises UnsavedIdentityError (carrying the identity) when the storage refuses it."""
+    d = Path(storage_dir)
     if token_hash is None:
         try:
             token_hash = stored_token_hash(d)
         except IdentityError:
             token_hash = None
     try:
-        durable_write(d / IDENTITY_FILE, identity.to_json(token_hash))
-        _remove_stale_temps(d)
-        if token_hash and _read_text(d / TOKENHASH_FILE) != token_hash:  # only after a join: keep renewals short
-            durable_write(d / TOKENHASH_FILE, (token_hash + "\n").encode())
-    except OSError as exc:
-        raise IdentityError(f"cannot write the bot identity to {d}: {exc.strerror}; free space or fix the "
-                            f"permissions of {d} (owned by the agent's user, mode 0700)") from None
+        with Reservation(d, size=len(identity.to_json(token_hash)), min_free=0) as res:
+            res.commit(identity.to_json(token_hash))
+        with open_storage(d) as sd:
+            _remove_stale_temps(sd)
+            if token_hash and _read_text(d, TOKENHASH_FILE) != token_hash:  # only after a join: keep renewals short
+                sd.write(TOKENHASH_FILE, (token_hash + "\n").encode())
+    except (OSError, IdentityError, OutputError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise UnsavedIdentityError(f"cannot write the bot identity to {d}: {why}; the agent keeps it in memory "
+                                   f"and retries every cycle; free space or fix the permissions of {d} (owned "
+                                   f"by the agent's user, mode 0700)", identity, token_hash) from None
 
 
 STALE_FILE = "stale-identity"
@@ -362,21 +524,35 @@ def cert_fingerprint(cert_pem: bytes) -> str:
                           ).hexdigest()
 
 
-def mark_stale(storage_dir: Path, identity: Identity) -> None:
-    """Remember that the server refused this identity as an OLD generation. Presenting it again would
-    lock the bot again (also after an admin removed the lock), so it is never sent for renewal again."""
+STALE_LOCKED = "locked"  # Teleport answered "generation mismatch" to this identity
+STALE_LOST = "lost-renewal"  # Teleport already counts a newer generation than this identity holds
+
+
+def mark_stale(storage_dir: Path, identity: Identity, reason: str = STALE_LOCKED) -> None:
+    """Remember that this identity must never be presented for renewal again: the server refused it as an
+    OLD generation (``locked``), or the bot's generation label is ahead of it (``lost-renewal``: a renewal
+    the server counted never reached the disk). Presenting it would lock the bot (again, also after an
+    admin removed the lock). ``status`` reads the reason."""
     try:
-        durable_write(Path(storage_dir) / STALE_FILE, (cert_fingerprint(identity.tls_cert_pem) + "\n").encode())
-    except OSError:
+        with open_storage(storage_dir) as d:
+            d.write(STALE_FILE, (cert_fingerprint(identity.tls_cert_pem) + "\n" + reason + "\n").encode())
+    except (OSError, AgentError):
         pass  # best effort: the in-memory refusal still holds for this process
 
 
+def stale_reason(storage_dir: Path, identity: Identity) -> Optional[str]:
+    """The reason this identity was marked stale (``locked``, ``lost-renewal``), or None."""
+    text = _read_text(storage_dir, STALE_FILE)
+    if text is None:
+        return None
+    lines = text.split()
+    if not lines or not hmac.compare_digest(lines[0], cert_fingerprint(identity.tls_cert_pem)):
+        return None
+    return lines[1] if len(lines) > 1 else STALE_LOCKED
+
+
 def is_stale(storage_dir: Path, identity: Identity) -> bool:
-    try:
-        marked = (Path(storage_dir) / STALE_FILE).read_text().strip()
-    except OSError:
-        return False
-    return bool(marked) and hmac.compare_digest(marked, cert_fingerprint(identity.tls_cert_pem))
+    return stale_reason(storage_dir, identity) is not None
 
 
 def b64(data: bytes) -> str:

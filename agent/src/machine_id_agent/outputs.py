@@ -180,49 +180,80 @@ class WriteResult:
     acl_changes: List[str] = field(default_factory=list)
 
 
-def write_kube(output: KubeOutput, creds: Any, teleport_cluster: str, endpoint: KubeEndpoint, acls: str = "try",
-               reader_uids: Sequence[int] = (), warn: Optional[Callable[[str], None]] = None) -> WriteResult:
+def write_kube(output: KubeOutput, creds: Any, teleport_cluster: str, endpoint: KubeEndpoint,
+               acls: Optional[str] = None, reader_uids: Sequence[int] = (),
+               warn: Optional[Callable[[str], None]] = None, symlinks: Optional[str] = None,
+               revoke: Sequence[int] = ()) -> WriteResult:
     """Write one Kubernetes output. ``creds`` is a renew.KubeCredentials (key_pem, cert_pem, host_ca_pems,
-    not_after). Each file is atomic; kubeconfig.yaml is written last."""
-    dest = Path(output.destination)
+    not_after). The destination is opened under ``symlinks`` (default: the output's own setting) and every
+    file is written relative to that descriptor; each file is atomic; kubeconfig.yaml is written last.
+    ``acls`` defaults to the output's own setting, then ``try``."""
+    acls = acls or getattr(output, "acls", None) or "try"
+    symlinks = symlinks or getattr(output, "symlinks", None) or fsutil.DEFAULT_SYMLINKS
     warn = warn or (lambda m: None)
-    if dest.is_symlink():
-        raise OutputError("%s: the destination is a symlink; point the output at the real directory" % dest)
-    if not dest.exists():
-        try:
-            os.makedirs(str(dest), 0o700)
-        except OSError as e:
-            raise OutputError("%s: the destination does not exist and cannot be created (%s); run "
-                              "'machine-id-agent init' as root first" % (dest, e.strerror or e)) from None
-    fsutil.clean_temp_files(dest)
-    policy = aclmod.runtime_policy(dest, acls, reader_uids, warn=warn)
+    with fsutil.open_dir(output.destination, symlinks, create=0o700, warn=warn) as d:
+        d.clean_temp_files()
+        policy, changes = _ensure_dir_acl(d, output, acls, reader_uids, warn, revoke)
+
+        def prep(name: str) -> Callable[[int], None]:
+            return lambda fd: policy.ensure(fd, False, d.name(name))
+
+        host_cas = b"".join(_nl(p) for p in creds.host_ca_pems)
+        files = [(KEY, creds.key_pem), (TLSCERT, creds.cert_pem), (HOST_CA, host_cas)]
+        dest = Path(output.destination)
+        if output.exec_plugin:
+            files.append((IDENTITY, _nl(creds.key_pem) + _nl(creds.cert_pem)))
+            kc = render_kubeconfig(teleport_cluster, output.kubernetes_cluster, endpoint, creds.host_ca_pems,
+                                   exec_stanza=exec_command(dest))
+        else:
+            kc = render_kubeconfig(teleport_cluster, output.kubernetes_cluster, endpoint, creds.host_ca_pems,
+                                   key_pem=creds.key_pem, cert_pem=creds.cert_pem)
+        files.append((KUBECONFIG, kc))
+        for name, data in files:
+            d.write(name, data, 0o600, prepare=prep(name), sync_dir=False)
+        if not output.exec_plugin:
+            # a file from an earlier exec-plugin configuration must not keep the old key readable
+            d.unlink(IDENTITY)
+        d.fsync()
+    not_after = getattr(creds, "not_after", None) or cert_not_after(creds.cert_pem)
+    return WriteResult(str(dest), not_after, changes)
+
+
+def _ensure_dir_acl(d: fsutil.Dir, output: Any, acls: str, reader_uids: Sequence[int],
+                    warn: Callable[[str], None], revoke: Sequence[int]):
+    policy = aclmod.runtime_policy(d.fd, acls, reader_uids, warn=warn,
+                                   managed=bool(getattr(output, "readers_managed", False)), revoke=revoke,
+                                   where=d.path)
     changes: List[str] = []
     try:
-        if policy.ensure(dest, True, str(dest)):
-            changes.append(str(dest))
+        if policy.ensure(d.fd, True, d.path):
+            changes.append(d.path)
     except OutputError as e:
         if acls == "required":
             raise
         warn(str(e))
+    return policy, changes
 
-    def prep(name: str) -> Callable[[int], None]:
-        return lambda fd: policy.ensure(fd, False, str(dest / name))
 
-    host_cas = b"".join(_nl(p) for p in creds.host_ca_pems)
-    files = [(KEY, creds.key_pem), (TLSCERT, creds.cert_pem), (HOST_CA, host_cas)]
-    if output.exec_plugin:
-        files.append((IDENTITY, _nl(creds.key_pem) + _nl(creds.cert_pem)))
-        kc = render_kubeconfig(teleport_cluster, output.kubernetes_cluster, endpoint, creds.host_ca_pems,
-                               exec_stanza=exec_command(dest))
-    else:
-        kc = render_kubeconfig(teleport_cluster, output.kubernetes_cluster, endpoint, creds.host_ca_pems,
-                               key_pem=creds.key_pem, cert_pem=creds.cert_pem)
-    files.append((KUBECONFIG, kc))
-    for name, data in files:
-        fsutil.atomic_write(dest / name, data, 0o600, prepare=prep(name), sync_dir=False)
-    fsutil.fsync_dir(dest)
-    not_after = getattr(creds, "not_after", None) or cert_not_after(creds.cert_pem)
-    return WriteResult(str(dest), not_after, changes)
+def apply_acls(output: KubeOutput, acls: Optional[str] = None, reader_uids: Sequence[int] = (),
+               revoke: Sequence[int] = (), warn: Optional[Callable[[str], None]] = None,
+               symlinks: Optional[str] = None) -> List[str]:
+    """Re-apply a destination's ACL to the directory and the output files already in it, without new
+    credentials (used at a config reload, so a reader removed from ``readers:`` loses access at once).
+    Returns what changed. A missing destination is left alone (the next renewal creates it)."""
+    acls = acls or getattr(output, "acls", None) or "try"
+    symlinks = symlinks or getattr(output, "symlinks", None) or fsutil.DEFAULT_SYMLINKS
+    warn = warn or (lambda m: None)
+    try:
+        d = fsutil.open_dir(output.destination, symlinks, warn=warn)
+    except OutputError:
+        if not os.path.lexists(str(output.destination)):
+            return []
+        raise
+    with d:
+        policy, changes = _ensure_dir_acl(d, output, acls, reader_uids, warn, revoke)
+        changes += aclmod.apply_files(d, policy)
+    return changes
 
 
 def read_credentials(destination: Path) -> Dict[str, bytes]:

@@ -37,6 +37,7 @@ METHODS = {
     "GetClusterCACert": "/proto.AuthService/GetClusterCACert",
     "Ping": "/proto.AuthService/Ping",
     "GetRole": "/proto.AuthService/GetRole",
+    "GetUser": "/proto.AuthService/GetUser",
 }
 
 _T = descriptor_pb2.FieldDescriptorProto
@@ -75,6 +76,12 @@ _MESSAGES = {
     "RoleConditions": [("impersonate", 14, _T.TYPE_MESSAGE, _OPT, "ImpersonateConditions")],
     "RoleSpecV6": [("allow", 2, _T.TYPE_MESSAGE, _OPT, "RoleConditions")],
     "RoleV6": [("kind", 1, _T.TYPE_STRING, _OPT, None), ("spec", 5, _T.TYPE_MESSAGE, _OPT, "RoleSpecV6")],
+    # GetUser: proto.GetUserRequest Name=1 (WithSecrets=2 left false); answer types.UserV2 Metadata=4 ->
+    # types.Metadata Name=1, Labels=5 (map<string,string>, on the wire a repeated key=1/value=2 entry)
+    "GetUserRequest": [("name", 1, _T.TYPE_STRING, _OPT, None)],
+    "LabelEntry": [("key", 1, _T.TYPE_STRING, _OPT, None), ("value", 2, _T.TYPE_STRING, _OPT, None)],
+    "Metadata": [("name", 1, _T.TYPE_STRING, _OPT, None), ("labels", 5, _T.TYPE_MESSAGE, _REP, "LabelEntry")],
+    "UserV2": [("kind", 1, _T.TYPE_STRING, _OPT, None), ("metadata", 4, _T.TYPE_MESSAGE, _OPT, "Metadata")],
 }
 
 
@@ -105,6 +112,8 @@ PingRequest = _CLASSES["PingRequest"]
 PingResponse = _CLASSES["PingResponse"]
 GetRoleRequest = _CLASSES["GetRoleRequest"]
 RoleV6 = _CLASSES["RoleV6"]
+GetUserRequest = _CLASSES["GetUserRequest"]
+UserV2 = _CLASSES["UserV2"]
 
 # request/response types per method
 SIGNATURES = {
@@ -112,6 +121,7 @@ SIGNATURES = {
     "GetClusterCACert": (Empty, GetClusterCACertResponse),
     "Ping": (PingRequest, PingResponse),
     "GetRole": (GetRoleRequest, RoleV6),
+    "GetUser": (GetUserRequest, UserV2),
 }
 
 
@@ -152,3 +162,14 @@ def user_certs_request(*, username: str, expires: _dt.datetime, ssh_public_key: 
 def impersonate_roles(role: "RoleV6") -> list:
     """The roles a role may impersonate: Spec.Allow.Impersonate.Roles."""
     return list(role.spec.allow.impersonate.roles)
+
+
+BOT_GENERATION_LABEL = "teleport.internal/bot-generation"
+
+
+def user_label(user: "UserV2", name: str) -> Optional[str]:
+    """One label of a user (types.Metadata.Labels), or None."""
+    for e in user.metadata.labels:
+        if e.key == name:
+            return e.value
+    return None

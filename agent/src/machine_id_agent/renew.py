@@ -4,7 +4,7 @@
 """Renewal and Kubernetes credentials over the auth server's gRPC API (``proto.AuthService``).
 
 One :class:`AuthClient` = one renewal cycle: it opens one connection (direct mTLS, or through the proxy's
-web port), and
+web port with the ``teleport-auth@`` ALPN; :mod:`machine_id_agent.transport`, no local relay), and
 
 * :meth:`AuthClient.renew_identity` calls ``GenerateUserCerts`` for the bot itself (same username, no role
   requests) with a NEW key, stores the result durably BEFORE anything uses it, then reconnects with it;
@@ -25,8 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import grpc
-
+from machine_id_agent import grpcwire
 from machine_id_agent import identity as ident
 from machine_id_agent import proto, transport, webapi
 from machine_id_agent.errors import LockedError, RenewError
@@ -80,16 +79,24 @@ def locked_explanation(bot: str, detail: str, storage_dir) -> str:
             f"copy never can (give that host its own bot: `tctl bots add <other-name> --roles=...`)")
 
 
+def lost_renewal_explanation(old, counted, storage_dir) -> str:
+    ahead = f"Teleport counts generation {counted}" if counted is not None else "Teleport counts a newer generation"
+    return (f"the bot identity in {storage_dir} lost a renewal: it holds generation {old.generation} of bot "
+            f"{old.bot_name!r} but {ahead} (a renewal Teleport issued never reached the disk: the agent was "
+            f"killed or the machine lost power in between). It is not presented, because that would lock the "
+            f"bot; it still serves the outputs until it expires at {old.not_after.isoformat()}. The host needs "
+            f"re-enrolment: a new token (`tctl bots rm {old.bot_name}` then `tctl bots add {old.bot_name} "
+            f"--roles=...`) in the config, or a rollout that re-enrols it")
+
+
 class AuthClient:
     """A connection to the auth server's gRPC API as the bot, for one renewal cycle."""
 
     def __init__(self, cfg, identity: ident.Identity, facts: Optional[webapi.ProxyFacts] = None,
                  prefer: Optional[str] = None):
-        """``prefer`` (tests, diagnostics): "alpn" or "ssh" for the proxy route. By default the proxy's web
-        port with the teleport-auth@ ALPN is used, and a proxy without TLS routing that does not route
-        that ALPN is reached through its SSH reverse tunnel instead."""
+        """``prefer`` is accepted for compatibility and ignored: the proxy route is always its web port with
+        the teleport-auth@ ALPN (v13 routes it in both listener modes; docs/protocol-findings.md)."""
         self.prefer = prefer
-        self._fell_back = False
         self.cfg = cfg
         self.identity = identity
         self.facts = facts
@@ -121,15 +128,7 @@ class AuthClient:
                     f"renewed; a fresh join is needed: create a new token with `tctl bots add {idt.bot_name} ...` "
                     f"(after `tctl bots rm {idt.bot_name}`) and put it in the config", retryable=False)
             kind, addr = self.route
-            if kind == "proxy" and (self.prefer == "ssh" or self._fell_back):
-                tunnel = (self.facts.tunnel_addr if self.facts else None) or addr
-                try:
-                    self._conn = transport.via_ssh_tunnel(tunnel, idt.cluster_name, idt.tls_cert_pem, idt.key_pem,
-                                                          idt.tls_ca_pems, idt.ssh_cert, idt.ssh_ca_lines)
-                except transport.TransportError as exc:
-                    raise RenewError(f"cannot reach auth through the proxy's SSH tunnel {tunnel}: {exc}",
-                                     retryable="paramiko" not in str(exc)) from None
-            elif kind == "proxy":
+            if kind == "proxy":
                 self._conn = transport.via_proxy_alpn(addr, idt.cluster_name, idt.tls_cert_pem, idt.key_pem,
                                                       idt.tls_ca_pems)
             else:
@@ -138,58 +137,45 @@ class AuthClient:
 
     def _call(self, method: str, request, what: str):
         conn = self._connection()
-        req_t, resp_t = proto.SIGNATURES[method]
-        fn = conn.channel.unary_unary(proto.METHODS[method], request_serializer=req_t.SerializeToString,
-                                      response_deserializer=resp_t.FromString)
+        _req_t, resp_t = proto.SIGNATURES[method]
         try:
-            return fn(request, timeout=RPC_TIMEOUT)
-        except grpc.RpcError as exc:
-            if self._should_fall_back(conn):
-                log.info("the proxy does not route the teleport-auth@ ALPN (%s); using its SSH reverse tunnel",
-                         conn.last_transport_error())
-                self._fell_back = True
-                self.close()
-                return self._call(method, request, what)
+            raw = conn.call(proto.METHODS[method], request.SerializeToString(), RPC_TIMEOUT)
+        except grpcwire.RpcError as exc:
             raise self._error(exc, what, conn) from None
+        try:
+            return resp_t.FromString(raw)
+        except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
+            raise RenewError(f"{what}: {conn.describe} sent an answer that is not a {method} response "
+                             f"({exc.__class__.__name__}); will retry", retryable=True) from None
 
-    def _should_fall_back(self, conn: transport.Connection) -> bool:
-        """A proxy without TLS routing whose web port closed our teleport-auth@ handshake."""
-        if self._fell_back or self.prefer == "alpn" or self.route[0] != "proxy" or conn.bridge is None:
-            return False
-        if conn.bridge.name != "proxy-alpn" or self.facts is None or self.facts.tls_routing:
-            return False
-        err = conn.last_transport_error() or ""
-        return "during the TLS handshake" in err
-
-    def _error(self, exc: grpc.RpcError, what: str, conn: transport.Connection) -> RenewError:
-        code = exc.code() if hasattr(exc, "code") else None
-        details = (exc.details() if hasattr(exc, "details") else "") or ""
+    def _error(self, exc: grpcwire.RpcError, what: str, conn: transport.Connection) -> RenewError:
+        code = exc.code
+        details = exc.details or ""
         low = details.lower()
         bot = self.identity.bot_name
-        if "generation mismatch" in low or ("lock targeting" in low and "in force" in low):
+        if not exc.transport and ("generation mismatch" in low or ("lock targeting" in low and "in force" in low)):
             return LockedError(locked_explanation(bot, details.splitlines()[0] if details else "locked",
                                                   self.cfg.storage_dir))
         where = conn.describe
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
-            reason = conn.last_transport_error() or details or code.name
+        if code in (grpcwire.UNAVAILABLE, grpcwire.DEADLINE_EXCEEDED, grpcwire.CANCELLED):
+            reason = details or exc.code_name
             hint = ""
             if self.route[0] == "proxy" and "closed the connection during the TLS handshake" in reason:
                 hint = ("; if this proxy does not route the teleport-auth@ ALPN (e.g. it sits behind an L7 load "
                         "balancer), set auth_server to the auth service address (host:3025)")
             return RenewError(f"{what}: cannot reach {where} ({reason}){hint}; will retry", retryable=True)
-        if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+        if code in (grpcwire.PERMISSION_DENIED, grpcwire.UNAUTHENTICATED):
             # Teleport v13 answers a locked user's calls with a bare "access denied".
             return RenewError(f"{what}: {where} denied it ({details}); the bot may be locked (check `tctl get "
                               f"locks`; a generation mismatch locks it) or its roles do not allow this (check "
                               f"`tctl get role/bot-{bot}` and `tctl bots ls`)", retryable=False)
-        if code == grpc.StatusCode.INVALID_ARGUMENT:
+        if code == grpcwire.INVALID_ARGUMENT:
             return RenewError(f"{what}: {where} rejected the request ({details}); check the config (kubernetes_cluster "
                               f"as `tctl kube ls` shows it, roles)", retryable=False)
-        if code == grpc.StatusCode.NOT_FOUND:
+        if code == grpcwire.NOT_FOUND:
             return RenewError(f"{what}: {where} answered not found ({details}); check the names in the config "
                               f"(kubernetes_cluster as `tctl kube ls` shows it, roles)", retryable=False)
-        name = code.name if code is not None else "error"
-        return RenewError(f"{what}: {where} failed ({name}: {details})", retryable=True)
+        return RenewError(f"{what}: {where} failed ({exc.code_name}: {details})", retryable=True)
 
     # -- facts ---------------------------------------------------------------------------------------
     def _ping(self):
@@ -235,25 +221,93 @@ class AuthClient:
                                        server_major=self.server_major, **kw)
         return self._call("GenerateUserCerts", req, what)
 
-    def renew_identity(self, ttl: int) -> ident.Identity:
-        """Renew the bot's identity with a fresh key; it is stored durably before this returns."""
+    def bot_generation(self) -> Optional[int]:
+        """The generation Teleport counts for this bot now (label ``teleport.internal/bot-generation`` of
+        user ``bot-<name>``, read with GetUser: v13 lets a user read itself). None when there is no label."""
+        name = self.identity.username
+        user = self._call("GetUser", proto.GetUserRequest(name=name), f"read user {name}")
+        v = proto.user_label(user, proto.BOT_GENERATION_LABEL)
+        try:
+            return int(v) if v else None
+        except ValueError:
+            return None
+
+    def renew_identity(self, ttl: int, check_generation: bool = True) -> ident.Identity:
+        """Renew the bot's identity with a fresh key; it is on disk before this returns.
+
+        Order, to keep the time between Teleport counting the renewal and the renewal being on disk short:
+        the key, the request, the token hash and a storage reservation (temp file with its blocks allocated)
+        are all ready BEFORE the call; the answer's bytes are written into the reservation and renamed into
+        place before any certificate is parsed or checked; fsyncs follow. ``self.timings`` records the
+        round trip and that window. If the storage refuses the write anyway, the client still switches to
+        the new identity and UnsavedIdentityError (carrying it) is raised: the caller keeps it in memory.
+
+        ``check_generation``: first read the generation Teleport counts for the bot; when it is ahead of the
+        stored identity (a renewal the server counted never reached the disk) the identity is NOT presented,
+        because that would lock the bot: LockedError saying the host needs re-enrolment."""
         old = self.identity
         storage = Path(self.cfg.storage_dir)
-        if ident.is_stale(storage, old):
+        reason = ident.stale_reason(storage, old)
+        if reason == ident.STALE_LOST:
+            raise LockedError(lost_renewal_explanation(old, None, storage), lost_renewal=True)
+        if reason is not None:
             raise LockedError(
                 f"the bot identity in {storage} (bot {old.bot_name!r}, generation {old.generation}) was refused by "
                 f"Teleport as an old generation and is never presented again, because each attempt locks the bot "
                 f"anew; this host needs its own bot: create one with `tctl bots add <name> --roles=...` and put the "
                 f"new token in the config")
         major = self.server_major  # resolve before the renewal so nothing else runs in between
+        if check_generation and old.generation is not None:
+            try:
+                counted = self.bot_generation()
+            except LockedError:
+                raise
+            except RenewError as exc:
+                if exc.retryable:
+                    raise
+                # a server that does not let the bot read itself: renew without the check (as tbot does)
+                log.warning("cannot read the generation Teleport counts for bot %r (%s); renewing without that "
+                            "check", old.bot_name, exc)
+                counted = None
+            # Only a server AHEAD of the stored identity means a counted renewal was lost. A server behind it is
+            # Teleport's read cache lagging a renewal made a moment ago (seen on the bed with renewals ~1 s
+            # apart): the stored identity is the newest, so it is presented as usual.
+            if counted is not None and counted < old.generation:
+                log.debug("Teleport's cache still counts generation %s for bot %r (stored: %s); renewing",
+                          counted, old.bot_name, old.generation)
+            if counted is not None and counted > old.generation:
+                ident.mark_stale(storage, old, ident.STALE_LOST)
+                raise LockedError(lost_renewal_explanation(old, counted, storage), lost_renewal=True)
         key_pem = ident.generate_key()
         expires = _dt.datetime.now(_dt.timezone.utc) + _dt.timedelta(seconds=int(ttl))
+        req = proto.user_certs_request(username=old.username, expires=expires,
+                                       ssh_public_key=ident.ssh_public_key(key_pem),
+                                       tls_public_key=ident.tls_public_key(key_pem), server_major=major)
         try:
-            certs = self._user_certs(key_pem, expires, f"renew bot {old.bot_name!r}")
-        except LockedError as exc:
-            if "generation mismatch" in str(exc):
-                ident.mark_stale(storage, old)
-            raise
+            token_hash = ident.stored_token_hash(storage)
+        except ident.IdentityError:
+            token_hash = None
+        reservation = ident.Reservation(storage)  # StorageError here: nothing asked, nothing lost
+        try:
+            t0 = ident.monotonic()
+            try:
+                certs = self._call("GenerateUserCerts", req, f"renew bot {old.bot_name!r}")
+            except LockedError as exc:
+                if "generation mismatch" in str(exc):
+                    ident.mark_stale(storage, old)
+                raise
+            t1 = ident.monotonic()
+            data = ident.doc_bytes(key_pem, certs.ssh, certs.tls, list(certs.tls_ca_certs),
+                                   list(certs.ssh_ca_certs), token_hash)
+            stored_err = None
+            try:
+                marks = reservation.commit(data)
+            except OSError as exc:
+                stored_err, marks = exc, {}
+        finally:
+            reservation.abort()
+        self.timings = {"rpc": t1 - t0, "visible": marks.get("visible", t1) - t1,
+                        "durable": marks.get("durable", t1) - t1}
         try:
             new = ident.Identity.from_certs(key_pem, certs.ssh, certs.tls, list(certs.tls_ca_certs),
                                             list(certs.ssh_ca_certs))
@@ -262,13 +316,18 @@ class AuthClient:
         if not ident.cert_key_matches(new.tls_cert_pem, key_pem):
             raise RenewError(f"renew bot {old.bot_name!r}: the server returned a certificate for another key",
                              retryable=True)
-        # Persist BEFORE anything uses the new certificate: the server already counts it as current.
-        ident.store(Path(self.cfg.storage_dir), new)
         if old.generation is not None and new.generation is not None and new.generation != old.generation + 1:
             log.warning("renewal returned generation %s after %s", new.generation, old.generation)
-        log.info("renewed %s (server v%s)", new.describe(), major)
         self.close()  # later calls in this cycle present the new identity
         self.identity = new
+        if stored_err is not None:
+            raise ident.UnsavedIdentityError(
+                f"renewed bot {old.bot_name!r} but cannot write it to {storage} ({stored_err.strerror or stored_err});"
+                f" the agent keeps it in memory and retries every cycle: free space or fix the permissions of "
+                f"{storage}", new, token_hash)
+        log.info("renewed %s (server v%s; round trip %.1f ms, answer to disk %.2f ms, to fsync %.1f ms)",
+                 new.describe(), major, self.timings["rpc"] * 1e3, self.timings["visible"] * 1e3,
+                 self.timings["durable"] * 1e3)
         return new
 
     def kube_credentials(self, kubernetes_cluster: str, roles: Optional[List[str]], ttl: int) -> KubeCredentials:

@@ -3,22 +3,25 @@
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """The renewal loop: join or renew the bot identity, write every Kubernetes output, repeat.
 
-One cycle: load the stored identity; join (again) when there is none, it expired, or the configured token's
-hash differs from the stored one; ping the proxy; renew the identity and store it durably BEFORE using it;
-then, with a connection on the new identity, fetch the current host CA and one certificate per output,
-write the outputs atomically, and run each output's reload command.
+One cycle: load the stored identity (or the one kept in memory because the storage refused it); join (again)
+when there is none, it expired, or the token configured now (a token file is read at this moment) hashes
+differently from the stored one; ping the proxy; renew the bot identity only when it is old enough or SIGUSR1
+forced it (:meth:`Agent.renewal_due`), after checking the storage can take it, and store it durably BEFORE
+using it; then fetch the current host CA and one certificate per output with the current identity, write the
+outputs atomically, and run each output's reload command.
 
 Timing: the next cycle is due after ``renewal_interval`` x U(0.9, 1.0). A failed cycle is retried with
 exponential backoff (1s, 2s, 4s ... capped at min(renewal_interval, 60s)) x U(0.5, 1.0); the last good outputs
-stay in place. Signals: SIGHUP reloads the config and renews, SIGUSR1 renews now, SIGTERM/SIGINT exit 0.
+stay in place. Signals: SIGHUP reloads the config and runs a cycle, SIGUSR1 runs a cycle that renews the bot
+identity, SIGTERM/SIGINT exit 0 (after the running cycle).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import errno
 import fcntl
-import json
 import os
 import random
 import select
@@ -40,7 +43,7 @@ BACKOFF_CAP = 60.0
 RELOAD_TIMEOUT = 60
 LOCK_FILE = "agent.lock"
 STALL_AFTER = 300.0  # seconds one cycle may take before /livez fails and the watchdog pings stop
-ORPHAN_WAIT = 120.0  # seconds a new agent waits for a dead agent's renewal worker
+ORPHAN_WAIT = 120.0  # seconds a new agent waits for an older agent's orphaned renewal worker (upgrades)
 
 
 def _utcnow() -> _dt.datetime:
@@ -73,6 +76,10 @@ class Backend:
 
     def stored_token_hash(self, storage_dir: Path) -> Optional[str]:
         return self.identity.stored_token_hash(storage_dir)
+
+    def check_storage(self, storage_dir: Path) -> None:
+        """Raise StorageError unless the storage can take a new identity now (before a renewal or a join)."""
+        self.identity.check_storage(storage_dir)
 
     def token_hash(self, token: str) -> str:
         return self.identity.token_hash(token)
@@ -108,6 +115,9 @@ class Agent:
     def __init__(self, cfg: configmod.Config, backend: Any = None, notifier: Optional[Notifier] = None,
                  log=None, rnd: Callable[[], float] = random.random, isolate: bool = False):
         self.cfg = cfg
+        from machine_id_agent import identity as identmod
+
+        identmod.configure_storage(cfg.storage_symlinks, cfg.storage_acls)
         self.isolate = isolate
         self._backend = backend
         self.notifier = notifier or Notifier()
@@ -127,6 +137,9 @@ class Agent:
         self._reset_outputs()
         self._stop = False
         self._renew_now = False
+        self._force_renew = False  # SIGUSR1: renew the bot identity even though it is fresh
+        self._unsaved = None  # (identity, token hash) the server issued but the storage refused
+        self._deferred: Optional[AgentError] = None
         self._reload = False
         self._lock_fd: Optional[int] = None
         self.diag = None
@@ -206,47 +219,144 @@ class Agent:
                     self.log.warning("cannot ask the proxy named by the auth server (%s); kubeconfig needs it", e2)
             return self.facts
 
+    def renewal_due(self, ident, now: Optional[_dt.datetime] = None) -> bool:
+        """Renew the bot identity only when it is old enough: its remaining lifetime is at most
+        ``credential_ttl - 0.9 x renewal_interval`` (so on the normal schedule every cycle renews, as each
+        comes >= 0.9 x interval after the last), or when SIGUSR1 forced it. A fresh identity is NOT renewed at
+        start (a restart loop would otherwise walk into the renewal window again and again), after SIGHUP or
+        when a failed cycle is retried. The age is taken from the expiry, not from NotBefore (Teleport
+        backdates that by a minute); a server that capped the TTL makes it look older: renewed earlier."""
+        if self._force_renew:
+            return True
+        now = now or _utcnow()
+        left = (ident.not_after - now).total_seconds()
+        return left <= self.cfg.credential_ttl - 0.9 * self.cfg.renewal_interval
+
+    def _storage_problem(self) -> Optional[AgentError]:
+        check = getattr(self.backend, "check_storage", None)
+        if check is None:
+            return None
+        try:
+            check(self.cfg.storage_dir)
+            return None
+        except AgentError as e:
+            return e
+
+    def _identity_now(self):
+        """The identity to use: one kept in memory because the storage refused it (stored now if the
+        storage takes it again), else the stored one."""
+        be, cfg = self.backend, self.cfg
+        if self._unsaved is not None:
+            ident, h = self._unsaved
+            try:
+                be.store_identity(cfg.storage_dir, ident, h)
+            except (AgentError, OSError) as e:
+                self._deferred = e if isinstance(e, AgentError) else RenewError(str(e))
+                return ident, h
+            self._unsaved = None
+            self.log.info("stored the bot identity that was kept in memory (%s)", _bot(ident))
+            return ident, h
+        ident = be.load_identity(cfg.storage_dir)
+        return ident, (be.stored_token_hash(cfg.storage_dir) if ident is not None else None)
+
+    def _keep_unsaved(self, e, token_hash: Optional[str]) -> Any:
+        """The server issued an identity the storage refused: use it, keep it, retry storing it."""
+        self._unsaved = (e.identity, e.token_hash if e.token_hash is not None else token_hash)
+        self._deferred = e
+        self.log.error("%s", e)
+        return e.identity
+
     def cycle(self) -> None:
-        """One renewal; raises AgentError (or OSError) on failure. Outputs are only replaced on success."""
+        """One renewal; raises AgentError (or OSError) on failure. Outputs are only replaced on success.
+        A problem that does not stop the outputs (storage full, identity kept in memory, a lost renewal) is
+        left in ``self._deferred``: the outputs are refreshed with the current identity, then the cycle
+        reports it."""
         cfg = self.cfg
         be = self.backend
-        want_hash = be.token_hash(cfg.token) if cfg.token else None
-        ident = be.load_identity(cfg.storage_dir)
-        stored_hash = be.stored_token_hash(cfg.storage_dir) if ident is not None else None
+        self._deferred = None
+        ident, stored_hash = self._identity_now()
+        try:
+            token = configmod.read_token(cfg)  # the token file now (a new one is picked up without a restart)
+        except ConfigError:
+            token = None  # unreadable: an error only if a join needs it (below)
+        if token:
+            logs.REDACTOR.add([token])
+        want_hash = be.token_hash(token) if token else None
         joined = False
-        if ident is None or not ident.valid() or (want_hash is not None and stored_hash != want_hash):
+        if ident is None or not ident.valid() or (want_hash is not None and stored_hash != want_hash
+                                                   and self._unsaved is None):
             why = ("no stored identity" if ident is None else "the stored identity expired" if not ident.valid()
                    else "the configured token changed")
+            token = configmod.read_token(cfg, required=True)
+            problem = self._storage_problem()
+            if problem is not None:  # a token is spent once: never on an identity the disk cannot take
+                raise problem
             self.log.info("joining the cluster with the configured token (%s)", why)
-            ident = be.join(cfg)
-            be.store_identity(cfg.storage_dir, ident, want_hash)
+            try:
+                ident = be.join(dataclasses.replace(cfg, token=token))
+            except JoinError:
+                raise
+            except AgentError as e:
+                if not hasattr(e, "identity"):
+                    raise
+                ident = self._keep_unsaved(e, be.token_hash(token))
             joined = True
+            self._force_renew = False
             self.log.info("joined as %s; identity valid until %s", _bot(ident), ident.not_after.isoformat())
         facts = self._endpoint_facts()
         with be.client(cfg, ident, facts) as client:
-            if not joined:
-                # the client switches to the new identity for the rest of the cycle
-                ident = client.renew_identity(cfg.credential_ttl)
-                be.store_identity(cfg.storage_dir, ident, want_hash)
-                self.log.info("renewed the bot identity of %s; valid until %s", _bot(ident),
-                              ident.not_after.isoformat())
+            if not joined and self._unsaved is None and self.renewal_due(ident):
+                problem = self._storage_problem()
+                if problem is not None:
+                    # do not ask for an identity the disk cannot take; the current one serves the outputs
+                    self._deferred = problem
+                else:
+                    try:
+                        # the client switches to the new identity for the rest of the cycle; it is on disk
+                        ident = client.renew_identity(cfg.credential_ttl)
+                        self._force_renew = False
+                        self.log.info("renewed the bot identity of %s; valid until %s", _bot(ident),
+                                      ident.not_after.isoformat())
+                    except LockedError as e:
+                        if not e.details.get("lost_renewal"):
+                            raise
+                        self._deferred = e  # not presented, so not locked: keep serving until it expires
+                    except AgentError as e:
+                        if not hasattr(e, "identity"):
+                            raise
+                        ident = self._keep_unsaved(e, stored_hash)
+                        self._force_renew = False
             with self.lock:
                 self.identity_not_after = ident.not_after
             if facts is None:
                 facts = self._endpoint_facts(client)
             endpoint = outputs.kube_endpoint(facts, cfg.proxy_server or cfg.auth_server)
             cluster_name = getattr(facts, "cluster_name", None) or ident.cluster_name
+            # Outputs are independent: one that fails does not stop the others. The loop never renews the bot
+            # identity; a failed output is retried by the next cycle, which renews only if renewal_due().
+            failed: List[Any] = []
+            written: List[str] = []
+            revoked = getattr(self, "_revoked", {})
             for out in cfg.outputs:
                 key = str(out.destination)
                 try:
                     # the credentials carry the host CA re-read in this cycle (picks up rotations)
                     creds = client.kube_credentials(out.kubernetes_cluster, out.roles or None, cfg.credential_ttl)
-                    res = outputs.write_kube(out, creds, cluster_name, endpoint, cfg.acls,
-                                             self._reader_uids(out), warn=self.warn_once)
-                except AgentError as e:
+                    res = outputs.write_kube(out, creds, cluster_name, endpoint, out.acls or cfg.acls,
+                                             self._reader_uids(out), warn=self.warn_once, symlinks=out.symlinks,
+                                             revoke=revoked.get(key, ()))
+                except LockedError:
+                    raise  # the bot is locked: no other output can succeed either
+                except (AgentError, OSError) as e:
+                    if isinstance(e, OSError):
+                        e = OutputError("%s: %s" % (getattr(e, "filename", None) or key, e.strerror or e))
                     with self.lock:
                         self.outputs[key].last_error = str(e)
-                    raise
+                    self.log.error("output %s (%s) failed: %s", key, out.kubernetes_cluster, e)
+                    failed.append((key, e))
+                    continue
+                revoked.pop(key, None)
+                written.append(key)
                 with self.lock:
                     st = self.outputs[key]
                     st.not_after, st.last_error = res.not_after, None
@@ -256,6 +366,11 @@ class Agent:
                     self.log.warning("repaired the ACL of %s", ", ".join(res.acl_changes))
                 if out.reload_command:
                     self._run_reload(out)
+            if failed:
+                err = _outputs_failed(failed, written, len(cfg.outputs))
+                if self._deferred is None:
+                    raise err
+                self.log.error("%s", err)  # the deferred problem is reported as the cycle's error
 
     def _reader_uids(self, out) -> List[int]:
         return [aclmod.resolve_user(u, "%s: readers" % out.destination) for u in out.readers]
@@ -287,7 +402,7 @@ class Agent:
     def _cycle_error(self) -> Optional[AgentError]:
         try:
             self.cycle()
-            return None
+            return self._deferred
         except AgentError as e:
             return e
         except OSError as e:
@@ -299,11 +414,11 @@ class Agent:
             return RenewError("internal error: %s" % type(e).__name__)
 
     def attempt(self) -> Optional[AgentError]:
-        """Run one cycle (in a worker process when ``isolate``) and record the outcome. Returns the error
-        (None on success)."""
+        """Run one cycle (in a thread when ``isolate``, so the main thread keeps feeding systemd's watchdog)
+        and record the outcome. Returns the error (None on success)."""
         with self.lock:
             self.cycle_started = time.monotonic()
-        err = self._isolated_cycle() if self.isolate else self._cycle_error()
+        err = self._threaded_cycle() if self.isolate else self._cycle_error()
         with self.lock:
             self.cycle_started = None
             if err is None:
@@ -317,94 +432,31 @@ class Agent:
                 self.last_ok, self.last_error = False, str(err)
         return err
 
-    def _isolated_cycle(self) -> Optional[AgentError]:
-        """One cycle in a forked worker. The window between the server counting a new identity generation
-        and the identity being on disk cannot be closed from the client, so it is moved out of reach of a
-        crash of the service process: if the service is killed (even with SIGKILL) the worker still stores
-        the identity and writes the outputs, holding the storage lock until it is done. The worker ignores
-        SIGTERM/SIGHUP/SIGUSR1/SIGINT (a cycle is short; systemd's final SIGKILL still applies). As a side
-        effect gRPC is only ever loaded in workers, which keeps the long-running process small."""
-        rfd, wfd = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # worker
-            code = 0
-            try:
-                os.close(rfd)
-                for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
-                    signal.signal(s, signal.SIG_IGN)
-                try:
-                    signal.set_wakeup_fd(-1)
-                except ValueError:
-                    pass
-                if self.diag is not None:
-                    try:
-                        self.diag.httpd.socket.close()
-                    except OSError:
-                        pass
-                self.lock = threading.Lock()  # another thread may have held it at fork time
-                err = self._cycle_error()
-                with self.lock:
-                    outs = {k: (v.not_after.isoformat() if v.not_after else None, v.last_error)
-                            for k, v in self.outputs.items()}
-                    ident_na = self.identity_not_after.isoformat() if self.identity_not_after else None
-                doc = {"error": None if err is None else str(err),
-                       "class": None if err is None else type(err).__name__,
-                       "retryable": getattr(err, "retryable", None), "outputs": outs, "identity": ident_na}
-                data = json.dumps(doc).encode()
-                while data:
-                    data = data[os.write(wfd, data):]
-            except BaseException:
-                code = 70
-            finally:
-                os._exit(code)
-        os.close(wfd)
-        chunks = []
+    def _threaded_cycle(self) -> Optional[AgentError]:
+        """One cycle in a thread of this process; the main thread waits for it and keeps systemd's watchdog
+        fed while it runs (a cycle stuck longer than STALL_AFTER stops the pings, so systemd restarts the
+        service). Signals only set flags, so a SIGTERM during a renewal lets it finish and store first.
+
+        There is no worker process any more: a worker only outlived a kill of the main process, while a kill
+        of the whole service (``systemctl kill``, the OOM killer, a power cut) took it down too, and it
+        doubled the memory during a renewal. The renewal window is kept short instead (see renew_identity)
+        and a renewal lost anyway is detected before the identity is presented (no lock)."""
+        box: Dict[str, Optional[AgentError]] = {}
+
+        def run() -> None:
+            box["err"] = self._cycle_error()
+
+        t = threading.Thread(target=run, name="renewal-cycle", daemon=True)
         started = time.monotonic()
-        try:
-            while True:
-                wd = self.notifier.watchdog_interval
-                ready, _w, _x = select.select([rfd], [], [], wd if wd else None)
-                if not ready:
-                    # keep systemd's watchdog fed while the worker makes progress; a worker stuck longer
-                    # than STALL_AFTER stops the pings, so systemd restarts the service
-                    if time.monotonic() - started < STALL_AFTER:
-                        self.notifier.watchdog()
-                    continue
-                b = os.read(rfd, 65536)
-                if not b:
-                    break
-                chunks.append(b)
-        finally:
-            os.close(rfd)
+        t.start()
         while True:
-            try:
-                _pid, status = os.waitpid(pid, 0)
+            wd = self.notifier.watchdog_interval
+            t.join(wd if wd else None)
+            if not t.is_alive():
                 break
-            except ChildProcessError:
-                status = 0
-                break
-        try:
-            doc = json.loads(b"".join(chunks) or b"null")
-        except ValueError:
-            doc = None
-        if not isinstance(doc, dict):
-            return RenewError("the renewal worker died (wait status %d); will retry" % status)
-        with self.lock:
-            for k, (na, e) in (doc.get("outputs") or {}).items():
-                if k in self.outputs:
-                    self.outputs[k].not_after = _dt.datetime.fromisoformat(na) if na else self.outputs[k].not_after
-                    self.outputs[k].last_error = e
-            if doc.get("identity"):
-                self.identity_not_after = _dt.datetime.fromisoformat(doc["identity"])
-        if doc.get("error") is None:
-            return None
-        cls = _ERRORS.get(doc.get("class") or "", RenewError)
-        if issubclass(cls, RenewError):
-            retry = doc.get("retryable")
-            err = cls(doc["error"], retryable=bool(retry) if retry is not None else not issubclass(cls, LockedError))
-        else:
-            err = cls(doc["error"])
-        return err
+            if time.monotonic() - started < STALL_AFTER:
+                self.notifier.watchdog()
+        return box.get("err", RenewError("internal error: the renewal thread ended without a result"))
 
     # ----- process plumbing
     def acquire_lock(self) -> None:
@@ -466,9 +518,14 @@ class Agent:
             self.log.warning("reload: storage directory changes take effect on restart; keeping %s",
                              self.cfg.storage_dir)
             new.storage_dir = self.cfg.storage_dir
+        old_outputs = {str(o.destination): o for o in self.cfg.outputs}
+        from machine_id_agent import identity as identmod
+
+        identmod.configure_storage(new.storage_symlinks, new.storage_acls)
         with self.lock:
             self.cfg = new
             self._reset_outputs()
+        self._apply_readers(old_outputs)
         if new.diag_addr != old_diag:
             self._stop_diag()
             try:
@@ -476,6 +533,39 @@ class Agent:
             except ConfigError as e:
                 self.log.error("reload: %s", e)
         self.log.info("configuration reloaded from %s", src)
+
+    def _apply_readers(self, old_outputs: Dict[str, Any]) -> None:
+        """Revocation at reload: re-apply each destination's ACL (directory and files) with the new readers,
+        without waiting for new credentials. A user removed from ``readers:`` loses the named entry; the bot's
+        own (writer) entry is never removed. A failure is logged and retried by the next write."""
+        revoked: Dict[str, set] = {}
+        for out in self.cfg.outputs:
+            key = str(out.destination)
+            old = old_outputs.get(key)
+            gone = [u for u in (old.readers if old is not None else []) if u not in out.readers]
+            uids = set()
+            for name in gone:
+                try:
+                    uids.add(aclmod.resolve_user(name, "%s: readers" % key))
+                except ConfigError:
+                    self.log.warning("reload: %s: removed reader %r no longer exists; cannot find its ACL entry "
+                                     "(run 'machine-id-agent init' for %s to reset the ACL)", key, name, key)
+            if uids:
+                revoked[key] = uids
+            try:
+                changes = outputs.apply_acls(out, out.acls or self.cfg.acls, self._reader_uids(out),
+                                             revoke=sorted(uids), warn=self.warn_once, symlinks=out.symlinks)
+            except AgentError as e:
+                self.log.error("reload: cannot re-apply the readers of %s: %s", key, e)
+                continue
+            except OSError as e:
+                self.log.error("reload: cannot re-apply the readers of %s: %s", key, e.strerror or e)
+                continue
+            revoked.pop(key, None)
+            if changes:
+                self.log.info("reload: applied the readers of %s (%s)%s", key, ", ".join(out.readers) or "none",
+                              "; removed %s" % ", ".join(gone) if gone else "")
+        self._revoked = revoked
 
     def run_oneshot(self) -> int:
         self.acquire_lock()
@@ -504,6 +594,7 @@ class Agent:
                 self._reload = True
             elif signum == signal.SIGUSR1:
                 self._renew_now = True
+                self._force_renew = True
 
         for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             handlers[s] = signal.signal(s, on_signal)
@@ -585,6 +676,23 @@ class Agent:
         return 0
 
 
+def _outputs_failed(failed: List[Any], written: List[str], total: int) -> AgentError:
+    """One error for the outputs that failed in a cycle, naming each; a RenewError (retried with backoff) when
+    any failure came from the server, else an OutputError (needs a fix on the host: retried at the normal
+    pace)."""
+    what = "; ".join("%s: %s" % (k, str(e)[len(k) + 2:] if str(e).startswith(k + ": ") else e) for k, e in failed)
+    if total == 1:
+        msg = "output %s" % what
+    else:
+        msg = "%d of %d outputs failed (%s)%s" % (len(failed), total, what,
+                                                   "; written: %s" % ", ".join(written) if written else "")
+    details = {"failed": [k for k, _e in failed], "written": list(written)}
+    renew = [e for _k, e in failed if isinstance(e, RenewError)]
+    if renew:
+        return RenewError(msg, retryable=any(e.retryable for e in renew), **details)
+    return OutputError(msg, **details)
+
+
 def _lock_holder(fd: int) -> Optional[int]:
     try:
         data = os.pread(fd, 32, 0).decode().strip()
@@ -603,9 +711,6 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-
-
-_ERRORS = {c.__name__: c for c in (AgentError, ConfigError, JoinError, RenewError, LockedError, OutputError)}
 
 
 def _bot(ident) -> str:

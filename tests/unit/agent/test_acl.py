@@ -144,3 +144,113 @@ def test_required_fails_without_acl_support(tmp_path, monkeypatch):
 def test_unknown_user_is_config_error():
     with pytest.raises(ConfigError, match="--reader-user: user 'no-such-user-xyz' does not exist"):
         acl.resolve_user("no-such-user-xyz", "--reader-user")
+
+
+# ----- issue 11: acls honoured per directory, revocation, symlink-safe init -----------------------------
+
+DAEMON = 1  # a second existing user (Debian: daemon)
+
+
+def _named(path) -> list:
+    return [e for e in getfacl(path) if e.startswith("user:") and not e.startswith("user::")]
+
+
+def test_runtime_policy_readers_managed_legacy_and_revoked(acl_dir):
+    d = acl_dir / "rp"
+    acl.init_dir(d, 0, 0, NOBODY, [DAEMON])  # init: the bot (nobody here) rwx, daemon r-x
+    # legacy (no readers: key): init's readers stay, config readers are added
+    p = acl.runtime_policy(str(d), "try", [])
+    assert (p.writers, p.readers) == ([NOBODY], [DAEMON])
+    # a reader removed at a reload goes, the bot's own entry never does
+    p = acl.runtime_policy(str(d), "try", [], revoke=[DAEMON, NOBODY])
+    assert (p.writers, p.readers) == ([NOBODY], [])
+    # managed (readers: listed): exactly the config's readers
+    p = acl.runtime_policy(str(d), "try", [], managed=True)
+    assert (p.writers, p.readers) == ([NOBODY], [])
+    p = acl.runtime_policy(str(d), "try", [2], managed=True)
+    assert (p.writers, p.readers) == ([NOBODY], [2])
+    # off: the ACL is not even read
+    p = acl.runtime_policy(str(d), "off", [2])
+    assert (p.writers, p.readers, p.supported) == ([], [2], False)
+
+
+def test_apply_acls_revokes_a_reader_on_directory_and_files(acl_dir):
+    d = acl_dir / "rev"
+    acl.init_dir(d, 0, 0, 0, [])
+    out = KubeOutput(destination=d, kubernetes_cluster="k", readers=["nobody", "daemon"], readers_managed=True)
+    outputs.write_kube(out, make_creds(), "tc", outputs.KubeEndpoint("https://x:1"), acls="try",
+                       reader_uids=[NOBODY, DAEMON])
+    assert _named(d) == ["user:%d:r-x" % DAEMON, "user:%d:r-x" % NOBODY]
+    out2 = KubeOutput(destination=d, kubernetes_cluster="k", readers=["daemon"], readers_managed=True)
+    changes = outputs.apply_acls(out2, "try", [DAEMON], revoke=[NOBODY])
+    assert sorted(changes) == sorted([str(d)] + [str(d / n) for n in ("key", "tlscert", "teleport-host-ca.crt",
+                                                                       "kubeconfig.yaml")])
+    for p in [d] + [d / n for n in ("key", "tlscert", "teleport-host-ca.crt", "kubeconfig.yaml")]:
+        assert str(NOBODY) not in " ".join(getfacl(p)), p
+        assert any(e.startswith("user:%d:r" % DAEMON) for e in getfacl(p)), p
+    assert outputs.apply_acls(out2, "try", [DAEMON]) == []  # idempotent
+    # legacy output (no readers: key): a revoke still removes the entry
+    legacy = KubeOutput(destination=d, kubernetes_cluster="k")
+    outputs.apply_acls(legacy, "try", [], revoke=[DAEMON])
+    assert _named(d) == [] and _named(d / "key") == []
+    # a destination that does not exist yet is left alone
+    assert outputs.apply_acls(KubeOutput(destination=acl_dir / "nope", kubernetes_cluster="k"), "try", []) == []
+
+
+def test_acls_off_sets_no_acl(acl_dir):
+    d = acl_dir / "off"
+    warnings = []
+    r = acl.init_dir(d, 0, 0, NOBODY, [DAEMON], mode="off", warn=warnings.append)
+    assert not r.acls_used and r.acl == "user::rwx,group::---,other::---"
+    assert "acls is 'off', so the readers (daemon) get no access" in warnings[0]
+    out = KubeOutput(destination=d, kubernetes_cluster="k", acls="off", readers=["daemon"], readers_managed=True)
+    outputs.write_kube(out, make_creds(), "tc", outputs.KubeEndpoint("https://x:1"), reader_uids=[DAEMON])
+    for p in [d] + sorted(d.iterdir()):
+        with pytest.raises(OSError) as ei:
+            os.getxattr(str(p), acl.XATTR)
+        assert ei.value.errno == errno.ENODATA, p
+        assert getfacl(p) == (["user::rwx", "group::---", "other::---"] if p == d else
+                              ["user::rw-", "group::---", "other::---"])
+
+
+def test_output_acls_default_to_the_outputs_own_setting(acl_dir, monkeypatch):
+    _no_acl_fs(monkeypatch)
+    out = KubeOutput(destination=acl_dir / "own", kubernetes_cluster="k", acls="required")
+    with pytest.raises(OutputError, match="acls is 'required'"):
+        outputs.write_kube(out, make_creds(), "tc", outputs.KubeEndpoint("https://x:1"))
+
+
+def test_required_verifies_the_acl_it_wrote(acl_dir, monkeypatch):
+    d = acl_dir / "ver"
+    d.mkdir(mode=0o700)
+    monkeypatch.setattr(acl, "write", lambda target, entries: None)  # a filesystem that drops ACLs silently
+    with pytest.raises(OutputError, match="did not keep the ACL .* acls is 'required'"):
+        acl.AclPolicy("required", readers=[NOBODY]).ensure(str(d), True, str(d))
+    assert acl.AclPolicy("try", readers=[NOBODY]).ensure(str(d), True, str(d))  # try does not verify
+
+
+def test_init_dir_does_not_follow_a_symlinked_parent(acl_dir):
+    real = acl_dir / "real"
+    real.mkdir()
+    os.symlink(str(real), str(acl_dir / "link"))
+    with pytest.raises(OutputError, match="is a symlink that the agent will not follow"):
+        acl.init_dir(acl_dir / "link" / "dest", 0, 0, NOBODY, [DAEMON])
+    assert not (real / "dest").exists()
+    # the destination itself planted as a symlink: not chowned, not given an ACL
+    victim = acl_dir / "victim"
+    victim.mkdir(mode=0o700)
+    os.symlink(str(victim), str(acl_dir / "dest2"))
+    with pytest.raises(OutputError, match="symlink"):
+        acl.init_dir(acl_dir / "dest2", NOBODY, NOBODY, NOBODY, [DAEMON])
+    assert os.stat(victim).st_uid == 0 and _named(victim) == []
+    # an output file planted as a symlink is refused, its target untouched
+    d = acl_dir / "d3"
+    acl.init_dir(d, 0, 0, 0, [])
+    (acl_dir / "secret").write_text("x")
+    os.symlink(str(acl_dir / "secret"), str(d / "key"))
+    with pytest.raises(OutputError, match="key: is a symlink"):
+        acl.init_dir(d, 0, 0, 0, [DAEMON])
+    assert _named(acl_dir / "secret") == []
+    # symlinks: insecure follows (tbot's meaning)
+    r = acl.init_dir(acl_dir / "link" / "dest", 0, 0, 0, [DAEMON], symlinks="insecure")
+    assert r.changed and (real / "dest").is_dir()

@@ -54,7 +54,7 @@ def test_status_json_shape(tmp_path, monkeypatch, capsys):
     assert cli.main(["status", "-c", str(cfg.source), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["identity"] == {"present": False, "valid": False, "expires": None, "bot": None,
-                               "token_hash_matches": None}
+                               "token_hash_matches": None, "state": "none", "problem": None, "fix": None}
     assert doc["outputs"][0]["present"] is False
     service.Agent(cfg, backend=be).attempt()
     assert cli.main(["status", "-c", str(cfg.source), "--json"]) == 0
@@ -116,3 +116,35 @@ def test_wait_on_diag_addr(tmp_path):
         assert (r.returncode, r.stdout) == (0, "ready\n"), r.stderr
     finally:
         srv.stop()
+
+
+def test_status_names_locked_lost_and_full_storage_with_the_fix(tmp_path, monkeypatch, capsys):
+    """Issue 11 point 3: `status` says plainly when the bot is locked, lost a renewal, or the storage is full."""
+    from machine_id_agent import identity as identmod
+    from test_identity import make  # a real Identity
+
+    key = identmod.generate_key()
+    cfg = make_cfg(tmp_path)
+    idt = make(key, generation="3")
+    identmod.store(cfg.storage_dir, idt, "h")
+
+    def status():
+        assert cli.main(["status", "-c", str(cfg.source), "--json"]) == 0
+        return json.loads(capsys.readouterr().out)["identity"]
+
+    i = status()
+    assert (i["state"], i["problem"], i["generation"]) == ("ok", None, 3)
+    identmod.mark_stale(cfg.storage_dir, idt, identmod.STALE_LOST)
+    i = status()
+    assert i["state"] == "lost-renewal" and "lost a renewal" in i["problem"] and "not locked" in i["problem"]
+    assert "tctl bots add" in i["fix"]
+    identmod.mark_stale(cfg.storage_dir, idt)
+    i = status()
+    assert i["state"] == "locked" and "locked" in i["problem"] and "tctl rm lock/" in i["fix"]
+    assert cli.main(["status", "-c", str(cfg.source)]) == 0
+    text = capsys.readouterr().out
+    assert "state: LOCKED: " in text and "\nfix: " in text
+    (cfg.storage_dir / identmod.STALE_FILE).unlink()
+    monkeypatch.setattr(identmod, "MIN_FREE_BYTES", 1 << 62)
+    i = status()
+    assert i["state"] == "storage-full" and "free" in i["problem"] and "renews again by itself" in i["fix"]

@@ -166,11 +166,21 @@ def test_bad_v2_names_key_and_fix(name, mutate, expected):
     assert expected in str(ei.value), str(ei.value)
 
 
-def test_missing_token_file_is_explained(tmp_path):
+def test_missing_token_file_is_explained_when_a_join_needs_it(tmp_path):
+    """Issue 11 point 7: a missing token file does not stop loading the config (a host with a valid identity
+    keeps running after the spent token was deleted); it is an error only when a join needs the token."""
     d = yaml.safe_load(GUIDE)
     d["onboarding"]["token"] = str(tmp_path / "nope")
+    cfg = config.parse(d)
+    assert cfg.token is None and cfg.token_path == tmp_path / "nope"
+    assert config.read_token(cfg) is None
     with pytest.raises(ConfigError, match=r"onboarding.token: token file .*nope does not exist"):
-        config.parse(d)
+        config.read_token(cfg, required=True)
+    (tmp_path / "nope").write_text("later-token\n")
+    assert config.read_token(cfg, required=True) == "later-token"
+    (tmp_path / "nope").write_text("\n")
+    with pytest.raises(ConfigError, match=r"token file .*nope is empty"):
+        config.read_token(cfg, required=True)
 
 
 def test_yaml_syntax_error_has_line(tmp_path):
@@ -201,3 +211,60 @@ def test_check_command_accepts_guide_file(tmp_path):
     r = subprocess.run([sys.executable, "-m", "machine_id_agent", "check", "-c", str(p)],
                        capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 0 and r.stdout.startswith("ok: "), r
+
+
+# ----- issue 11: tbot's per-directory symlinks/acls are honoured, readers: is authoritative when present ----
+
+def test_directory_symlinks_and_acls_are_parsed_not_ignored(tmp_path):
+    d = yaml.safe_load(GUIDE)
+    d["storage"] = {"directory": {"path": "/var/lib/teleport/bot", "symlinks": "secure", "acls": "off"}}
+    d["destinations"] = [
+        {"directory": {"path": "/opt/a", "symlinks": "insecure", "acls": "required"}, "kubernetes_cluster": "k"},
+        {"directory": "/opt/b", "kubernetes_cluster": "k", "readers": []},
+    ]
+    cfg = config.parse(d, tmp_path / "x.yaml")
+    assert (cfg.storage_symlinks, cfg.storage_acls) == ("secure", "off")
+    a, b = cfg.outputs
+    assert (a.symlinks, a.acls, a.readers_managed) == ("insecure", "required", False)
+    # tbot's defaults; acls falls back to the top-level acls (default try)
+    assert (b.symlinks, b.acls, b.readers_managed) == ("try-secure", "try", True)
+    d["acls"] = "off"
+    cfg = config.parse(d, tmp_path / "x.yaml")
+    assert [o.acls for o in cfg.outputs] == ["required", "off"] and cfg.storage_acls == "off"
+    # the guide's file: defaults everywhere
+    cfg = config.parse(yaml.safe_load(GUIDE), tmp_path / "x.yaml")
+    assert (cfg.storage_symlinks, cfg.storage_acls) == ("try-secure", "try")
+    assert (cfg.outputs[0].symlinks, cfg.outputs[0].acls, cfg.outputs[0].readers_managed) == ("try-secure", "try",
+                                                                                              False)
+
+
+def test_v2_directory_keys(tmp_path):
+    d = copy.deepcopy(V2)
+    d["storage"]["symlinks"] = "insecure"
+    d["outputs"][0]["destination"].update({"symlinks": "secure", "acls": "off"})
+    cfg = config.parse(d, tmp_path / "x.yaml")
+    assert (cfg.storage_symlinks, cfg.storage_acls) == ("insecure", "try")
+    k1, k2 = cfg.outputs
+    assert (k1.symlinks, k1.acls, k1.readers_managed) == ("secure", "off", True)
+    assert (k2.symlinks, k2.acls, k2.readers_managed) == ("try-secure", "required", False)
+
+
+@pytest.mark.parametrize("where, value, expected", [
+    (("storage", "directory", "symlinks"), "secur",
+     "storage.directory.symlinks: 'secur' is not one of secure, try-secure, insecure; did you mean 'secure'?"),
+    (("destinations", 0, "directory", "acls"), "requird",
+     "destinations[0].directory.acls: 'requird' is not one of try, required, off; did you mean 'required'?"),
+    (("destinations", 0, "directory", "symlinks"), "never",
+     "destinations[0].directory.symlinks: 'never' is not one of secure, try-secure, insecure"),
+])
+def test_bad_directory_keys_name_key_and_fix(tmp_path, where, value, expected):
+    d = yaml.safe_load(GUIDE)
+    d["storage"] = {"directory": {"path": "/var/lib/teleport/bot"}}
+    d["destinations"][0]["directory"] = {"path": "/opt/machine-id"}
+    cur = d
+    for k in where[:-1]:
+        cur = cur[k]
+    cur[where[-1]] = value
+    with pytest.raises(ConfigError) as ei:
+        config.parse(d, tmp_path / "x.yaml")
+    assert str(ei.value) == expected

@@ -106,7 +106,7 @@ def test_nothing_stored(tmp_path):
 def test_crash_during_write_leaves_old_identity(tmp_path, key_pem, monkeypatch):
     ident.store(tmp_path, make(key_pem, generation="4"), "h")
 
-    def boom(src, dst):
+    def boom(src, dst, **kw):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", boom)
@@ -144,14 +144,78 @@ def test_token_hash_is_sha256_hex():
     assert ident.token_hash("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
 
 
-def test_renewal_store_skips_unchanged_tokenhash_and_cleans_temps(tmp_path, key_pem, monkeypatch):
+def test_renewal_store_skips_unchanged_tokenhash_and_cleans_temps(tmp_path, key_pem):
     ident.store(tmp_path, make(key_pem, generation="1"), "h1")
-    (tmp_path / ".identity.json.abc.tmp").write_text("left by a killed writer")
-    writes = []
-    real = ident.durable_write
-    monkeypatch.setattr(ident, "durable_write", lambda p, *a, **k: (writes.append(p.name), real(p, *a, **k)))
+    (tmp_path / ".tmp-identity.json-abc").write_text("left by a killed writer")
+    before = (tmp_path / ident.TOKENHASH_FILE).stat().st_ino
     ident.store(tmp_path, make(key_pem, generation="2"))
-    assert writes == [ident.IDENTITY_FILE]  # the token hash did not change: one durable write per renewal
-    assert not list(tmp_path.glob(".*.tmp"))
+    # the token hash did not change: only identity.json is replaced per renewal
+    assert (tmp_path / ident.TOKENHASH_FILE).stat().st_ino == before
+    assert ident.load(tmp_path).generation == 2 and ident.stored_token_hash(tmp_path) == "h1"
+    assert not list(tmp_path.glob(".tmp-*"))
     ident.store(tmp_path, make(key_pem, generation="1"), "h2")  # a new join rewrites it
-    assert writes[-1] == ident.TOKENHASH_FILE and (tmp_path / ident.TOKENHASH_FILE).read_text().strip() == "h2"
+    assert (tmp_path / ident.TOKENHASH_FILE).read_text().strip() == "h2"
+
+
+# --- issue 11 point 3: room checked before asking, the answer on disk before it is parsed ---------------------
+def test_reservation_refuses_a_full_disk_before_anything_is_asked(tmp_path, monkeypatch):
+    real = os.fstatvfs
+
+    def full(fd):
+        st = real(fd)
+        return os.statvfs_result((st.f_bsize, st.f_frsize, st.f_blocks, 5, 5, st.f_files, st.f_ffree,
+                                  st.f_favail, st.f_flag, st.f_namemax))
+    monkeypatch.setattr(os, "fstatvfs", full)
+    with pytest.raises(ident.StorageError) as ei:
+        ident.check_storage(tmp_path / "bot")
+    msg = str(ei.value)
+    assert "KiB free" in msg and "not renewing" in msg and "free space" in msg and "\n" not in msg
+    assert not list((tmp_path / "bot").glob(".tmp-*"))
+
+
+def test_reservation_fallocate_failure_is_a_storage_error(tmp_path, monkeypatch):
+    import errno
+
+    def enospc(fd, off, n):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(ident.os, "posix_fallocate", enospc)
+    with pytest.raises(ident.StorageError, match="No space left on device"):
+        ident.check_storage(tmp_path)
+    assert not list(tmp_path.glob(".tmp-*")), "the test write is cleaned up"
+
+
+def test_reservation_commit_writes_in_place_then_syncs(tmp_path, key_pem):
+    old = make(key_pem, generation="1")
+    ident.store(tmp_path, old, "h1")
+    new = make(key_pem, generation="2")
+    res = ident.Reservation(tmp_path)
+    assert len(list(tmp_path.glob(".tmp-identity.json-*"))) == 1
+    data = ident.doc_bytes(new.key_pem, new.ssh_cert, new.tls_cert_pem, new.tls_ca_pems, new.ssh_ca_lines, "h1")
+    assert data == new.to_json("h1"), "the raw write is the same file a parsed identity makes"
+    t = res.commit(data)
+    res.abort()
+    assert t["visible"] <= t["durable"]
+    assert ident.load(tmp_path).generation == 2 and ident.stored_token_hash(tmp_path) == "h1"
+    assert (tmp_path / ident.IDENTITY_FILE).stat().st_size == len(data)
+    assert oct((tmp_path / ident.IDENTITY_FILE).stat().st_mode & 0o777) == "0o600"
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_store_failure_hands_back_the_identity(tmp_path, key_pem, monkeypatch):
+    idt = make(key_pem, generation="5")
+    monkeypatch.setattr(ident, "MIN_FREE_BYTES", 1 << 62)
+    monkeypatch.setattr(os, "fstatvfs", lambda fd: os.statvfs_result((4096, 4096, 10, 0, 0, 10, 0, 0, 0, 255)))
+    with pytest.raises(ident.UnsavedIdentityError) as ei:
+        ident.store(tmp_path, idt, "h9")
+    assert ei.value.identity is idt and ei.value.token_hash == "h9"
+    assert "keeps it in memory" in str(ei.value)
+
+
+def test_stale_reasons(tmp_path, key_pem):
+    a, b = make(key_pem, generation="1"), make(key_pem, generation="2")
+    assert ident.stale_reason(tmp_path, a) is None
+    ident.mark_stale(tmp_path, a, ident.STALE_LOST)
+    assert ident.stale_reason(tmp_path, a) == ident.STALE_LOST and ident.is_stale(tmp_path, a)
+    assert ident.stale_reason(tmp_path, b) is None
+    (tmp_path / ident.STALE_FILE).write_text(ident.cert_fingerprint(b.tls_cert_pem) + "\n")  # older format
+    assert ident.stale_reason(tmp_path, b) == ident.STALE_LOCKED

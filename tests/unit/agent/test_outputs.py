@@ -188,3 +188,37 @@ def test_inspect_reports_mismatch_and_garbage(tmp_path):
     st = outputs.inspect(dest)
     assert st["present"] and not st["valid"] and st["error"].startswith("unreadable")
     assert outputs.inspect(tmp_path / "none")["present"] is False
+
+
+# ----- issue 11: destinations opened without following planted symlinks --------------------------------
+
+def test_write_kube_refuses_a_symlinked_parent_and_writes_nothing_through_it(tmp_path):
+    real = tmp_path / "real"
+    (real / "out").mkdir(parents=True)
+    os.symlink(str(real), str(tmp_path / "link"))
+    ep = outputs.KubeEndpoint("https://x:1")
+    for mode in ("secure", "try-secure"):
+        out = KubeOutput(destination=tmp_path / "link" / "out", kubernetes_cluster="k", symlinks=mode, acls="off")
+        with pytest.raises(OutputError, match="link is a symlink that the agent will not follow"):
+            outputs.write_kube(out, make_creds(), "tc", ep)
+        assert os.listdir(real / "out") == []
+    # the destination itself a symlink
+    os.symlink(str(real / "out"), str(tmp_path / "dest"))
+    with pytest.raises(OutputError, match="symlink"):
+        outputs.write_kube(KubeOutput(destination=tmp_path / "dest", kubernetes_cluster="k", acls="off"),
+                           make_creds(), "tc", ep)
+    assert os.listdir(real / "out") == []
+    # insecure follows, as tbot does
+    out = KubeOutput(destination=tmp_path / "link" / "out", kubernetes_cluster="k", symlinks="insecure", acls="off")
+    outputs.write_kube(out, make_creds(), "tc", ep)
+    assert "kubeconfig.yaml" in os.listdir(real / "out")
+
+
+def test_switching_off_exec_plugin_removes_the_identity_file(tmp_path):
+    dest = tmp_path / "out"
+    ep = outputs.KubeEndpoint("https://x:1")
+    outputs.write_kube(KubeOutput(destination=dest, kubernetes_cluster="k", exec_plugin=True), make_creds(), "tc",
+                       ep, acls="off")
+    assert (dest / outputs.IDENTITY).exists()
+    outputs.write_kube(KubeOutput(destination=dest, kubernetes_cluster="k"), make_creds(), "tc", ep, acls="off")
+    assert not (dest / outputs.IDENTITY).exists()

@@ -110,6 +110,18 @@ class FakeAuth:
         role.spec.allow.impersonate.roles.extend(self.impersonate)
         return role
 
+    def GetUser(self, request, context):
+        """v13: a user may read itself; the bot's generation is the label teleport.internal/bot-generation."""
+        peer = self._peer(context).subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+        if request.name != peer:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "access denied to perform action \"read\" on \"user\"")
+        user = proto.UserV2(kind="user")
+        user.metadata.name = request.name
+        if request.name in self.generation:
+            shown = self.generation[request.name] - getattr(self, "label_lag", 0)  # a lagging read cache
+            user.metadata.labels.add(key=proto.BOT_GENERATION_LABEL, value=str(shown))
+        return user
+
     def GenerateUserCerts(self, request, context):
         self.requests.append(request)
         peer = self._peer(context)
@@ -185,7 +197,8 @@ def test_stale_generation_is_locked_error(tmp_path, auth):
         client.renew_identity(3600)
     with pytest.raises(LockedError) as err:
         with renew.AuthClient(c, stale) as client:
-            client.renew_identity(3600)
+            # without the generation check (the race it cannot close: another agent renewing in between)
+            client.renew_identity(3600, check_generation=False)
     e = err.value
     assert not e.retryable and "stored=2, presented=1" in str(e) and "tctl get locks" in str(e)
     assert "\n" not in str(e)
@@ -202,6 +215,63 @@ def test_stale_generation_is_locked_error(tmp_path, auth):
         with renew.AuthClient(c, ident.load(c.storage_dir)) as client:
             client.renew_identity(3600)
     assert not err.value.retryable and "locked" in str(err.value)
+
+
+def test_lost_renewal_is_detected_and_never_presented(tmp_path, auth):
+    """A renewal the server counted but the disk never got (the agent killed in between): the bot's generation
+    label (GetUser on itself) is ahead of the stored identity, so the identity is not presented (that would lock
+    the bot); the error says the host needs re-enrolment, and the identity still serves Kubernetes certificates
+    until it expires."""
+    c = direct_cfg(tmp_path, auth)
+    first = auth.join()
+    with renew.AuthClient(c, first) as client:
+        client.renew_identity(3600)  # generation 2 counted ...
+    ident.store(c.storage_dir, first)  # ... and "lost": the disk holds generation 1 again
+    n = len(auth.requests)
+    with pytest.raises(LockedError) as err:
+        with renew.AuthClient(c, ident.load(c.storage_dir)) as client:
+            client.renew_identity(3600)
+    e = err.value
+    assert e.details.get("lost_renewal") and not e.retryable
+    assert "lost a renewal" in str(e) and "holds generation 1" in str(e) and "counts generation 2" in str(e)
+    assert "re-enrol" in str(e) and "\n" not in str(e)
+    assert len(auth.requests) == n and not auth.locked, "nothing presented, nothing locked"
+    assert ident.stale_reason(c.storage_dir, first) == ident.STALE_LOST
+    with pytest.raises(LockedError, match="lost a renewal"):  # remembered: no GetUser needed any more
+        with renew.AuthClient(c, ident.load(c.storage_dir)) as client:
+            client.renew_identity(3600)
+    assert len(auth.requests) == n
+    with renew.AuthClient(c, ident.load(c.storage_dir)) as client:
+        assert client.kube_credentials("k8s-a", None, 600).cert_pem
+
+
+def test_a_lagging_server_count_is_not_a_lost_renewal(tmp_path, auth):
+    """Teleport's read cache can answer GetUser with the generation before the latest renewal (renewals a second
+    apart on the bed): a server count BEHIND the stored identity is not a lost renewal; the newest identity is
+    presented and renewed, nothing is marked stale."""
+    c = direct_cfg(tmp_path, auth)
+    first = auth.join()
+    with renew.AuthClient(c, first) as client:
+        second = client.renew_identity(3600)
+    auth.label_lag = 1  # the server still shows generation 1 while the disk holds 2
+    with renew.AuthClient(c, ident.load(c.storage_dir)) as client:
+        third = client.renew_identity(3600)
+    assert (second.generation, third.generation) == (2, 3)
+    assert ident.stale_reason(c.storage_dir, third) is None and not auth.locked
+
+
+def test_renewal_timings_and_storage_refused_before_the_call(tmp_path, auth, monkeypatch):
+    c = direct_cfg(tmp_path, auth)
+    with renew.AuthClient(c, auth.join()) as client:
+        client.renew_identity(3600)
+        t = client.timings
+        assert t["rpc"] > 0 and 0 <= t["visible"] <= t["durable"]
+    n = len(auth.requests)
+    monkeypatch.setattr(ident, "MIN_FREE_BYTES", 1 << 62)  # "the disk is full"
+    with pytest.raises(ident.StorageError, match="free space"):
+        with renew.AuthClient(c, ident.load(c.storage_dir)) as client:
+            client.renew_identity(3600)
+    assert len(auth.requests) == n, "nothing asked of the server"
 
 
 def test_kube_credentials_default_roles_and_host_ca(tmp_path, auth):
@@ -313,9 +383,10 @@ def test_unknown_kube_cluster_is_not_retryable(tmp_path):
         a.stop()
 
 
-def test_proxy_without_alpn_route_falls_back_to_the_ssh_tunnel(tmp_path, auth):
-    """A non-TLS-routing proxy whose web port drops the teleport-auth@ handshake: the client switches to
-    the proxy's SSH reverse tunnel (here a closed port, so the error names the tunnel)."""
+def test_proxy_without_alpn_route_says_to_use_auth_server(tmp_path, auth):
+    """A proxy whose web port drops the teleport-auth@ handshake (e.g. behind an L7 load balancer): a
+    retryable error that names the handshake and the fix (auth_server = the auth service); there is no
+    other transport to fall back to."""
     lsock = socket.socket()
     lsock.bind(("127.0.0.1", 0))
     lsock.listen(8)
@@ -345,7 +416,9 @@ def test_proxy_without_alpn_route_falls_back_to_the_ssh_tunnel(tmp_path, auth):
             with pytest.raises(RenewError) as err:
                 client.renew_identity(3600)
         msg = str(err.value)
-        assert "SSH tunnel" in msg and dead_tunnel in msg, msg
+        assert "closed the connection during the TLS handshake" in msg and web in msg, msg
+        assert "set auth_server to the auth service address" in msg and err.value.retryable, msg
+        assert "\n" not in msg
     finally:
         stop.append(1)
         lsock.close()

@@ -23,6 +23,7 @@ import yaml
 
 from machine_id_agent import config, diag, logs, outputs
 from machine_id_agent.errors import JoinError, LockedError, RenewError
+from machine_id_agent.identity import StorageError, UnsavedIdentityError
 from machine_id_agent.notify import Notifier
 from machine_id_agent.service import Agent, backoff_delay, jittered_interval
 
@@ -49,14 +50,24 @@ class FakeBackend:
         self.calls = []
         self.fail = None
         self.join_error = None
+        self.storage_error = None  # check_storage raises it (full disk)
+        self.store_error = None  # store_identity raises it (the write itself fails)
         self.creds = make_creds()
 
     def load_identity(self, d):
         return self.stored
 
     def store_identity(self, d, ident, h):
+        h = self.hash if h is None else h  # None keeps the stored hash (renewals), as identity.store does
+        if self.store_error:
+            self.calls.append(("store-failed", ident.generation))
+            raise UnsavedIdentityError("cannot write the bot identity to %s: No space left on device" % d, ident, h)
         self.calls.append(("store", ident.generation))
         self.stored, self.hash = ident, h
+
+    def check_storage(self, d):
+        if self.storage_error:
+            raise self.storage_error
 
     def stored_token_hash(self, d):
         return self.hash
@@ -68,7 +79,9 @@ class FakeBackend:
         self.calls.append(("join", cfg.token))
         if self.join_error:
             raise self.join_error
-        return FakeIdent(1)
+        ident = FakeIdent(1, cfg.credential_ttl)
+        self.store_identity(cfg.storage_dir, ident, self.token_hash(cfg.token))  # join.join stores before returning
+        return ident
 
     def ping(self, addr, cfg):
         if self.fail:
@@ -95,12 +108,15 @@ class FakeClient:
             raise self.be.fail
         self.be.calls.append(("renew", self.ident.generation))
         self.ident = FakeIdent(self.ident.generation + 1, ttl)
+        self.be.store_identity(None, self.ident, None)  # renew_identity stores before returning
         return self.ident
 
     def host_ca_pems(self):
         return self.be.creds.host_ca_pems
 
     def kube_credentials(self, cluster, roles, ttl):
+        if self.be.fail:  # auth down, or the bot locked: every call fails
+            raise self.be.fail
         self.be.calls.append(("kube", self.ident.generation, cluster))
         return self.be.creds
 
@@ -139,11 +155,17 @@ def test_first_cycle_joins_then_renews_and_stores_before_use(tmp_path, logbuf):
     assert be.calls == [("join", TOKEN), ("store", 1), ("kube", 1, "example-k8s-cluster")]
     be.calls.clear()
     assert agent.attempt() is None
+    # a fresh identity is not renewed: the outputs are refreshed with it
+    assert be.calls == [("kube", 1, "example-k8s-cluster")]
+    be.calls.clear()
+    agent._force_renew = True  # what SIGUSR1 sets
+    assert agent.attempt() is None
     # renewed with gen 1, gen 2 stored durably BEFORE any use of it
     assert be.calls == [("renew", 1), ("store", 2), ("kube", 2, "example-k8s-cluster")]
+    assert not agent._force_renew
     assert outputs.inspect(tmp_path / "out")["valid"]
     snap = agent.snapshot()
-    assert snap["ready"] and snap["renewals"] == 2 and snap["failures"] == 0
+    assert snap["ready"] and snap["renewals"] == 3 and snap["failures"] == 0
     assert snap["outputs"][0]["seconds_to_expiry"] > 3600
 
 
@@ -188,7 +210,7 @@ def test_oneshot_exit_codes(tmp_path, logbuf):
     be.join_error = JoinError("the proxy rejected the join token: it was already used; create a new one")
     assert Agent(make_cfg(tmp_path), backend=be, log=logbuf[0]).run_oneshot() == 3
     be = FakeBackend()
-    be.stored, be.hash = FakeIdent(3), "h:" + TOKEN
+    be.stored, be.hash = FakeIdent(3, ttl=600), "h:" + TOKEN  # old enough to be renewed
     be.fail = LockedError("bot example is locked: generation mismatch")
     assert Agent(make_cfg(tmp_path), backend=be, log=logbuf[0]).run_oneshot() == 5
     assert "generation mismatch" in logbuf[1].getvalue()
@@ -353,18 +375,18 @@ def test_metrics_text_format():
     assert text.endswith("\n")
 
 
-def test_isolated_cycle_runs_in_a_worker_and_reports_back(tmp_path, logbuf):
-    """The service runs each cycle in a forked worker (a crash of the service cannot interrupt a renewal
-    between the server's commit and the durable store); results and error classes come back to it."""
+def test_service_cycle_runs_in_process_and_reports_back(tmp_path, logbuf):
+    """The service runs each cycle in a thread of its own process (no forked worker): results and error
+    classes come back unchanged."""
     be = FakeBackend()
     agent = Agent(make_cfg(tmp_path), backend=be, log=logbuf[0], isolate=True)
     assert agent.attempt() is None
-    assert be.calls == [], "the cycle ran in another process"
+    assert be.calls == [("join", TOKEN), ("store", 1), ("kube", 1, "example-k8s-cluster")], "same process"
     snap = agent.snapshot()
     assert snap["ready"] and snap["renewals"] == 1 and snap["outputs"][0]["valid"]
     assert snap["identity_seconds_to_expiry"] > 3000
     assert outputs.inspect(tmp_path / "out")["valid"]
-    be.stored, be.hash = FakeIdent(4), "h:" + TOKEN
+    be.stored, be.hash = FakeIdent(4, ttl=600), "h:" + TOKEN
     be.fail = LockedError("bot example is locked: generation mismatch")
     err = agent.attempt()
     assert isinstance(err, LockedError) and err.retryable is False and err.exit_code == 5
@@ -442,3 +464,149 @@ def test_watchdog_fed_while_a_worker_makes_progress(tmp_path, logbuf):
         assert pings >= 4, pings
     finally:
         srv.close()
+
+
+# --- issue 11 point 3: renew only when due, storage checked first, nothing the server counted is dropped ------
+def test_renewal_due_rule(tmp_path, logbuf):
+    """Due when the remaining lifetime is at most credential_ttl - 0.9 x renewal_interval (1h / 20m: 2520 s),
+    or when forced (SIGUSR1)."""
+    agent = Agent(make_cfg(tmp_path), backend=FakeBackend(), log=logbuf[0])
+    now = dt.datetime.now(dt.timezone.utc)
+    fresh = SimpleNamespace(not_after=now + dt.timedelta(seconds=3600))
+    assert not agent.renewal_due(fresh, now)
+    assert not agent.renewal_due(SimpleNamespace(not_after=now + dt.timedelta(seconds=2521)), now)
+    assert agent.renewal_due(SimpleNamespace(not_after=now + dt.timedelta(seconds=2520)), now)
+    assert agent.renewal_due(SimpleNamespace(not_after=now + dt.timedelta(seconds=10)), now)
+    agent._force_renew = True
+    assert agent.renewal_due(fresh, now)
+
+
+def test_restarts_with_a_fresh_identity_never_renew(tmp_path, logbuf):
+    be = FakeBackend()
+    assert Agent(make_cfg(tmp_path), backend=be, log=logbuf[0]).attempt() is None
+    for _ in range(50):  # 50 restarts: a new Agent each time, identity loaded from "disk"
+        assert Agent(make_cfg(tmp_path), backend=be, log=logbuf[0]).attempt() is None
+    assert [c for c in be.calls if c[0] in ("renew", "join")] == [("join", TOKEN)]
+    assert be.stored.generation == 1
+
+
+def test_sigusr1_forces_a_renewal_sighup_does_not(tmp_path, logbuf):
+    be = FakeBackend()
+    agent = Agent(make_cfg(tmp_path), backend=be, log=logbuf[0])
+    agent.attempt()
+    be.calls.clear()
+    agent._renew_now = True  # SIGHUP after the reload: a cycle, no forced renewal
+    agent.attempt()
+    assert not [c for c in be.calls if c[0] == "renew"]
+    agent._force_renew = True  # SIGUSR1
+    agent.attempt()
+    assert [c for c in be.calls if c[0] == "renew"] == [("renew", 1)]
+
+
+def test_full_storage_skips_the_renewal_keeps_outputs_fresh_and_recovers(tmp_path, logbuf):
+    be = FakeBackend()
+    agent = Agent(make_cfg(tmp_path), backend=be, log=logbuf[0])
+    agent.attempt()
+    be.stored = FakeIdent(1, ttl=600)  # due
+    be.calls.clear()
+    be.storage_error = StorageError("storage /x: only 12 KiB free, a renewal needs 320 KiB; not renewing")
+    err = agent.attempt()
+    assert isinstance(err, StorageError) and "only 12 KiB free" in str(err)
+    assert be.calls == [("kube", 1, "example-k8s-cluster")], "no renewal asked, outputs still refreshed"
+    snap = agent.snapshot()
+    assert not snap["ready"] and "only 12 KiB free" in snap["reason"]
+    assert snap["outputs"][0]["valid"]
+    be.storage_error = None  # space returns: the next (backoff) attempt renews by itself
+    be.calls.clear()
+    assert agent.attempt() is None
+    assert be.calls == [("renew", 1), ("store", 2), ("kube", 2, "example-k8s-cluster")]
+    assert agent.snapshot()["ready"]
+
+
+def test_full_storage_never_spends_the_token(tmp_path, logbuf):
+    be = FakeBackend()
+    be.storage_error = StorageError("storage /x: no space left")
+    agent = Agent(make_cfg(tmp_path), backend=be, log=logbuf[0])
+    assert isinstance(agent.attempt(), StorageError)
+    assert be.calls == []
+
+
+def test_unsaved_renewal_is_kept_in_memory_used_and_stored_later(tmp_path, logbuf):
+    be = FakeBackend()
+    agent = Agent(make_cfg(tmp_path), backend=be, log=logbuf[0])
+    agent.attempt()
+    be.stored = FakeIdent(1, ttl=600)
+    be.calls.clear()
+    be.store_error = True
+    err = agent.attempt()
+    assert isinstance(err, UnsavedIdentityError)
+    assert be.calls == [("renew", 1), ("store-failed", 2), ("kube", 2, "example-k8s-cluster")]
+    assert be.stored.generation == 1  # the disk still holds the old one ...
+    be.calls.clear()
+    agent._force_renew = True
+    err = agent.attempt()  # ... which is never presented again: gen 2 from memory, no renewal on top of it
+    assert isinstance(err, UnsavedIdentityError)
+    assert be.calls == [("store-failed", 2), ("kube", 2, "example-k8s-cluster")]
+    be.store_error = None
+    be.calls.clear()
+    assert agent.attempt() is None  # stored first; then the forced renewal goes on from gen 2
+    assert be.calls == [("store", 2), ("renew", 2), ("store", 3), ("kube", 3, "example-k8s-cluster")]
+
+
+def test_unsaved_join_is_kept_and_the_token_not_spent_again(tmp_path, logbuf):
+    be = FakeBackend()
+    be.store_error = True
+    agent = Agent(make_cfg(tmp_path), backend=be, log=logbuf[0])
+    assert isinstance(agent.attempt(), UnsavedIdentityError)
+    assert be.calls == [("join", TOKEN), ("store-failed", 1), ("kube", 1, "example-k8s-cluster")]
+    be.calls.clear()
+    assert isinstance(agent.attempt(), UnsavedIdentityError)
+    assert [c for c in be.calls if c[0] == "join"] == []
+    be.store_error = None
+    assert agent.attempt() is None
+    assert be.stored.generation == 1 and be.hash == "h:" + TOKEN
+
+
+def test_lost_renewal_is_not_presented_outputs_keep_working(tmp_path, logbuf):
+    be = FakeBackend()
+    agent = Agent(make_cfg(tmp_path), backend=be, log=logbuf[0])
+    agent.attempt()
+    be.stored = FakeIdent(1, ttl=600)
+    be.calls.clear()
+    be.fail = None
+
+    class LostClient(FakeClient):
+        def renew_identity(self, ttl):
+            raise LockedError("the bot identity in /x lost a renewal: ...; needs re-enrolment", lost_renewal=True)
+    be.client = lambda cfg, ident, facts: LostClient(be, ident)
+    err = agent.attempt()
+    assert isinstance(err, LockedError) and "lost a renewal" in str(err) and err.exit_code == 5
+    assert be.calls == [("kube", 1, "example-k8s-cluster")]
+    assert outputs.inspect(tmp_path / "out")["valid"]
+
+
+# --- issue 11 point 7: the token file is read when a join needs it ---------------------------------------------
+def test_token_file_deleted_restart_keeps_renewing_new_token_picked_up(tmp_path, logbuf):
+    tok = tmp_path / "token"
+    tok.write_text(TOKEN + "\n")
+    be = FakeBackend()
+    cfg = make_cfg(tmp_path, onboarding={"token": str(tok)})
+    assert Agent(cfg, backend=be, log=logbuf[0]).attempt() is None
+    assert be.calls[0] == ("join", TOKEN)
+    tok.unlink()  # the spent token is deleted; a restart loads the config without it
+    cfg = make_cfg(tmp_path, onboarding={"token": str(tok)})
+    assert cfg.token is None and cfg.token_path == tok
+    agent = Agent(cfg, backend=be, log=logbuf[0])
+    agent._force_renew = True
+    assert agent.attempt() is None
+    assert [c[0] for c in be.calls].count("renew") == 1 and [c[0] for c in be.calls].count("join") == 1
+    # identity expired and no token: one clear line naming the file
+    be.stored = FakeIdent(2, ttl=-5)
+    err = agent.attempt()
+    assert err is not None and "token file %s does not exist" % tok in str(err)
+    # a new token written later is used at the next cycle, without a restart
+    tok.write_text("second-token-abcdef\n")
+    assert agent.attempt() is None
+    assert be.calls[-2:] == [("store", 1), ("kube", 1, "example-k8s-cluster")]
+    assert ("join", "second-token-abcdef") in be.calls and be.hash == "h:second-token-abcdef"
+    assert "second-token-abcdef" not in logbuf[1].getvalue()

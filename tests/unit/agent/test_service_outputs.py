@@ -1,0 +1,134 @@
+# Copyright: lanyard.machine_id contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The per-output loop of a cycle and the reload hook, against the fake backend of test_service.py:
+outputs are independent (one failing destination does not stop the others, the cycle reports it by name,
+retrying does not renew the bot identity again) and a reader removed from ``readers:`` loses access at the
+reload, before any new credentials."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+import yaml
+
+from machine_id_agent import acl
+from machine_id_agent.errors import OutputError, RenewError
+from machine_id_agent.service import Agent
+
+from test_service import FakeBackend, FakeClient, logbuf, make_cfg  # noqa: F401  (logbuf is a fixture)
+
+NOBODY, DAEMON = 65534, 1
+FILES = ("key", "tlscert", "teleport-host-ca.crt", "kubeconfig.yaml")
+
+
+def two_outputs(tmp_path, **extra):
+    return make_cfg(tmp_path, destinations=[
+        {"directory": str(tmp_path / "a"), "kubernetes_cluster": "ka"},
+        {"directory": str(tmp_path / "b"), "kubernetes_cluster": "kb"}], **extra)
+
+
+def renewals(be):
+    return [c for c in be.calls if c[0] in ("renew", "join")]
+
+
+def test_one_failing_destination_does_not_stop_the_other(tmp_path, logbuf):
+    be = FakeBackend()
+    (tmp_path / "b").write_text("not a directory")  # destination b cannot be written
+    agent = Agent(two_outputs(tmp_path), backend=be, log=logbuf[0])
+    err = agent.attempt()
+    assert isinstance(err, OutputError)
+    assert str(err).startswith("1 of 2 outputs failed (%s: " % (tmp_path / "b")), str(err)
+    assert "is not a directory" in str(err) and "written: %s" % (tmp_path / "a") in str(err)
+    assert err.details == {"failed": [str(tmp_path / "b")], "written": [str(tmp_path / "a")]}
+    assert sorted(os.listdir(tmp_path / "a")) == sorted(FILES)
+    snap = agent.snapshot()
+    by = {o["destination"]: o for o in snap["outputs"]}
+    assert by[str(tmp_path / "a")]["valid"] and by[str(tmp_path / "a")]["error"] is None
+    assert "is not a directory" in by[str(tmp_path / "b")]["error"] and not snap["ready"]
+    assert "output %s (kb) failed" % (tmp_path / "b") in logbuf[1].getvalue()
+    first = renewals(be)
+    assert len(first) == 1  # one join, then both outputs
+    # the retry writes the outputs again without renewing the fresh identity
+    be.calls.clear()
+    assert isinstance(agent.attempt(), OutputError)
+    assert renewals(be) == [] and [c[2] for c in be.calls if c[0] == "kube"] == ["ka", "kb"]
+    # fixed: both written, still no renewal
+    (tmp_path / "b").unlink()
+    be.calls.clear()
+    assert agent.attempt() is None
+    assert renewals(be) == [] and sorted(os.listdir(tmp_path / "b")) == sorted(FILES)
+    assert agent.snapshot()["ready"]
+
+
+def test_a_server_error_for_one_output_is_retryable_and_names_it(tmp_path, logbuf, monkeypatch):
+    be = FakeBackend()
+    orig = FakeClient.kube_credentials
+
+    def kube(self, cluster, roles, ttl):
+        if cluster == "ka":
+            raise RenewError("kubernetes cluster 'ka' is not registered; check tsh kube ls")
+        return orig(self, cluster, roles, ttl)
+
+    monkeypatch.setattr(FakeClient, "kube_credentials", kube)
+    agent = Agent(two_outputs(tmp_path), backend=be, log=logbuf[0])
+    err = agent.attempt()
+    assert isinstance(err, RenewError) and err.retryable
+    assert "1 of 2 outputs failed (%s: kubernetes cluster 'ka' is not registered" % (tmp_path / "a") in str(err)
+    assert sorted(os.listdir(tmp_path / "b")) == sorted(FILES)
+
+
+def test_single_output_error_names_it(tmp_path, logbuf):
+    be = FakeBackend()
+    (tmp_path / "out").write_text("x")
+    agent = Agent(make_cfg(tmp_path), backend=be, log=logbuf[0])
+    err = agent.attempt()
+    assert isinstance(err, OutputError) and str(err).startswith("output %s: " % (tmp_path / "out")), str(err)
+
+
+def _getfacl(path):
+    r = subprocess.run(["getfacl", "-n", "-p", "--omit-header", str(path)], capture_output=True, text=True,
+                       check=True)
+    return [x for x in r.stdout.splitlines() if x]
+
+
+def _write_cfg(tmp_path, readers):
+    p = tmp_path / "tbot.yaml"
+    doc = yaml.safe_load(p.read_text())
+    doc["destinations"][0]["readers"] = readers
+    p.write_text(yaml.safe_dump(doc))
+
+
+def test_reader_removed_at_reload_loses_access_before_any_renewal(tmp_path, logbuf):
+    if acl.probe(tmp_path) is not None:
+        pytest.fail("%s has no ACL support; run the unit tests on a filesystem with ACLs" % tmp_path, pytrace=False)
+    be = FakeBackend()
+    cfg = make_cfg(tmp_path, acls="try", destinations=[
+        {"directory": str(tmp_path / "out"), "kubernetes_cluster": "k", "readers": ["nobody", "daemon"]}])
+    agent = Agent(cfg, backend=be, log=logbuf[0])
+    assert agent.attempt() is None
+    out = tmp_path / "out"
+    for p in [out] + [out / n for n in FILES]:
+        assert any(e.startswith("user:%d:r" % NOBODY) for e in _getfacl(p)), p
+    _write_cfg(tmp_path, ["daemon"])
+    be.calls.clear()
+    be.fail = RenewError("auth is down")  # the revocation must not wait for new credentials
+    agent.reload_config()
+    assert be.calls == []
+    for p in [out] + [out / n for n in FILES]:
+        facl = _getfacl(p)
+        assert not any(str(NOBODY) in e for e in facl), (p, facl)
+        assert any(e.startswith("user:%d:r" % DAEMON) for e in facl), (p, facl)
+    assert "reload: applied the readers of %s (daemon); removed nobody" % out in logbuf[1].getvalue()
+    # the next successful write keeps it that way
+    be.fail = None
+    assert agent.attempt() is None
+    assert not any(str(NOBODY) in e for e in _getfacl(out / "key"))
+    # removing the readers: key altogether still revokes the users it listed
+    p = tmp_path / "tbot.yaml"
+    doc = yaml.safe_load(p.read_text())
+    del doc["destinations"][0]["readers"]
+    p.write_text(yaml.safe_dump(doc))
+    agent.reload_config()
+    assert not any(str(DAEMON) in e for e in _getfacl(out)), _getfacl(out)
