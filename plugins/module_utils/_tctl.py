@@ -8,7 +8,8 @@ I/O only, no decisions about resources. Every call:
 * builds an argv list (never a shell string), with the connection flags first;
 * never puts a secret in argv -- resources that carry one go through stdin (``tctl create -f -``);
 * asks for JSON where the installed tctl supports it and parses it;
-* turns any failure into :class:`LanyardError` with tctl's stderr (secrets masked) and a fix.
+* turns any failure into :class:`LanyardError` with tctl's stderr and a fix; every text taken from tctl's output
+  goes through :func:`redact` (the known secrets and anything shaped like a token or a private key).
 
 The tctl version is detected once per client (``tctl version``, no connection needed) and drives the
 feature switches in :class:`TctlVersion`.
@@ -62,7 +63,7 @@ class TctlVersion:
         m = _VERSION_RE.search(text or "")
         if not m:
             raise LanyardError("Cannot read the tctl version from `tctl version` output %r. Fix: point tctl_path "
-                               "at a Teleport tctl binary (v13 or newer)." % (text or "").strip()[:200])
+                               "at a Teleport tctl binary (v13 or newer)." % redact(text).strip()[:200])
         return cls(m.group(1), m.group(2), m.group(3), m.group(4))
 
     def __str__(self):
@@ -153,7 +154,7 @@ class Tctl:
             rc, out, err = self._call(self.argv(["version"], connect=False), None)
             if rc != 0:
                 raise LanyardError("`%s version` failed (rc=%s): %s. Fix: point tctl_path at a working tctl binary."
-                                   % (self.path, rc, (err or out).strip()[-300:]))
+                                   % (self.path, rc, redact(err or out).strip()[-300:]))
             self._version = TctlVersion.parse(out + "\n" + err)
         return self._version
 
@@ -172,7 +173,7 @@ class Tctl:
         rc, out, err = self._call(self.argv(args), data)
         if rc == 0:
             return out
-        text = _mask(_ANSI_RE.sub("", (err or "").strip() or (out or "").strip()), secrets)
+        text = redact(_ANSI_RE.sub("", (err or "").strip() or (out or "").strip()), secrets)
         if self.timeout_bin and rc in (124, 137):
             raise LanyardError("tctl timed out after %ss trying to %s at %s. Fix: check that %s is reachable, or "
                                "raise timeout." % (self.timeout, what, self.describe_target(), self.describe_target()),
@@ -246,7 +247,7 @@ def parse_json(text, what, secrets=()):
         return json.loads(text)
     except ValueError:
         raise LanyardError("tctl printed something that is not JSON while trying to %s: %r. Fix: use a tctl that "
-                           "supports --format=json (v13 or newer)." % (what, _mask(text, secrets).strip()[:300]))
+                           "supports --format=json (v13 or newer)." % (what, redact(text, secrets).strip()[:300]))
 
 
 def parse_status(text):
@@ -265,14 +266,14 @@ def parse_status(text):
             info["ca_pins"].extend(re.findall(r"sha256:[0-9a-f]{64}", line))
     if not info["ca_pins"]:
         raise LanyardError("`tctl status` printed no CA pin (output: %r). Fix: check that tctl talks to the auth "
-                           "server of the cluster." % (text or "").strip()[:300])
+                           "server of the cluster." % redact(text).strip()[:300])
     return info
 
 
 # Substrings of tctl/Teleport error text, lowercased. Checked in this order.
 _ERROR_CLASSES = (
     ("expired", ("certificate has expired", "certificate expired", "expired certificate", "has expired or is not yet valid",
-                 "identity has expired")),
+                 "identity has expired", "credentials have expired")),
     ("denied", ("access denied", "permission denied", "not authorized", "unauthorized")),
     ("unreachable", ("cannot connect to the auth server", "connection refused", "no such host", "i/o timeout", "failed to connect", "connection reset",
                      "context deadline exceeded", "network is unreachable", "dial tcp", "unable to connect",
@@ -298,11 +299,28 @@ def _last_line(text):
     return line[:500]
 
 
-def _mask(text, secrets):
-    for s in secrets or ():
-        if s:
-            text = (text or "").replace(s, MASK)
-    return text
+# Shapes of secrets that tctl or Teleport may echo in their output or errors. Join tokens are 32+ hex digits
+# (``tctl bots add``, ``tctl tokens add`` and this collection all make them so); the backend names a token by
+# its key ``/tokens/<name>``; ``token: <value>`` / ``token "<value>"`` for other shapes; PEM private keys; JWTs.
+_SECRET_SHAPES = (
+    re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|$)", re.S),
+    re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]+"),
+    re.compile(r"(?<![0-9A-Za-z])[0-9a-fA-F]{32,}(?![0-9A-Za-z])"),
+    re.compile(r"(?<=/tokens/)[^\s\"'`,;)\]}]+"),
+)
+_TOKEN_QUOTED = re.compile(r"""(?i)(\btoken(?:[ _-]?(?:id|name|value))?[\"']?\s*[:=]?\s*)(["'`])([^"'`\s]{8,})\2""")
+_TOKEN_PLAIN = re.compile(r"(?i)(\btoken(?:[ _-]?(?:id|name|value))?\s*[:=]\s*)([A-Za-z0-9+/_.~-]{16,})")
+
+
+def redact(text, secrets=()):
+    """``text`` with the given secrets and anything shaped like a token or a private key replaced by MASK."""
+    text = text or ""
+    for s in sorted((x for x in secrets or () if x), key=len, reverse=True):
+        text = text.replace(s, MASK)
+    for shape in _SECRET_SHAPES:
+        text = shape.sub(MASK, text)
+    text = _TOKEN_QUOTED.sub(lambda m: m.group(1) + m.group(2) + MASK + m.group(2), text)
+    return _TOKEN_PLAIN.sub(lambda m: m.group(1) + MASK, text)
 
 
 def _der_read(data, pos):

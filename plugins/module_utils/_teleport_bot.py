@@ -20,7 +20,7 @@ from ansible_collections.lanyard.machine_id.plugins.module_utils._teleport_resou
     parse_duration,
     strip_volatile,
 )
-from ansible_collections.lanyard.machine_id.plugins.module_utils._teleport_wait import wait_for
+from ansible_collections.lanyard.machine_id.plugins.module_utils._teleport_wait import DEFAULT_TIMEOUT, wait_for
 from ansible_collections.lanyard.machine_id.plugins.module_utils._teleport_yaml import to_yaml
 
 BOT_ARGSPEC = dict(
@@ -203,6 +203,11 @@ def ensure_bot(tctl, params, check_mode, revoke_token, revoke_pending=None):
             tctl.run(["bots", "rm", name], "delete bot %s" % name)
             if revoke_pending is not None:
                 result["revoked_tokens"] = revoke_pending(name)
+            # the auth server's cache lags writes: return once a read no longer shows the bot
+            if wait_for(lambda: read_bot(tctl, name), lambda b: b is None) is not None:
+                result["warnings"] = ["bot %s was deleted, but the auth server still lists it after %ss (its cache "
+                                      "lags), so a run right after this one may report a change. Fix: check the auth "
+                                      "server's health (`tctl status`) and rerun." % (name, int(DEFAULT_TIMEOUT))]
         result["msg"] = ("bot %s %s" % (name, "would be deleted" if check_mode else "deleted")) if current else \
             "bot %s is absent" % name
         return result

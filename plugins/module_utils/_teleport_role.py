@@ -9,12 +9,14 @@ __metaclass__ = type
 
 from ansible_collections.lanyard.machine_id.plugins.module_utils._teleport_resource import (
     build_role,
+    canonical_role,
+    changed_paths,
     role_diff,
     role_matches,
     strip_volatile,
 )
 from ansible_collections.lanyard.machine_id.plugins.module_utils._teleport_yaml import to_yaml
-from ansible_collections.lanyard.machine_id.plugins.module_utils._teleport_wait import wait_for
+from ansible_collections.lanyard.machine_id.plugins.module_utils._teleport_wait import DEFAULT_TIMEOUT, wait_for
 
 ROLE_ARGSPEC = dict(
     name=dict(type="str", required=True),
@@ -32,36 +34,73 @@ def read_role(tctl, name):
     return items[0] if items else None
 
 
+def _revision(resource):
+    meta = (resource or {}).get("metadata") or {}
+    return meta.get("revision") or meta.get("id")
+
+
 def ensure_role(tctl, params, check_mode):
-    """Return the module result for one role."""
+    """Return the module result for one role.
+
+    After a write the module reads the role back until the write shows (the auth server answers reads from a
+    cache that lags writes), so a run right after this one sees what this one did.
+    """
     name = params["name"]
+    header = "role/%s" % name
     current = read_role(tctl, name)
     if params["state"] == "absent":
         result = dict(changed=current is not None, role=None)
-        result["diff"] = dict(before=to_yaml(strip_volatile(current)) if current else "", after="",
-                              before_header="role/%s" % name, after_header="role/%s" % name)
-        if current is not None and not check_mode:
-            tctl.run(["rm", "role/%s" % name], "delete role %s" % name)
-        result["msg"] = ("role %s %s" % (name, "would be deleted" if check_mode else "deleted")) if current else \
-            "role %s is absent" % name
+        result["diff"] = dict(before=to_yaml(canonical_role(current)) if current else "", after="",
+                              before_header=header, after_header=header)
+        if current is None:
+            result["msg"] = "role %s is absent" % name
+            return result
+        if check_mode:
+            result["msg"] = "role %s would be deleted" % name
+            return result
+        tctl.run(["rm", "role/%s" % name], "delete role %s" % name)
+        left = wait_for(lambda: read_role(tctl, name), lambda r: r is None)
+        result["msg"] = "role %s deleted" % name
+        if left is not None:
+            result["warnings"] = [_lag_warning(name, "deleted", "still lists it")]
         return result
 
     declared = build_role(name, spec=params.get("spec"), resource=params.get("resource"),
                           version=params["role_version"], labels=params.get("labels"),
                           description=params.get("description"))
     before, after = role_diff(declared, current)
-    diff = dict(before=to_yaml(before) if current else "", after=to_yaml(after),
-                before_header="role/%s" % name, after_header="role/%s" % name)
+    diff = dict(before=to_yaml(before), after=to_yaml(after), before_header=header, after_header=header)
     if role_matches(declared, current):
         return dict(changed=False, role=strip_volatile(current), diff=diff, msg="role %s is up to date" % name)
     verb = "created" if current is None else "updated"
+    what = "" if current is None else " (%s)" % ", ".join(changed_paths(before, after))
     if check_mode:
-        return dict(changed=True, role=after, diff=diff, msg="role %s would be %s" % (name, verb))
+        return dict(changed=True, role=after, diff=diff, msg="role %s would be %s%s" % (name, verb, what))
     tctl.create(declared, "%s role %s" % ("create" if current is None else "update", name), force=current is not None)
-    # The auth server answers reads from a cache that lags writes by up to ~1s: wait for our write.
-    stored = wait_for(lambda: read_role(tctl, name), lambda r: role_matches(declared, r))
-    result = dict(changed=True, role=strip_volatile(stored), diff=diff, msg="role %s %s" % (name, verb))
-    if stored is not None and not role_matches(declared, stored):
-        result["warnings"] = ["role %s: the server stores some declared values in a different form, so the next run "
-                              "may report a change again; compare the returned role with what you declared." % name]
+    old_rev = _revision(current)
+
+    def shows_write(role):
+        if role is None:
+            return False
+        if role_matches(declared, role):
+            return True
+        rev = _revision(role)
+        return current is None or (rev is not None and old_rev is not None and rev != old_rev)
+
+    stored = wait_for(lambda: read_role(tctl, name), shows_write)
+    result = dict(changed=True, role=strip_volatile(stored) if stored else after, diff=diff,
+                  msg="role %s %s%s" % (name, verb, what))
+    if not shows_write(stored):
+        result["warnings"] = [_lag_warning(name, verb, "still shows the old role")]
+    elif not role_matches(declared, stored):
+        extra = ", ".join(changed_paths(after, canonical_role(stored))) or "values in another form"
+        result["warnings"] = ["role %s: the server stored it with differences the module does not predict (%s), so "
+                              "the next run will report a change again. Fix: declare those values as the server "
+                              "stores them (see the returned role)." % (name, extra)]
     return result
+
+
+def _lag_warning(name, verb, what):
+    return ("role %s was %s, but after %ss the auth server %s (its cache lags), so a run right after this one may "
+            "report a change. Fix: check the auth server's health (`tctl status`) and rerun."
+            % (name, verb, int(DEFAULT_TIMEOUT), what))

@@ -26,6 +26,7 @@ import secrets
 
 from ansible_collections.lanyard.machine_id.plugins.module_utils._errors import LanyardError
 from ansible_collections.lanyard.machine_id.plugins.module_utils._teleport_resource import parse_duration
+from ansible_collections.lanyard.machine_id.plugins.module_utils._teleport_wait import DEFAULT_TIMEOUT, wait_for
 
 NAME_LABEL = "lanyard.machine_id/name"
 MANAGED_LABEL = "lanyard.machine_id/managed"
@@ -145,10 +146,32 @@ def revoke(tctl, item, bot):
     tctl.create(res, "revoke a join token of bot %s" % bot, force=True, secrets=[value])
 
 
+def _names(items):
+    return set((i.get("metadata") or {}).get("name") for i in items)
+
+
+def wait_tokens(tctl, bot, gone=(), present=(), labels=None):
+    """Read until the pending tokens of ``bot`` show our writes: none of ``gone``, all of ``present``.
+
+    The auth server answers reads from a cache that lags writes; without this a run right after a revoke
+    (or a mint) would still see (or miss) the token. Returns True when the read caught up in time.
+    """
+    gone, present = set(gone), set(present)
+    if not gone and not present:
+        return True
+
+    def caught_up(names):
+        return not (names & gone) and present <= names
+
+    names = wait_for(lambda: _names(find_tokens(tctl, bot, labels or {})), caught_up)
+    return caught_up(names)
+
+
 def revoke_value(tctl, value, bot):
     """Revoke a token we know only by value (the one `tctl bots add` printed)."""
     revoke(tctl, {"version": "v2", "metadata": {"name": value},
                   "spec": {"roles": ["Bot"], "bot_name": bot, "join_method": "token"}}, bot)
+    wait_tokens(tctl, bot, gone=[value])
 
 
 def revoke_all(tctl, bot):
@@ -156,6 +179,7 @@ def revoke_all(tctl, bot):
     pending = find_tokens(tctl, bot, {})
     for item in pending:
         revoke(tctl, item, bot)
+    wait_tokens(tctl, bot, gone=_names(pending))
     return len(pending)
 
 
@@ -185,13 +209,16 @@ def ensure_token(tctl, params, check_mode):
             raise LanyardError("%s: state=absent needs name or labels to pick the tokens to revoke. Fix: set name "
                                "(or labels) as when the token was minted." % ident)
         pending = find_tokens(tctl, bot, labels)
+        result = dict(changed=bool(pending), revoked=len(pending))
         if pending and not check_mode:
             for item in pending:
                 revoke(tctl, item, bot)
+            if not wait_tokens(tctl, bot, gone=_names(pending), labels=labels):
+                result["warnings"] = [_lag_warning(ident, "revoked")]
         verb = "would be revoked" if check_mode else "revoked"
-        return dict(changed=bool(pending), revoked=len(pending),
-                    msg="%s: %d pending token(s) %s" % (ident, len(pending), verb) if pending else
-                    "%s: no pending token" % ident)
+        result["msg"] = ("%s: %d pending token(s) %s" % (ident, len(pending), verb) if pending else
+                         "%s: no pending token" % ident)
+        return result
 
     if not bot_exists(tctl, bot):
         raise LanyardError("%s: bot %s does not exist. Fix: create it first with lanyard.machine_id.teleport_bot."
@@ -220,4 +247,13 @@ def ensure_token(tctl, params, check_mode):
                   msg="%s: minted a token (expires %s)" % (ident, rfc3339(expires)))
     if pending:
         result["revoked"] = len(pending)
+    # a rerun looks the token up by its labels: return once a read shows it (and not the revoked ones)
+    if not wait_tokens(tctl, bot, gone=_names(pending), present=[value], labels=labels):
+        result["warnings"] = [_lag_warning(ident, "minted")]
     return result
+
+
+def _lag_warning(ident, verb):
+    return ("%s: the token was %s, but after %ss the auth server's token list does not reflect that yet (its "
+            "cache lags), so a run right after this one may act again. Fix: check the auth server's health (`tctl "
+            "status`)." % (ident, verb, int(DEFAULT_TIMEOUT)))

@@ -4,7 +4,9 @@
 """PRIVATE to this collection: wait for a read to show our own write.
 
 Teleport's auth server serves reads from a cache fed by its backend's event stream; on v13.3.8 a
-``tctl get`` right after ``tctl create -f`` was seen to return the old resource for up to ~1 s.
+``tctl get`` right after ``tctl create -f`` was seen to return the old resource for up to ~1 s, and right after
+``tctl rm`` the deleted one (the fresh-clone CI failure of issue 13). Every module that writes reads back until
+its write shows, for at most DEFAULT_TIMEOUT seconds, so the next task's read is honest.
 """
 
 from __future__ import absolute_import, division, print_function
@@ -13,7 +15,7 @@ __metaclass__ = type
 
 import time
 
-DEFAULT_TIMEOUT = 5.0
+DEFAULT_TIMEOUT = 15.0
 DEFAULT_INTERVAL = 0.25
 
 

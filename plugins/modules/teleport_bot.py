@@ -21,6 +21,10 @@ description:
     bot's own role C(bot-<name>) (its C(allow.impersonate.roles)); hosts that already joined get the new roles at
     their next renewal, without joining again. Any other change fails and says why, unless O(force=true) allows
     deleting and recreating the bot.
+requirements:
+  - C(tctl) of the Teleport cluster's major version (tested with Teleport v13.3.8) on the host that runs the task,
+    usually the controller (C(delegate_to=localhost)), with credentials that may manage bots, users and roles.
+  - Python 3.6 or newer on that host.
 author:
   - Lanyard contributors (@lanyard)
 extends_documentation_fragment:
@@ -85,6 +89,10 @@ options:
 notes:
   - The result of a task that returns a token is hidden from Ansible's output (as with C(no_log)) by the
     action plugin of this module; use the registered variable to pass the token on.
+  - With O(return_token=true) the task refuses C(async) (the async job file and C(async_status) would show the
+    token in clear). Without it, C(async) works.
+  - The task returns once a read shows its write (Teleport's auth server answers reads from a cache that lags
+    writes), for at most 15 seconds, so the next task or run sees what this one did.
 seealso:
   - module: lanyard.machine_id.teleport_role
   - module: lanyard.machine_id.teleport_bot_token

@@ -21,6 +21,10 @@ description:
     with that name exists for the bot, nothing is minted and that token is returned again. A token disappears when a
     host joins with it, so the next run mints a new one.
   - O(state=absent) revokes the pending tokens with that O(name) (or O(labels)).
+requirements:
+  - C(tctl) of the Teleport cluster's major version (tested with Teleport v13.3.8) on the host that runs the task,
+    usually the controller (C(delegate_to=localhost)), with credentials that may manage bots and tokens.
+  - Python 3.6 or newer on that host.
 author:
   - Lanyard contributors (@lanyard)
 extends_documentation_fragment:
@@ -69,6 +73,14 @@ options:
       - Proxy address to return in RV(proxy_addr) for the host to join through.
       - When not set, the public address of the first proxy the cluster lists.
     type: str
+notes:
+  - With O(state=present) the task refuses C(async) (the async job file and C(async_status) would show the token in
+    clear); revoking with O(state=absent) works with C(async).
+  - The task returns once the token list shows its write (a minted token listed, revoked ones gone; Teleport's auth
+    server answers reads from a cache that lags writes), for at most 15 seconds, so the next run does not mint or
+    revoke again.
+  - Error messages built from C(tctl) output are redacted - the token and anything shaped like a token or a
+    private key is replaced by C(********).
 seealso:
   - module: lanyard.machine_id.teleport_bot
   - module: lanyard.machine_id.teleport_cluster_info

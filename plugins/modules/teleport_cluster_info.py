@@ -16,6 +16,11 @@ description:
     through C(tctl status), the CA pins of the cluster's host CA.
   - Fails with the explanation and fix from the Machine ID Kubernetes guide when the proxy has TLS routing off and no
     Kubernetes public address, because Machine ID cannot reach Kubernetes through such a proxy.
+requirements:
+  - HTTPS access from the host that runs the task (usually the controller) to the Teleport proxy's web address;
+    no Python library beyond ansible-core.
+  - C(tctl) of the Teleport cluster's major version (tested with Teleport v13.3.8) on that host, unless
+    O(ca_pins=false) and O(proxy_addr) is set.
 author:
   - Lanyard contributors (@lanyard)
 extends_documentation_fragment:

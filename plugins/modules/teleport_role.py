@@ -12,12 +12,22 @@ module: teleport_role
 short_description: Create, update or delete a Teleport role
 version_added: 0.1.0
 description:
-  - Makes a Teleport role match the declared O(spec) (or full O(resource)), through C(tctl).
-  - Only the keys you declare are compared, after normalising what the server fills in by itself (default
-    options, empty deny rules, durations such as C(8h) stored as C(8h0m0s), label values stored as lists).
+  - Makes a Teleport role exactly the declared O(spec) (or full O(resource)), through C(tctl). The declaration is
+    the whole role - desired state. What is on the server and not declared (a C(kubernetes_users) entry, a whole
+    C(deny) block, an option, a label of the role) is a difference, and the write removes it.
+  - Both sides are compared in the form C(tctl get) prints, after what Teleport fills in by itself, so those
+    defaults never show as a change - the default options of a role (for example C(max_session_ttl=30h0m0s),
+    C(cert_format=standard)), an empty C(deny), the C(kubernetes_resources) a v3-v5 role gets for its
+    C(kubernetes_labels), durations such as C(8h) stored as C(8h0m0s), a one-element label list stored as a string.
     A re-run with the same input reports no change.
-  - When the role differs, the whole declared role is written with C(tctl create -f), so keys you do not declare
-    go back to the server's defaults.
+  - When the role differs, the whole declared role is written with C(tctl create -f); C(msg) names what changes.
+  - The task returns once a read shows its write (Teleport's auth server answers reads from a cache that lags
+    writes), for at most 15 seconds, so the next task or run sees what this one did; if the read has not caught
+    up by then, the task says so in a warning.
+requirements:
+  - C(tctl) of the Teleport cluster's major version (tested with Teleport v13.3.8) on the host that runs the task,
+    usually the controller (C(delegate_to=localhost)), with credentials that may manage roles.
+  - Python 3.6 or newer on that host.
 author:
   - Lanyard contributors (@lanyard)
 extends_documentation_fragment:
@@ -28,7 +38,9 @@ attributes:
     description: Reads the role and reports what would change; writes nothing.
   diff_mode:
     support: full
-    description: Shows the role as YAML before and after (the server's role overlaid with the declared keys).
+    description:
+      - Shows the role as YAML in the form C(tctl get) prints it - before is the role on the server, after is the
+        role the write leaves on the server (the declared role with Teleport's defaults), so removed keys show.
 options:
   name:
     description:
@@ -118,10 +130,10 @@ role:
       allow:
         kubernetes_groups: [example]
 msg:
-  description: What was done, in one line.
+  description: What was done, in one line; for an update, the paths that change.
   returned: always
   type: str
-  sample: role machine-id-kube-role created
+  sample: role machine-id-kube-role updated (spec.allow.kubernetes_users (removed), spec.deny (removed))
 """
 
 from ansible.module_utils.basic import AnsibleModule

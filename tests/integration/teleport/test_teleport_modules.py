@@ -12,6 +12,7 @@ or with other test modules on the session bed.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import subprocess
 import time
@@ -106,19 +107,90 @@ def test_role_guide_round_trip(teleport, tmp_path, style):
     edit = run_playbook(tmp_path / "edit", pb2, diff=True)
     assert edit.rc == 0 and edit.changed("role")
     assert "-    - example" in edit.stdout and "+    - viewers" in edit.stdout
-
-    def groups_updated():
-        assert tctl_json(teleport, "get", f"role/{name}")[0]["spec"]["allow"]["kubernetes_groups"] == ["viewers"]
-    eventually(groups_updated)
+    # the module returns once its write shows in a read: no waiting here (issue 13)
+    assert tctl_json(teleport, "get", f"role/{name}")[0]["spec"]["allow"]["kubernetes_groups"] == ["viewers"]
     assert not run_playbook(tmp_path / "edit2", pb2).changed("role")
-    # absent: check, real, check, real
+    # absent: check, real, check, real -- the check right after the delete must see it gone (the fresh-clone CI
+    # failure of issue 13 was this third run reporting changed, from Teleport's cache)
     pb3 = play([{"name": "role", "lanyard.machine_id.teleport_role": {"name": name, "state": "absent"}}],
                conn(teleport, style))
-    assert [r["changed"] for r in four_runs(tmp_path / "absent", pb3, "role")] == [True, True, False, False]
+    absent = four_runs(tmp_path / "absent", pb3, "role")
+    assert [r["changed"] for r in absent] == [True, True, False, False]
+    assert not absent[1].get("warnings")
+    assert teleport.tctl("get", f"role/{name}", "--format=json").returncode != 0
 
-    def role_gone():
-        assert teleport.tctl("get", f"role/{name}", "--format=json").returncode != 0
-    eventually(role_gone)
+
+NARROW_DENY = {"kubernetes_groups": ["system:masters"], "node_labels": {"env": "prod"}}
+
+
+def test_role_narrowed_on_the_server(teleport, tmp_path):
+    """Issue 13: dropping kubernetes_users and the whole deny block removes them from the server, --diff shows
+    exactly that, and the rerun is unchanged."""
+    name = uniq(teleport, "narrow")
+    defaults = conn(teleport, "remote")
+    wide = json.loads(json.dumps(GUIDE_SPEC))
+    wide["deny"] = NARROW_DENY
+    wide["options"] = {"max_session_ttl": "8h"}
+    setup = run_playbook(tmp_path / "wide", play([{"name": "role", "lanyard.machine_id.teleport_role":
+                                                   {"name": name, "spec": wide}}], defaults))
+    assert setup.rc == 0 and setup.changed("role"), setup.stdout[-3000:]
+    stored = tctl_json(teleport, "get", f"role/{name}")[0]["spec"]
+    assert stored["allow"]["kubernetes_users"] == ["alice"]
+    assert stored["deny"]["kubernetes_groups"] == ["system:masters"]
+    assert stored["options"]["max_session_ttl"] == "8h0m0s"
+
+    narrow = {"allow": dict((k, v) for k, v in GUIDE_SPEC["allow"].items() if k != "kubernetes_users")}
+    pb = play([{"name": "role", "lanyard.machine_id.teleport_role": {"name": name, "spec": narrow}}], defaults)
+    check = run_playbook(tmp_path / "check", pb, check=True, diff=True)
+    res = check.result("role")
+    assert check.rc == 0 and res["changed"], check.stdout[-3000:]
+    for removed in ("spec.allow.kubernetes_users (removed)", "spec.deny (removed)",
+                    "spec.options.max_session_ttl (changed)"):
+        assert removed in res["msg"], res["msg"]
+    before, after = (yaml.safe_load(res["diff"][k]) for k in ("before", "after"))
+    assert before["spec"]["allow"]["kubernetes_users"] == ["alice"]
+    assert before["spec"]["deny"] == NARROW_DENY and "deny" not in after["spec"]
+    assert "kubernetes_users" not in after["spec"]["allow"]
+    assert after["spec"]["options"]["max_session_ttl"] == "30h0m0s"      # back to Teleport's default
+    assert tctl_json(teleport, "get", f"role/{name}")[0]["spec"] == stored  # check mode wrote nothing
+
+    real = run_playbook(tmp_path / "real", pb, diff=True)
+    res = real.result("role")
+    assert real.rc == 0 and res["changed"] and not res.get("warnings"), real.stdout[-3000:]
+    assert res["diff"] == check.result("role")["diff"]                     # --diff showed what the write did
+    # read right away (the module waited for its write to show), as the local admin, by another route
+    server = tctl_json(teleport, "get", f"role/{name}")[0]
+    assert "kubernetes_users" not in server["spec"]["allow"] and server["spec"].get("deny", {}) == {}
+    assert server["spec"]["options"]["max_session_ttl"] == "30h0m0s"
+    after_spec = yaml.safe_load(res["diff"]["after"])["spec"]
+    assert {k: v for k, v in server["spec"].items() if v} == after_spec   # after == what is on the server
+    reruns = [run_playbook(tmp_path / f"rerun{i}", pb, check=c, diff=True) for i, c in enumerate((True, False))]
+    assert [r.result("role")["changed"] for r in reruns] == [False, False]
+
+
+def test_role_server_defaults_cause_no_changes(teleport_multiplex, tmp_path):
+    """Roles whose stored form differs from the task only by Teleport's own defaults and forms settle at once:
+    a v5 role (the server adds kubernetes_resources), declared defaults, durations and one-element label lists."""
+    tp = teleport_multiplex
+    v5, explicit = uniq(tp, "v5"), uniq(tp, "defaults")
+    tasks = [
+        {"name": "v5", "lanyard.machine_id.teleport_role": {
+            "name": v5, "role_version": "v5",
+            "spec": {"allow": {"kubernetes_labels": {"env": ["dev"]}, "kubernetes_groups": ["viewers"]}}}},
+        {"name": "explicit", "lanyard.machine_id.teleport_role": {"name": explicit, "spec": {
+            "allow": {"kubernetes_labels": {"*": ["*"]}, "logins": []},
+            "deny": {},
+            "options": {"max_session_ttl": "30h", "forward_agent": False, "cert_format": "standard",
+                        "record_session": {"desktop": True, "default": "best_effort"}}}}},
+    ]
+    pb = play(tasks, conn(tp, "local"))
+    for task in ("v5", "explicit"):
+        runs = four_runs(tmp_path / task, play([t for t in tasks if t["name"] == task], conn(tp, "local")), task)
+        assert [r["changed"] for r in runs] == [True, True, False, False], task
+    stored = tctl_json(tp, "get", f"role/{v5}")[0]
+    assert stored["version"] == "v5"
+    assert stored["spec"]["allow"]["kubernetes_resources"] == [{"kind": "pod", "namespace": "*", "name": "*"}]
+    assert not run_playbook(tmp_path / "both", pb).changed("v5")
 
 
 # -- teleport_bot ---------------------------------------------------------------------------------------
@@ -160,7 +232,7 @@ def test_bot_lifecycle(teleport, tmp_path):
     def roles_updated():
         bot_role = tctl_json(teleport, "get", f"role/bot-{bot}")[0]
         assert sorted(bot_role["spec"]["allow"]["impersonate"]["roles"]) == sorted([role, other])
-    eventually(roles_updated)
+    roles_updated()   # no waiting: the module returned once its write showed
     # ... and the joined host's next renewal (same storage, no new join) impersonates both roles
     renewed = tbot_oneshot(teleport, token_file, tmp_path / "tbot")
     assert renewed.returncode == 0, renewed.stderr[-2000:]
@@ -184,7 +256,7 @@ def test_bot_lifecycle(teleport, tmp_path):
     def logins_updated():
         user = tctl_json(teleport, "get", f"user/bot-{bot}")[0]
         assert user["spec"]["traits"]["logins"] == ["deploy"]
-    eventually(logins_updated)
+    logins_updated()   # no waiting: the module returned once its write showed
 
     # unknown role: clear message naming the role
     pb5 = play([{"name": "bot", "lanyard.machine_id.teleport_bot": {"name": uniq(teleport, "b"),
@@ -198,7 +270,7 @@ def test_bot_lifecycle(teleport, tmp_path):
 
     def bot_gone():
         assert teleport.tctl("get", f"user/bot-{bot}", "--format=json").returncode != 0
-    eventually(bot_gone)
+    bot_gone()   # no waiting: the module returned once its write showed
 
 
 # -- teleport_bot_token + tbot --------------------------------------------------------------------------------
@@ -306,6 +378,72 @@ def test_bot_return_token_is_hidden_at_vvv(teleport_multiplex, tmp_path):
     assert len(token) == 32 and token not in run.stdout
     joined = tbot_oneshot(tp, token_file, tmp_path / "tbot")
     assert joined.returncode == 0, joined.stderr[-2000:]
+
+
+def _bot_tokens(tp, bot: str) -> list[dict]:
+    return [t for t in tctl_json(tp, "get", "tokens", "--with-secrets") or [] if t["spec"].get("bot_name") == bot]
+
+
+def test_token_modules_refuse_async(teleport, tmp_path):
+    """Issue 13: with async + async_status the token used to print in clear and sit in a 0644 job file. A task that
+    may return a token now fails before anything is minted; async still works for a task that returns none."""
+    role, bot, new_bot = uniq(teleport, "r"), uniq(teleport, "bot"), uniq(teleport, "nbot")
+    defaults = conn(teleport, "remote")
+    setup = run_playbook(tmp_path / "setup", play([
+        {"name": "role", "lanyard.machine_id.teleport_role": {"name": role, "spec": GUIDE_SPEC}},
+        {"name": "bot", "lanyard.machine_id.teleport_bot": {"name": bot, "roles": [role]}}], defaults))
+    assert setup.rc == 0, setup.stdout[-3000:]
+    async_dir = tmp_path / "async"
+    env = {"ANSIBLE_ASYNC_DIR": str(async_dir)}
+
+    def status(job: str) -> dict:
+        return {"name": f"status {job}", "ansible.builtin.async_status": {"jid": "{{ %s.ansible_job_id }}" % job},
+                "register": f"{job}_status", "until": f"{job}_status.finished", "retries": 30, "delay": 1,
+                "when": f"{job}.ansible_job_id is defined"}
+
+    pb = play([
+        {"name": "token poll 0", "lanyard.machine_id.teleport_bot_token": {"bot": bot, "name": "h-async"},
+         "async": 60, "poll": 0, "register": "job1", "ignore_errors": True},
+        status("job1"),
+        {"name": "token poll 2", "lanyard.machine_id.teleport_bot_token": {"bot": bot, "name": "h-async2"},
+         "async": 60, "poll": 2, "register": "job2", "ignore_errors": True},
+        {"name": "new bot with token", "lanyard.machine_id.teleport_bot":
+            {"name": new_bot, "roles": [role], "return_token": True},
+         "async": 60, "poll": 0, "register": "job3", "ignore_errors": True},
+        status("job3"),
+        # no token can come back from a revoke: async runs as usual
+        {"name": "revoke async", "lanyard.machine_id.teleport_bot_token": {"bot": bot, "name": "h-async",
+                                                                           "state": "absent"},
+         "async": 60, "poll": 0, "register": "job4"},
+        status("job4"),
+    ], defaults)
+    run = run_playbook(tmp_path / "run", pb, verbosity=3, env=env)
+    assert run.rc == 0, run.stdout[-3000:]
+    for task in ("token poll 0", "token poll 2", "new bot with token"):
+        res = run.result(task)
+        assert res["_status"] == "failed" and "async is not supported" in res["msg"] and "Fix:" in res["msg"], res
+        assert "ansible_job_id" not in res
+    assert run.result("status job1")["_status"] == "skipped" and run.result("status job3")["_status"] == "skipped"
+    assert run.result("status job4")["_status"] == "ok" and run.result("status job4")["finished"]
+    # nothing was minted or created ...
+    assert _bot_tokens(teleport, bot) == []
+    assert teleport.tctl("get", f"user/bot-{new_bot}", "--format=json").returncode != 0
+    # ... and no job file holds anything shaped like a token (the revoke's job file is there, token-free)
+    job_files = [f for f in async_dir.rglob("*") if f.is_file()]
+    assert job_files, "the async revoke wrote no job file"
+    for f in job_files:
+        text = f.read_text()
+        assert not re.search(r"[0-9a-f]{32}", text), (f, text[:500])
+    assert not re.search(r"(?<![0-9a-f])[0-9a-f]{32}(?![0-9a-f])", run.stdout)
+
+    # the same token task without async mints, and its token is nowhere in the output or the async dir
+    plain = run_playbook(tmp_path / "plain", play([
+        {"name": "token", "lanyard.machine_id.teleport_bot_token": {"bot": bot, "name": "h-async"},
+         "register": "join"}], defaults), verbosity=3, env=env)
+    assert plain.rc == 0 and plain.changed("token"), plain.stdout[-3000:]
+    minted = [t["metadata"]["name"] for t in _bot_tokens(teleport, bot)]
+    assert len(minted) == 1 and minted[0] not in plain.stdout
+    assert not any(minted[0] in f.read_text() for f in async_dir.rglob("*") if f.is_file())
 
 
 # -- teleport_cluster_info ---------------------------------------------------------------------------

@@ -68,11 +68,92 @@ def test_role_update_uses_force_and_shows_diff(run_module):
 
 
 def test_role_absent(run_module):
-    fake = FakeTctl().on("get", "role/machine-id-kube-role", out=json.dumps([GUIDE])).on("rm", out="")
+    state = {"role": GUIDE}
+    fake = FakeTctl().on("get", "role/machine-id-kube-role",
+                         fn=lambda a, d: (0, json.dumps([state["role"]]), "") if state["role"] else NOT_FOUND_ROLE)
+    fake.on("rm", fn=lambda a, d: (state.update(role=None), (0, "", ""))[1])
     res = run_module(teleport_role.main, {"name": "machine-id-kube-role", "state": "absent"}, fake, check=True)
     assert res["changed"] and fake.writes() == []
     res = run_module(teleport_role.main, {"name": "machine-id-kube-role", "state": "absent"}, fake)
-    assert res["changed"] and fake.writes() == [["rm", "role/machine-id-kube-role"]]
+    assert res["changed"] and fake.writes() == [["rm", "role/machine-id-kube-role"]] and not res["warnings"]
+
+
+def _lagging_role_server(role, lag_reads):
+    """A server whose reads show the previous role for ``lag_reads`` reads after each write (Teleport's cache)."""
+    state = {"stored": role, "seen": role, "lag": 0}
+
+    def get(args, data):
+        if state["lag"] > 0:
+            state["lag"] -= 1
+        else:
+            state["seen"] = state["stored"]
+        return (0, json.dumps([state["seen"]]), "") if state["seen"] else NOT_FOUND_ROLE
+
+    def write(stored):
+        state["stored"], state["lag"] = stored, lag_reads
+        return 0, "", ""
+
+    def create(args, data):
+        res = json.loads(data)
+        stored = json.loads(json.dumps(GUIDE))          # the server's defaults, as v13 prints them
+        stored["metadata"] = dict(res["metadata"], id=(state["stored"] or {}).get("metadata", {}).get("id", 0) + 1)
+        stored["spec"]["allow"] = res["spec"].get("allow") or {}
+        stored["spec"]["deny"] = res["spec"].get("deny") or {}
+        return write(stored)
+
+    fake = FakeTctl().on("get", "role/machine-id-kube-role", fn=get)
+    fake.on("create", fn=create).on("rm", fn=lambda a, d: write(None))
+    return fake, state
+
+
+@pytest.fixture
+def short_wait(monkeypatch):
+    from ansible_collections.lanyard.machine_id.plugins.module_utils import _teleport_wait
+    monkeypatch.setattr(_teleport_wait, "DEFAULT_TIMEOUT", 5.0)
+    monkeypatch.setattr(_teleport_wait, "DEFAULT_INTERVAL", 0.001)
+
+
+def test_role_narrowed_on_the_server_and_diff_shows_the_write(run_module, short_wait):
+    """Issue 13: dropping kubernetes_users and the deny block must remove them from the server."""
+    server = json.loads(json.dumps(GUIDE))
+    server["spec"]["deny"] = {"kubernetes_groups": ["system:masters"]}
+    fake, state = _lagging_role_server(server, lag_reads=3)
+    narrow = {"allow": dict((k, v) for k, v in GUIDE_SPEC["allow"].items() if k != "kubernetes_users")}
+    args = {"name": "machine-id-kube-role", "spec": narrow}
+    check = run_module(teleport_role.main, args, fake, check=True, diff=True)
+    assert check["changed"] and fake.writes() == []
+    assert "spec.allow.kubernetes_users (removed)" in check["msg"] and "spec.deny (removed)" in check["msg"]
+    assert "kubernetes_users" in check["diff"]["before"] and "system:masters" in check["diff"]["before"]
+    assert "kubernetes_users" not in check["diff"]["after"] and "deny" not in check["diff"]["after"]
+    assert "max_session_ttl: 30h0m0s" in check["diff"]["after"]      # the defaults the write keeps
+    real = run_module(teleport_role.main, args, fake, diff=True)
+    assert real["changed"] and real["diff"] == check["diff"] and not real["warnings"]
+    written = json.loads(fake.calls[[c[0] for c in fake.calls].index(["create", "-f", "-"])][1])
+    assert written["spec"] == narrow                                 # the whole declared role, nothing else
+    assert "kubernetes_users" not in state["stored"]["spec"]["allow"] and not state["stored"]["spec"]["deny"]
+    # the module returned only once its write showed, so the very next run is honest despite the lag
+    again = run_module(teleport_role.main, args, fake, check=True)
+    assert not again["changed"], again["msg"]
+
+
+def test_role_absent_returns_once_the_delete_shows(run_module, short_wait):
+    """The fresh-clone CI failure: right after the delete, a cached read still showed the role."""
+    fake, state = _lagging_role_server(json.loads(json.dumps(GUIDE)), lag_reads=4)
+    args = {"name": "machine-id-kube-role", "state": "absent"}
+    res = run_module(teleport_role.main, args, fake)
+    assert res["changed"] and not res["warnings"]
+    gets = [c for c in fake.commands() if c[0] == "get"]
+    assert len(gets) == 1 + 4 + 1                                    # before, 4 stale reads, the one that shows it
+    assert not run_module(teleport_role.main, args, fake, check=True)["changed"]
+
+
+def test_role_absent_warns_when_the_delete_never_shows(run_module, monkeypatch):
+    from ansible_collections.lanyard.machine_id.plugins.module_utils import _teleport_wait
+    monkeypatch.setattr(_teleport_wait, "DEFAULT_TIMEOUT", 0.05)
+    monkeypatch.setattr(_teleport_wait, "DEFAULT_INTERVAL", 0.01)
+    fake, state = _lagging_role_server(json.loads(json.dumps(GUIDE)), lag_reads=10 ** 6)
+    res = run_module(teleport_role.main, {"name": "machine-id-kube-role", "state": "absent"}, fake)
+    assert res["changed"] and "still lists it" in res["warnings"][0] and "Fix:" in res["warnings"][0]
 
 
 def test_role_needs_spec_or_resource(run_module):
@@ -282,6 +363,35 @@ def test_token_for_unknown_bot(run_module):
     fake = _token_server()[0]
     res = run_module(teleport_bot_token.main, {"bot": "nope", "name": "web1"}, fake)
     assert res["failed"] and "bot nope does not exist" in res["msg"] and "teleport_bot" in res["msg"]
+
+
+def test_token_mint_and_revoke_return_once_the_token_list_shows_them(run_module, short_wait):
+    fake, tokens = _token_server()
+    shown = {"list": json.loads(json.dumps(tokens)), "lag": 0}
+
+    def get_tokens(args, data):                     # token list lags 2 reads behind every write
+        if shown["lag"]:
+            shown["lag"] -= 1
+        else:
+            shown["list"] = json.loads(json.dumps(tokens))
+        return 0, json.dumps(shown["list"]), ""
+
+    fake.on("get", "tokens", fn=get_tokens)
+    inner = fake.rules[[r[0] for r in fake.rules].index(("create",))][1]
+
+    def create(args, data):
+        shown["lag"] = 2
+        return inner(args, data)
+
+    fake.on("create", fn=create)
+    minted = run_module(teleport_bot_token.main, {"bot": "example", "name": "web9"}, fake)
+    assert minted["changed"] and not minted["warnings"]
+    again = run_module(teleport_bot_token.main, {"bot": "example", "name": "web9"}, fake)
+    assert not again["changed"] and again["token"] == minted["token"]
+    gone = run_module(teleport_bot_token.main, {"bot": "example", "name": "web9", "state": "absent"}, fake)
+    assert gone["changed"] and not gone["warnings"]
+    assert not run_module(teleport_bot_token.main, {"bot": "example", "name": "web9", "state": "absent"},
+                          fake, check=True)["changed"]
 
 
 @pytest.mark.parametrize("ttl", ["0s", "x", "200h"])

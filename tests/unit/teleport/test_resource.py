@@ -10,13 +10,16 @@ import pytest
 
 from ansible_collections.lanyard.machine_id.plugins.module_utils._errors import LanyardError
 from ansible_collections.lanyard.machine_id.plugins.module_utils._teleport_resource import (
+    ROLE_OPTION_DEFAULTS,
     build_role,
+    canonical_role,
+    changed_paths,
     format_duration,
+    go_duration,
     parse_duration,
     role_diff,
     role_matches,
     strip_volatile,
-    values_equal,
 )
 
 from conftest import recorded
@@ -49,19 +52,34 @@ def test_format_duration():
     assert format_duration(0) == "0s"
 
 
-def test_values_equal_rules():
-    assert values_equal("8h", "8h0m0s")
-    assert not values_equal("8h", "9h0m0s")
-    assert values_equal({"*": "*"}, {"*": ["*"]}, key="kubernetes_labels")
-    assert not values_equal({"*": "*"}, {"*": ["*"], "env": ["x"]}, key="kubernetes_labels")
-    assert values_equal({"a": 1}, {"a": 1, "b": 2})          # only declared keys count
-    assert not values_equal({"a": 1, "c": 3}, {"a": 1, "b": 2})
-    assert values_equal([], None) and values_equal(None, [])
-    assert not values_equal(["a"], None)
-    assert not values_equal(["a", "b"], ["b", "a"])            # order of lists is kept
-    assert values_equal([{"kind": "pod"}], [{"kind": "pod", "verbs": ["*"]}])
-    assert not values_equal(True, "true")
-    assert not values_equal(1, True)
+@pytest.mark.parametrize("seconds,text", [(0, "0s"), (30 * 3600, "30h0m0s"), (8 * 3600, "8h0m0s"), (90, "1m30s"),
+                                          (30, "30s"), (1.5, "1.5s"), (0.5, "500ms"), (3601, "1h0m1s")])
+def test_go_duration_is_gos_form(seconds, text):
+    assert go_duration(seconds) == text
+
+
+def test_canonical_form_rules():
+    role = canonical_role({"version": "v6", "metadata": {"name": "r", "id": 5, "namespace": "default"},
+                           "spec": {"allow": {"kubernetes_labels": {"*": ["*"], "env": ["a", "b"]},
+                                              "kubernetes_users": [], "logins": None},
+                                    "deny": {}, "options": {"max_session_ttl": "8h"}}})
+    assert role["metadata"] == {"name": "r"}                        # server-owned metadata left out
+    assert role["spec"]["allow"] == {"kubernetes_labels": {"*": "*", "env": ["a", "b"]}}   # one value -> string
+    assert "deny" not in role["spec"]                                # empty values dropped
+    assert role["spec"]["options"]["max_session_ttl"] == "8h0m0s"   # Go's duration form
+    assert role["spec"]["options"]["cert_format"] == "standard"     # Teleport's defaults filled in
+    # a non-positive max_session_ttl takes the default, as the server does
+    assert canonical_role({"metadata": {"name": "r"}, "spec": {"options": {"max_session_ttl": "0s"}}}
+                          )["spec"]["options"]["max_session_ttl"] == "30h0m0s"
+
+
+def test_v5_role_gets_the_pod_default_only_with_kubernetes_labels():
+    v5 = canonical_role({"version": "v5", "metadata": {"name": "r"},
+                         "spec": {"allow": {"kubernetes_labels": {"*": "*"}}}})
+    assert v5["spec"]["allow"]["kubernetes_resources"] == [{"kind": "pod", "namespace": "*", "name": "*"}]
+    v6 = canonical_role({"version": "v6", "metadata": {"name": "r"},
+                         "spec": {"allow": {"kubernetes_labels": {"*": "*"}}}})
+    assert "kubernetes_resources" not in v6["spec"]["allow"]
 
 
 def test_guide_role_round_trips_against_the_v13_server_form():
@@ -93,16 +111,53 @@ def test_build_role_from_resource_and_errors():
         build_role("r", spec=None)
 
 
-def test_diff_overlays_declared_keys_on_the_server_role():
+def test_diff_is_server_before_and_written_role_after():
     stored = json.loads(recorded("v13_get_role_guide.json"))[0]
     spec = json.loads(json.dumps(GUIDE_SPEC))
     spec["allow"]["kubernetes_users"] = ["bob"]
     before, after = role_diff(build_role("machine-id-kube-role", spec=spec), stored)
     assert before["spec"]["allow"]["kubernetes_users"] == ["alice"]
     assert after["spec"]["allow"]["kubernetes_users"] == ["bob"]
-    # server defaults stay visible on both sides, server-owned metadata on neither
+    # server defaults on both sides (the write keeps them), server-owned metadata on neither
     assert before["spec"]["options"] == after["spec"]["options"]
-    assert "revision" not in before["metadata"] and "id" not in after["metadata"]
+    assert "id" not in before["metadata"] and "id" not in after["metadata"]
+    assert changed_paths(before, after) == ["spec.allow.kubernetes_users (changed)"]
+
+
+def test_dropped_keys_are_a_change_and_leave_the_diff():
+    """Issue 13: dropping kubernetes_users or the whole deny block used to report changed=false."""
+    stored = json.loads(recorded("v13_get_role_guide.json"))[0]
+    stored["spec"]["deny"] = {"kubernetes_groups": ["system:masters"], "node_labels": {"env": "prod"}}
+    spec = json.loads(json.dumps(GUIDE_SPEC))
+    del spec["allow"]["kubernetes_users"]
+    declared = build_role("machine-id-kube-role", spec=spec)
+    assert not role_matches(declared, stored)
+    before, after = role_diff(declared, stored)
+    assert before["spec"]["allow"]["kubernetes_users"] == ["alice"] and before["spec"]["deny"]
+    assert "kubernetes_users" not in after["spec"]["allow"] and "deny" not in after["spec"]
+    assert changed_paths(before, after) == ["spec.allow.kubernetes_users (removed)", "spec.deny (removed)"]
+    # an option the server holds and the task does not name goes back to Teleport's default
+    stored2 = json.loads(recorded("v13_get_role_guide.json"))[0]
+    stored2["spec"]["options"]["max_session_ttl"] = "8h0m0s"
+    before, after = role_diff(build_role("machine-id-kube-role", spec=GUIDE_SPEC), stored2)
+    assert after["spec"]["options"]["max_session_ttl"] == ROLE_OPTION_DEFAULTS["max_session_ttl"]
+    assert changed_paths(before, after) == ["spec.options.max_session_ttl (changed)"]
+
+
+def test_declared_defaults_and_other_forms_are_no_change():
+    stored = json.loads(recorded("v13_get_role_guide.json"))[0]
+    spec = json.loads(json.dumps(GUIDE_SPEC))
+    spec["allow"]["kubernetes_labels"] = {"*": ["*"]}
+    spec["deny"] = {}
+    spec["options"] = {"max_session_ttl": "30h", "cert_format": "standard", "forward_agent": False}
+    assert role_matches(build_role("machine-id-kube-role", spec=spec), stored)
+
+
+def test_labels_and_description_are_desired_state_too():
+    stored = json.loads(recorded("v13_get_role_guide.json"))[0]
+    stored["metadata"]["labels"] = {"team": "a"}
+    assert not role_matches(build_role("machine-id-kube-role", spec=GUIDE_SPEC), stored)
+    assert role_matches(build_role("machine-id-kube-role", spec=GUIDE_SPEC, labels={"team": "a"}), stored)
 
 
 def test_strip_volatile_keeps_labels():
@@ -126,3 +181,37 @@ def test_wait_for_polls_until_done_or_timeout():
     stale = iter(["old"] * 10)
     assert wait_for(lambda: next(stale), lambda v: v == "new", timeout=2, interval=1, sleep=sleep,
                     clock=lambda: now["t"]) == "old"
+
+
+ROLE_DEFAULTS = json.loads(recorded("v13_role_defaults.json"))
+
+
+def _without_empties(value):
+    if isinstance(value, dict):
+        out = {k: _without_empties(v) for k, v in value.items()}
+        return {k: v for k, v in out.items() if v not in (None, {}, [], "")}
+    if isinstance(value, list):
+        return [_without_empties(v) for v in value]
+    return value
+
+
+@pytest.mark.parametrize("case", sorted(ROLE_DEFAULTS))
+def test_prediction_equals_what_v13_stored(case):
+    """Roles created on the real v13.3.8 (recorded): the predicted role is exactly the stored one, so Teleport's
+    defaults never read as a change."""
+    declared, stored = ROLE_DEFAULTS[case]["declared"], ROLE_DEFAULTS[case]["stored"]
+    assert role_matches(declared, stored)
+    predicted = canonical_role(declared)
+    server = _without_empties(strip_volatile(stored))
+    if case in ("v6-recsess-empty", "v6-idp-empty"):
+        # an option given as {} is stored as nulls; both sides read it as "not set" (the default)
+        assert canonical_role(stored) == predicted
+    else:
+        assert predicted == server, (predicted, server)
+
+
+def test_namespaces_are_ignored_like_the_server_does():
+    stored = ROLE_DEFAULTS["v6-nsempty"]["stored"]
+    declared = {"metadata": {"name": stored["metadata"]["name"]}, "version": "v6",
+                "spec": {"allow": {"namespaces": ["default"]}, "deny": {"namespaces": ["default"]}}}
+    assert role_matches(declared, stored)

@@ -154,6 +154,50 @@ def test_secrets_are_masked_in_errors():
     assert "s3cr3tvalue" not in exc.value.msg and "s3cr3tvalue" not in json.dumps(exc.value.details)
 
 
+OTHER_TOKEN = "5f2c1e0a9b8d7c6e5f4a3b2c1d0e9f8a"   # 32 hex digits, the shape of a Teleport join token
+
+
+@pytest.mark.parametrize("err", [
+    "ERROR: key \"/tokens/%s\" is not found\n" % OTHER_TOKEN,
+    "ERROR: The bot token: %s\n" % OTHER_TOKEN,
+    "ERROR: failed to upsert token %s: conflict\n" % OTHER_TOKEN,
+    "ERROR: token_id=%s rejected\n" % OTHER_TOKEN,
+    "ERROR: bad provision token \"%s\"\n" % OTHER_TOKEN,
+    "ERROR: key /tokens/%s already exists\n" % OTHER_TOKEN,
+])
+def test_token_shaped_text_from_tctl_is_redacted(err):
+    """Error messages built from tctl output never carry a token, even one the module did not pass as secret."""
+    fake = FakeTctl().on("create", rc=1, err=err)
+    with pytest.raises(LanyardError) as exc:
+        fake.client().create({"kind": "token"}, "mint a join token")
+    assert OTHER_TOKEN not in exc.value.msg and OTHER_TOKEN not in json.dumps(exc.value.details)
+    assert _tctl.MASK in exc.value.msg
+
+
+def test_redact_shapes_and_what_it_keeps():
+    pem = "-----BEGIN RSA PRIVATE KEY-----\nMIIEabc\n-----END RSA PRIVATE KEY-----"
+    jwt = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJib3QtZXhhbXBsZSJ9.c2lnbmF0dXJl"
+    text = "key %s jwt %s token: abcdefghijklmnopqrstu secret-x" % (pem, jwt)
+    out = _tctl.redact(text, secrets=["secret-x"])
+    for leaked in ("MIIEabc", jwt, "abcdefghijklmnopqrstu", "secret-x"):
+        assert leaked not in out
+    # ordinary error text stays readable
+    for keep in ("token expired or not found", 'role "machine-id-kube-role" is not found',
+                 "user bot-example has already been issued a renewable certificate"):
+        assert _tctl.redact(keep) == keep
+
+
+def test_version_and_json_errors_are_redacted():
+    fake = FakeTctl(version_text="garbage %s\n" % OTHER_TOKEN)
+    with pytest.raises(LanyardError) as exc:
+        fake.client().get("roles")
+    assert OTHER_TOKEN not in exc.value.msg
+    fake = FakeTctl().on("get", out="not json: token %s" % OTHER_TOKEN)
+    with pytest.raises(LanyardError) as exc:
+        fake.client().get("tokens")
+    assert OTHER_TOKEN not in exc.value.msg and "not JSON" in exc.value.msg
+
+
 def test_create_passes_resource_on_stdin_only():
     fake = FakeTctl().on("create", out="")
     fake.client().create({"kind": "token", "metadata": {"name": "topsecret"}}, "mint", force=True)
@@ -192,3 +236,9 @@ def test_tctl_not_found_messages(tmp_path):
     params["tctl_path"] = str(tmp_path / "tctl")
     with pytest.raises(LanyardError, match="tctl not found at tctl_path=.*/tctl"):
         _tctl.tctl_from_module(_Module(params, {}))
+
+
+def test_expired_credentials_text_is_classified_as_expired():
+    """v13.3.8 under load answered an expired identity file with this text (real-bed run, issue 13 work)."""
+    text = "ERROR: your credentials have expired, please login using `tsh login`"
+    assert _tctl.classify_error(text) == "expired"
