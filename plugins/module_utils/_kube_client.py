@@ -20,7 +20,10 @@ import shutil
 import tempfile
 import warnings
 
+from ansible.module_utils.six.moves.urllib.parse import urlparse
+
 from ansible_collections.lanyard.machine_id.plugins.module_utils._errors import LanyardError
+from ansible_collections.lanyard.machine_id.plugins.module_utils._kube_config import bypasses_proxy
 
 try:
     import requests
@@ -157,10 +160,12 @@ class KubeClient(object):
             s.headers["Impersonate-User"] = conn.impersonate_user
         if conn.tls_server_name:
             s.mount("https://", _TLSServerNameAdapter(conn.tls_server_name))
-        if conn.proxy_url:
+        if conn.proxy_url:  # option proxy / $K8S_AUTH_PROXY, else the kubeconfig's proxy-url
             s.proxies = {"https": conn.proxy_url, "http": conn.proxy_url}
         else:
             s.proxies = get_environ_proxies(conn.server) or {}
+        if conn.no_proxy and bypasses_proxy(urlparse(conn.server).hostname, conn.no_proxy):
+            s.proxies = {}
         return s
 
     # -- requests -----------------------------------------------------------------------------------------
@@ -184,6 +189,12 @@ class KubeClient(object):
                 warnings.simplefilter("ignore")  # InsecureRequestWarning when validate_certs is false
                 resp = self._session.request(method, url, params=params, data=data, headers=headers,
                                              timeout=self.timeout)
+        except requests.exceptions.ProxyError as exc:
+            proxy = (self._session.proxies or {}).get("https", "")
+            raise KubeAPIError("the proxy %s failed to connect to %s: %s. Fix: check the proxy option (or "
+                               "$K8S_AUTH_PROXY, the kubeconfig's proxy-url, $HTTPS_PROXY), or exempt this server "
+                               "with no_proxy." % (_strip_userinfo(proxy), self.conn.label, _short(exc)),
+                               method=method, path=path)
         except requests.exceptions.SSLError as exc:
             raise KubeAPIError(
                 "TLS with %s failed: %s. Fix: check ca_cert / the kubeconfig's certificate-authority and "
@@ -284,6 +295,14 @@ class KubeClient(object):
             for res in listing.get("resources") or []:
                 add(res.get("name"), group["name"])
         return found
+
+
+def _strip_userinfo(url):
+    """A proxy URL without ``user:password@`` (never shown)."""
+    parsed = urlparse(url or "")
+    if parsed.username or parsed.password:
+        return parsed._replace(netloc=parsed.netloc.rsplit("@", 1)[-1]).geturl()
+    return url
 
 
 def _short(exc):

@@ -6,9 +6,14 @@
 Sources, in order (the first that applies wins):
 
 1. ``host`` (+ ``api_key`` / ``client_cert`` + ``client_key`` / ``ca_cert``): explicit options, no kubeconfig read.
-2. A kubeconfig: the ``kubeconfig`` option, else every file in ``$KUBECONFIG`` (merged the kubectl way: the
-   first file that defines a name or the current context wins), else ``~/.kube/config``.
+2. A kubeconfig: the ``kubeconfig`` option (a path, a list of paths separated like ``$KUBECONFIG``, or the
+   kubeconfig itself as a dict), else every file in ``$KUBECONFIG`` (merged the kubectl way: the first file
+   that defines a name or the current context wins), else ``~/.kube/config``.
 3. The in-cluster service account (``KUBERNETES_SERVICE_HOST`` + the mounted token and CA).
+
+Every connection option that a task leaves unset is read from its ``K8S_AUTH_*`` environment variable, with
+the names kubernetes.core uses (:data:`ENV_FALLBACKS`); a task that chooses its source (``host`` ... or
+``kubeconfig``/``context``) is not mixed with the other source's variables.
 
 :func:`resolve` turns module parameters into a :class:`Connection`: plain data, with inline certificate
 data still in memory (the client writes it to 0600 temporary files only for the request and deletes them).
@@ -21,9 +26,13 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import base64
+import ipaddress
 import json
 import os
 import re
+
+from ansible.module_utils.parsing.convert_bool import boolean
+from ansible.module_utils.six.moves.urllib.parse import urlparse
 
 from ansible_collections.lanyard.machine_id.plugins.module_utils._errors import LanyardError
 
@@ -40,19 +49,35 @@ EXEC_API_VERSIONS = ("client.authentication.k8s.io/v1", "client.authentication.k
 
 # The shared connection options (documented in plugins/doc_fragments/kube_auth.py; keep them equal).
 AUTH_ARG_SPEC = dict(
-    kubeconfig=dict(type="path"),
+    kubeconfig=dict(type="raw"),
     context=dict(type="str"),
     host=dict(type="str"),
     api_key=dict(type="str", no_log=True),
     client_cert=dict(type="path"),
     client_key=dict(type="path", no_log=False),
     ca_cert=dict(type="path"),
-    validate_certs=dict(type="bool", default=True),
+    validate_certs=dict(type="bool"),
+    proxy=dict(type="str"),
+    no_proxy=dict(type="str"),
     request_timeout=dict(type="int", default=30),
 )
 AUTH_MUTUALLY_EXCLUSIVE = [("host", "kubeconfig"), ("host", "context")]
-AUTH_REQUIRED_TOGETHER = [("client_cert", "client_key")]
-AUTH_REQUIRED_BY = {"api_key": "host", "client_cert": "host"}
+# An option the task leaves unset is read from this environment variable (kubernetes.core's names).
+ENV_FALLBACKS = dict(
+    kubeconfig="K8S_AUTH_KUBECONFIG",
+    context="K8S_AUTH_CONTEXT",
+    host="K8S_AUTH_HOST",
+    api_key="K8S_AUTH_API_KEY",
+    validate_certs="K8S_AUTH_VERIFY_SSL",
+    ca_cert="K8S_AUTH_SSL_CA_CERT",
+    client_cert="K8S_AUTH_CERT_FILE",
+    client_key="K8S_AUTH_KEY_FILE",
+    proxy="K8S_AUTH_PROXY",
+    no_proxy="K8S_AUTH_NO_PROXY",
+)
+HOST_OPTIONS = ("host", "api_key", "client_cert", "client_key")
+KUBECONFIG_OPTIONS = ("kubeconfig", "context")
+PATH_OPTIONS = ("client_cert", "client_key", "ca_cert")
 
 
 def auth_argument_spec():
@@ -98,6 +123,7 @@ class Connection(object):
         self.impersonate_user = None
         self.impersonate_groups = []
         self.exec_plugin = None
+        self.no_proxy = []                # entries of the no_proxy option (hosts, domains, IPs, CIDRs)
         self.secrets = []
 
     @property
@@ -183,17 +209,18 @@ def kubeconfig_files(param, env, home):
     return []
 
 
-def merge_kubeconfigs(paths):
+def merge_kubeconfigs(paths, docs=None):
     """Merge files like kubectl: per name, the first file wins; so does the first current-context.
 
     Each entry comes back as ``(body, base_dir, path)`` so relative file references resolve against the file
-    that defined the entry.
+    that defined the entry. ``docs`` (``[(label, dict)]``) are kubeconfigs already in memory; relative paths in
+    them stay relative to the module's working directory.
     """
     merged = {"clusters": {}, "users": {}, "contexts": {}, "current-context": None}
     bodies = {"clusters": "cluster", "users": "user", "contexts": "context"}
-    for path in paths:
-        doc = _load_document(path)
-        base_dir = os.path.dirname(os.path.abspath(path))
+    sources = [(path, _load_document(path), os.path.dirname(os.path.abspath(path))) for path in paths]
+    sources += [(label, doc, None) for label, doc in (docs or [])]
+    for path, doc, base_dir in sources:
         for section, body_key in bodies.items():
             for item in _named_entries(doc, section, path):
                 merged[section].setdefault(item["name"], (item.get(body_key) or {}, base_dir, path))
@@ -295,9 +322,17 @@ def _normalise_host(host):
 
 # -- the three sources ----------------------------------------------------------------------------------
 
-def from_kubeconfig(paths, context_name=None):
-    merged = merge_kubeconfigs(paths)
-    where = "kubeconfig %s" % os.pathsep.join(paths)
+def from_kubeconfig(paths, context_name=None, doc=None):
+    """A connection from kubeconfig files, or from one kubeconfig given as a dict (``doc``, ``paths`` empty)."""
+    if doc is not None:
+        if not isinstance(doc, dict):
+            raise LanyardError("option kubeconfig is a %s; give a path or the kubeconfig as a dict. Fix the task."
+                               % type(doc).__name__)
+        merged = merge_kubeconfigs([], docs=[("(dict)", doc)])
+        where = "kubeconfig (dict)"
+    else:
+        merged = merge_kubeconfigs(paths)
+        where = "kubeconfig %s" % os.pathsep.join(paths)
     name = context_name or merged["current-context"]
     if not name:
         raise LanyardError("%s has no current-context and no context was given. Fix: set context (one of: %s)."
@@ -325,8 +360,8 @@ def from_kubeconfig(paths, context_name=None):
     return conn
 
 
-def from_host(params):
-    conn = Connection(_normalise_host(params["host"]), "option host")
+def from_host(params, source="option host"):
+    conn = Connection(_normalise_host(params["host"]), source)
     if params.get("api_key"):
         conn.token = params["api_key"].strip()
         conn.add_secret(conn.token)
@@ -352,14 +387,133 @@ def from_service_account(env, sa_dir=SERVICE_ACCOUNT_DIR):
     return conn
 
 
+def _given(value):
+    return value is not None and value != ""
+
+
+def effective_options(params, env):
+    """The connection options after the ``K8S_AUTH_*`` fallbacks, and where each one came from.
+
+    Returns ``(options, sources)``; ``sources[name]`` is ``option NAME`` or ``$K8S_AUTH_...`` for messages.
+    An option the task sets always wins. A task that chooses its source keeps it: with any of ``host``,
+    ``api_key``, ``client_cert``, ``client_key`` set, ``K8S_AUTH_KUBECONFIG``/``K8S_AUTH_CONTEXT`` are not read;
+    with ``kubeconfig`` or ``context`` set, the host-side variables are not read.
+    """
+    opts, sources = {}, {}
+    task_host = any(_given(params.get(k)) for k in HOST_OPTIONS)
+    task_kubeconfig = any(_given(params.get(k)) for k in KUBECONFIG_OPTIONS)
+    for name in AUTH_ARG_SPEC:
+        value = params.get(name)
+        if _given(value):
+            opts[name], sources[name] = value, "option %s" % name
+            continue
+        var = ENV_FALLBACKS.get(name)
+        skip = (name in KUBECONFIG_OPTIONS and task_host) or (name in HOST_OPTIONS and task_kubeconfig)
+        raw = env.get(var) if var and not skip else None
+        if not _given(raw):
+            opts[name] = value
+            continue
+        sources[name] = "$" + var
+        if name == "validate_certs":
+            try:
+                raw = boolean(raw.strip(), strict=True)
+            except TypeError:
+                raise LanyardError("$%s is '%s', which is not a boolean. Fix: set it to true or false, or unset it."
+                                   % (var, raw[:40]))
+        elif name == "api_key":
+            raw = raw.strip()
+        elif name in PATH_OPTIONS or name == "kubeconfig":
+            raw = os.path.expanduser(os.path.expandvars(raw.strip()))
+        opts[name] = raw
+    kubeconfig = opts.get("kubeconfig")
+    if isinstance(kubeconfig, str) and sources.get("kubeconfig") == "option kubeconfig":
+        opts["kubeconfig"] = os.path.expanduser(os.path.expandvars(kubeconfig))
+    return opts, sources
+
+
+def _check_combinations(opts, sources):
+    def src(name):
+        return sources.get(name, "option %s" % name)
+    host_side = [k for k in HOST_OPTIONS if _given(opts.get(k))]
+    kube_side = [k for k in KUBECONFIG_OPTIONS if _given(opts.get(k))]
+    if _given(opts.get("host")) and kube_side:
+        raise LanyardError("%s and %s both choose how to connect. Fix: use host (with api_key or a client "
+                           "certificate) or a kubeconfig, not both; unset one of them."
+                           % (src("host"), src(kube_side[0])))
+    if host_side and not _given(opts.get("host")):
+        raise LanyardError("%s needs host (option host or $K8S_AUTH_HOST). Fix: set host, or drop %s and use a "
+                           "kubeconfig." % (src(host_side[0]), host_side[0]))
+    cert, key = _given(opts.get("client_cert")), _given(opts.get("client_key"))
+    if cert != key:
+        have, missing = ("client_cert", "client_key") if cert else ("client_key", "client_cert")
+        raise LanyardError("%s is set but %s is not. Fix: give both (options client_cert and client_key, or "
+                           "$K8S_AUTH_CERT_FILE and $K8S_AUTH_KEY_FILE)." % (src(have), missing))
+
+
+def parse_no_proxy(text):
+    """``no_proxy`` text (comma separated) -> list of entries; refuses a CIDR that does not parse."""
+    entries = []
+    for item in (text or "").split(","):
+        item = item.strip().lower()
+        if not item:
+            continue
+        if "/" in item:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise LanyardError("no_proxy entry '%s' is not a valid CIDR. Fix the no_proxy option or "
+                                   "$K8S_AUTH_NO_PROXY." % item)
+        entries.append(item)
+    return entries
+
+
+def bypasses_proxy(host, entries):
+    """True when ``host`` (a name or an IP) matches a no_proxy entry: ``*``, a host or domain (``.example.com``
+    or ``example.com`` also match subdomains), an IP address or a CIDR."""
+    host = (host or "").strip("[]").lower().rstrip(".")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    for entry in entries:
+        if entry == "*":
+            return True
+        if "/" in entry:
+            if address is not None and address in ipaddress.ip_network(entry, strict=False):
+                return True
+            continue
+        name = entry.strip("[]")
+        try:
+            entry_address = ipaddress.ip_address(name)
+        except ValueError:
+            entry_address = None
+        if entry_address is not None:
+            if address == entry_address:
+                return True
+            continue
+        name = name.lstrip("*").lstrip(".").rstrip(".")
+        if name and (host == name or host.endswith("." + name)):
+            return True
+    return False
+
+
 def resolve(params, env=None, home=None, sa_dir=SERVICE_ACCOUNT_DIR):
-    """Module parameters (the AUTH_ARG_SPEC keys) -> :class:`Connection`."""
+    """Module parameters (the AUTH_ARG_SPEC keys) and ``K8S_AUTH_*`` fallbacks -> :class:`Connection`."""
     env = os.environ if env is None else env
     home = os.path.expanduser("~") if home is None else home
+    params, sources = effective_options(params, env)
+    _check_combinations(params, sources)
+    kubeconfig = params.get("kubeconfig")
+    if kubeconfig is not None and not isinstance(kubeconfig, (str, dict)):
+        raise LanyardError("option kubeconfig is a %s; give a path or the kubeconfig as a dict. Fix the task."
+                           % type(kubeconfig).__name__)
     if params.get("host"):
-        conn = from_host(params)
+        conn = from_host(params, sources["host"])
+    elif isinstance(kubeconfig, dict):
+        conn = from_kubeconfig([], params.get("context"), doc=kubeconfig)
     else:
-        files = kubeconfig_files(params.get("kubeconfig"), env, home)
+        listed = [p for p in (kubeconfig or "").split(os.pathsep) if p]
+        files = listed or kubeconfig_files(None, env, home)
         if files:
             conn = from_kubeconfig(files, params.get("context"))
         else:
@@ -376,6 +530,12 @@ def resolve(params, env=None, home=None, sa_dir=SERVICE_ACCOUNT_DIR):
         conn.ca_file, conn.ca_data = params["ca_cert"], None
     if params.get("validate_certs") is False:
         conn.verify = False
+    if params.get("proxy"):
+        conn.proxy_url = params["proxy"].strip()
+    if params.get("no_proxy"):
+        conn.no_proxy = parse_no_proxy(params["no_proxy"])
+    if conn.proxy_url:
+        conn.add_secret(urlparse(conn.proxy_url).password)  # a proxy password is never shown
     return conn
 
 

@@ -207,8 +207,6 @@ def main():
     module = AnsibleModule(
         argument_spec=argument_spec(),
         mutually_exclusive=kcfg.AUTH_MUTUALLY_EXCLUSIVE,
-        required_together=kcfg.AUTH_REQUIRED_TOGETHER,
-        required_by=kcfg.AUTH_REQUIRED_BY,
         required_if=[("state", "present", ("rules",)), ("kind", "Role", ("namespace",))],
         supports_check_mode=True,
     )

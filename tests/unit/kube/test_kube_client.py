@@ -5,10 +5,12 @@ inline data (0600 temp files, removed afterwards), bearer tokens, and error stat
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import json
 import os
+import socket
 import ssl
 import stat
 import threading
@@ -212,3 +214,41 @@ def test_unreachable_server_and_missing_files(tmp_path):
     conn.ca_file = str(tmp_path / "nope.crt")
     with pytest.raises(LanyardError, match="does not exist"):
         KubeClient(conn).__enter__()
+
+
+def test_session_proxies_follow_proxy_option_kubeconfig_env_and_no_proxy(monkeypatch):
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://env-proxy:3128")
+    conn = kcfg.Connection("https://api.example.com:6443", "test")
+    with KubeClient(conn) as api:
+        assert api._session.proxies.get("https") == "http://env-proxy:3128"  # like kubectl: $HTTPS_PROXY
+    conn.proxy_url = "http://user:pw@opt-proxy:3128"  # option proxy / kubeconfig proxy-url beat the environment
+    with KubeClient(conn) as api:
+        assert api._session.proxies == {"https": conn.proxy_url, "http": conn.proxy_url}
+    conn.no_proxy = kcfg.parse_no_proxy("10.0.0.0/8, .example.com")
+    with KubeClient(conn) as api:
+        assert api._session.proxies == {}
+
+
+def test_a_dead_proxy_is_one_line_without_its_password():
+    conn = kcfg.Connection("https://127.0.0.1:6443", "test")
+    with socket_closed_port() as port:
+        conn.proxy_url = "http://user:pw-secret@127.0.0.1:%d" % port
+        with KubeClient(conn, timeout=5) as api:
+            with pytest.raises(KubeAPIError) as err:
+                api.get("/api")
+    msg = str(err.value)
+    assert msg.startswith("the proxy http://127.0.0.1:%d failed to connect to the cluster at" % port), msg
+    assert "pw-secret" not in msg and "\n" not in msg
+
+
+@contextlib.contextmanager
+def socket_closed_port():
+    """A 127.0.0.1 port that nothing listens on (bound, never listened, released on exit)."""
+    sock = socket.socket()
+    try:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()

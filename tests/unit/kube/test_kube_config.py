@@ -279,3 +279,96 @@ def test_exec_plugin_error_output_has_opaque_strings_redacted(tmp_path):
     with pytest.raises(LanyardError) as err:
         kcfg.run_exec_plugin(kcfg.resolve(params(kubeconfig=str(kc)), env={}, home="/x"), _subprocess_runner)
     assert leaked not in err.value.msg and "<redacted>" in err.value.msg and "/var/lib/teleport/bot" in err.value.msg
+
+
+# -- K8S_AUTH_* environment fallbacks, proxy / no_proxy, kubeconfig as a dict -----------------------------------
+
+def _simple(tmp_path, name, server):
+    return write(tmp_path / name, kubeconfig(clusters=[(name, {"server": server})],
+                                             contexts=[(name, {"cluster": name}), ("other", {"cluster": name})],
+                                             current=name))
+
+
+def test_k8s_auth_env_fills_only_what_the_task_leaves_unset(tmp_path):
+    a, b = _simple(tmp_path, "a", "https://a:1"), _simple(tmp_path, "b", "https://b:1")
+    env = {"K8S_AUTH_KUBECONFIG": str(a), "K8S_AUTH_CONTEXT": "other", "K8S_AUTH_SSL_CA_CERT": "/env-ca.pem",
+           "K8S_AUTH_VERIFY_SSL": "no", "K8S_AUTH_PROXY": "http://user:pw-secret@proxy:3128",
+           "K8S_AUTH_NO_PROXY": "b, .example.com"}
+    conn = kcfg.resolve(params(), env=env, home="/x")
+    assert (conn.server, conn.context, conn.ca_file, conn.verify) == ("https://a:1", "other", "/env-ca.pem", False)
+    assert conn.proxy_url == "http://user:pw-secret@proxy:3128" and "pw-secret" in conn.secrets
+    assert conn.no_proxy == ["b", ".example.com"]
+    conn = kcfg.resolve(params(kubeconfig=str(b), validate_certs=True, ca_cert="/opt.pem", proxy="http://p2:1"),
+                        env=env, home="/x")
+    assert (conn.server, conn.context, conn.ca_file, conn.verify, conn.proxy_url) == (
+        "https://b:1", "other", "/opt.pem", True, "http://p2:1")
+
+
+def test_k8s_auth_env_host_side_and_the_task_keeps_its_source(tmp_path):
+    a = _simple(tmp_path, "a", "https://a:1")
+    env = {"K8S_AUTH_HOST": "h:6443", "K8S_AUTH_API_KEY": " tok-env \n", "K8S_AUTH_CERT_FILE": "~/c.crt",
+           "K8S_AUTH_KEY_FILE": "/c.key"}
+    conn = kcfg.resolve(params(), env=env, home="/x")
+    assert conn.server == "https://h:6443" and conn.token == "tok-env" and conn.secrets == ["tok-env"]
+    assert conn.client_cert_file == os.path.expanduser("~/c.crt") and conn.source == "$K8S_AUTH_HOST"
+    # A task with a kubeconfig does not read the host-side variables ...
+    assert kcfg.resolve(params(kubeconfig=str(a)), env=env, home="/x").server == "https://a:1"
+    # ... and a task with host does not read K8S_AUTH_KUBECONFIG; api_key may come from the environment.
+    conn = kcfg.resolve(params(host="https://t:1"), env={"K8S_AUTH_KUBECONFIG": str(a), "K8S_AUTH_API_KEY": "k"},
+                        home="/x")
+    assert conn.server == "https://t:1" and conn.token == "k"
+
+
+@pytest.mark.parametrize("p, env, words", [
+    ({}, {"K8S_AUTH_HOST": "h", "K8S_AUTH_KUBECONFIG": "/k"}, ["$K8S_AUTH_HOST", "$K8S_AUTH_KUBECONFIG"]),
+    ({}, {"K8S_AUTH_API_KEY": "t"}, ["$K8S_AUTH_API_KEY needs host"]),
+    ({"api_key": "t"}, {}, ["option api_key needs host"]),
+    ({"host": "h", "client_cert": "/c"}, {}, ["option client_cert is set but client_key is not"]),
+    ({}, {"K8S_AUTH_HOST": "h", "K8S_AUTH_KEY_FILE": "/k"}, ["$K8S_AUTH_KEY_FILE is set but client_cert"]),
+    ({}, {"K8S_AUTH_VERIFY_SSL": "maybe", "K8S_AUTH_HOST": "h"}, ["$K8S_AUTH_VERIFY_SSL is 'maybe'", "boolean"]),
+    ({"host": "h", "no_proxy": "10.0.0.0/33"}, {}, ["no_proxy entry '10.0.0.0/33'"]),
+    ({"kubeconfig": ["a"]}, {}, ["option kubeconfig is a list"]),
+])
+def test_wrong_combinations_are_one_clear_line(p, env, words):
+    with pytest.raises(LanyardError) as err:
+        kcfg.resolve(params(**p), env=env, home="/x")
+    msg = str(err.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+    assert "tok" not in msg
+
+
+def test_kubeconfig_option_lists_files_like_kubeconfig_env(tmp_path):
+    a, b = _simple(tmp_path, "a", "https://a:1"), _simple(tmp_path, "b", "https://b:1")
+    conn = kcfg.resolve(params(kubeconfig="%s:%s" % (a, b), context="b"), env={}, home="/x")
+    assert conn.server == "https://b:1"
+    with pytest.raises(LanyardError, match="cannot read kubeconfig"):
+        kcfg.resolve(params(kubeconfig="%s:%s" % (a, tmp_path / "missing")), env={}, home="/x")
+
+
+def test_kubeconfig_as_a_dict(tmp_path):
+    doc = kubeconfig(clusters=[("m", {"server": "https://mem:1", "certificate-authority-data": b64("CA")})],
+                     users=[("u", {"client-certificate-data": b64("CERT"), "client-key-data": b64("KEY"),
+                                   "token": "t-mem"})],
+                     contexts=[("m", {"cluster": "m", "user": "u"}), ("n", {"cluster": "m"})], current="m")
+    conn = kcfg.resolve(params(kubeconfig=doc), env={"K8S_AUTH_KUBECONFIG": "/ignored"}, home="/x")
+    assert (conn.server, conn.ca_data, conn.client_key_data, conn.token) == ("https://mem:1", b"CA", b"KEY", "t-mem")
+    assert {"KEY", b64("KEY"), "t-mem"} <= set(conn.secrets)
+    assert kcfg.resolve(params(kubeconfig=doc, context="n"), env={}, home="/x").token is None
+    with pytest.raises(LanyardError, match=r"context 'zz' is not in kubeconfig \(dict\)"):
+        kcfg.resolve(params(kubeconfig=doc, context="zz"), env={}, home="/x")
+
+
+@pytest.mark.parametrize("host, entries, bypass", [
+    ("127.0.0.1", ["127.0.0.0/8"], True),
+    ("127.0.0.1", ["127.0.0.1"], True),
+    ("10.1.2.3", ["127.0.0.0/8", "localhost"], False),
+    ("api.example.com", [".example.com"], True),
+    ("api.example.com", ["example.com"], True),
+    ("example.com", [".example.com"], True),
+    ("badexample.com", ["example.com"], False),
+    ("anything", ["*"], True),
+    ("fd00::1", ["fd00::/8"], True),
+    ("[fd00::1]", ["fd00::1"], True),
+])
+def test_no_proxy_matching(host, entries, bypass):
+    assert kcfg.bypasses_proxy(host, kcfg.parse_no_proxy(",".join(entries))) is bypass
