@@ -10,17 +10,21 @@ import sys
 import time
 
 from . import Host, HostError, build, stop_all
+from .image import DEFAULT_RELEASE, RELEASES
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m hosts")
     sub = p.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="build the cached Debian 12 image (no-op when cached)")
+    b = sub.add_parser("build", help="build the cached Debian image of a release (no-op when cached)")
     b.add_argument("--force", action="store_true")
+    b.add_argument("--release", default=DEFAULT_RELEASE, choices=sorted(RELEASES))
     s = sub.add_parser("start", help="boot a fresh host")
     s.add_argument("name")
     s.add_argument("--forward", type=int, action="append", default=[], help="controller loopback port to forward")
     s.add_argument("--timeout", type=float, default=90)
+    s.add_argument("--release", default=DEFAULT_RELEASE, choices=sorted(RELEASES),
+                   help="Debian release of the host (bookworm = 12, trixie = 13)")
     t = sub.add_parser("stop", help="power a host off and delete its copy")
     t.add_argument("name")
     sub.add_parser("stop-all", help="stop every host of this harness")
@@ -31,11 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.cmd == "build":
             t0 = time.monotonic()
-            path = build(force=a.force)
+            path = build(force=a.force, release=a.release)
             print(json.dumps({"rootfs": str(path), "seconds": round(time.monotonic() - t0, 1)}))
         elif a.cmd == "start":
-            h = Host.start(a.name, a.forward, timeout=a.timeout)
-            print(json.dumps({"name": h.name, "leader_pid": h.leader_pid, "timings": h.timings}))
+            h = Host.start(a.name, a.forward, timeout=a.timeout, release=a.release)
+            print(json.dumps({"name": h.name, "release": h.release, "leader_pid": h.leader_pid, "timings": h.timings}))
         elif a.cmd == "stop":
             try:
                 h = Host.load(a.name)

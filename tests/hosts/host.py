@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .image import HostError, build, cache_root
+from .image import DEFAULT_RELEASE, HostError, build, cache_root, check_release
 
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 FORWARDER = Path(__file__).resolve().parent / "forward.py"
@@ -82,6 +82,7 @@ class Host:
     leader_pid: int | None = None
     forwarder_pid: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    release: str = DEFAULT_RELEASE
 
     @property
     def run_dir(self) -> Path:
@@ -111,15 +112,18 @@ class Host:
         tmp.write_text(json.dumps({
             "name": self.name, "forward_ports": self.forward_ports, "nspawn_pid": self.nspawn_pid,
             "leader_pid": self.leader_pid, "forwarder_pid": self.forwarder_pid, "timings": self.timings,
+            "release": self.release,
         }, indent=1))
         os.rename(tmp, self.state_path)
 
     @classmethod
-    def start(cls, name: str, forward_ports: list[int] | tuple[int, ...] = (), timeout: float = 90) -> "Host":
+    def start(cls, name: str, forward_ports: list[int] | tuple[int, ...] = (), timeout: float = 90,
+              release: str = DEFAULT_RELEASE) -> "Host":
+        """Boot a fresh copy of the ``release`` image (``bookworm`` = Debian 12, ``trixie`` = Debian 13)."""
         if not name.replace("-", "").isalnum():
             raise HostError(f"test host name {name!r}: use letters, digits and '-' only")
-        image = build()
-        host = cls(name=name, forward_ports=[int(p) for p in forward_ports])
+        image = build(release=check_release(release))
+        host = cls(name=name, forward_ports=[int(p) for p in forward_ports], release=release)
         if host.run_dir.exists():
             _log(f"{name}: removing the leftovers of an earlier run")
             try:
@@ -138,7 +142,7 @@ class Host:
         except BaseException:
             host.stop()
             raise
-        _log(f"{name}: up in {host.timings['start_total']:.1f} s (copy {host.timings['copy']:.1f} s, "
+        _log(f"{name} ({release}): up in {host.timings['start_total']:.1f} s (copy {host.timings['copy']:.1f} s, "
              f"boot {host.timings['boot']:.1f} s), forwarded ports {host.forward_ports or 'none'}")
         return host
 

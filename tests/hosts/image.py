@@ -1,8 +1,9 @@
 # Copyright: lanyard.machine_id contributors
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""The Debian 12 root file system that every test host boots from (built once, cached).
+"""The Debian root file systems the test hosts boot from (built once per release, cached).
 
-``debootstrap --variant=minbase`` from Debian's mirror into ``~/.cache/lanyard/hosts/<key>/rootfs``.
+``debootstrap --variant=minbase`` from Debian's mirror into ``~/.cache/lanyard/hosts/<key>/rootfs``,
+one image per release: ``bookworm`` (Debian 12, the default) and ``trixie`` (Debian 13).
 The key hashes everything that shapes the image (suite, packages, this file's customisation
 version), so a change rebuilds it and an unchanged one is reused. The build goes into a temporary
 directory first and is renamed into place only when complete: a half-built image is never used.
@@ -19,7 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-SUITE = "bookworm"
+# Release (debootstrap suite) -> Debian major version. Debian 12's debootstrap (1.0.128+deb12u2)
+# ships a ``trixie`` script (a link to ``sid``), so both build with the controller's debootstrap.
+RELEASES = {"bookworm": "12", "trixie": "13"}
+DEFAULT_RELEASE = "bookworm"
+SUITE = DEFAULT_RELEASE
 MIRROR = os.environ.get("LANYARD_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 # systemd as PID 1, D-Bus for systemctl, Python for Ansible and the agent's venv, ACL tools for
 # the reader checks, sudo/util-linux for "run as another user" in verify tasks.
@@ -39,18 +44,25 @@ def cache_root() -> Path:
     return Path(os.environ.get("LANYARD_CACHE", Path.home() / ".cache" / "lanyard")) / "hosts"
 
 
-def image_key() -> str:
+def check_release(release: str) -> str:
+    if release not in RELEASES:
+        raise HostError(f"test host image: unknown Debian release {release!r}. "
+                        f"Fix: use one of {', '.join(RELEASES)}")
+    return release
+
+
+def image_key(release: str = DEFAULT_RELEASE) -> str:
     h = hashlib.sha256()
-    h.update("\n".join([SUITE, MIRROR, *PACKAGES, CUSTOMISATION_VERSION]).encode())
-    return f"debian12-{h.hexdigest()[:12]}"
+    h.update("\n".join([check_release(release), MIRROR, *PACKAGES, CUSTOMISATION_VERSION]).encode())
+    return f"debian{RELEASES[release]}-{h.hexdigest()[:12]}"
 
 
-def image_dir() -> Path:
-    return cache_root() / image_key()
+def image_dir(release: str = DEFAULT_RELEASE) -> Path:
+    return cache_root() / image_key(release)
 
 
-def rootfs() -> Path:
-    return image_dir() / "rootfs"
+def rootfs(release: str = DEFAULT_RELEASE) -> Path:
+    return image_dir(release) / "rootfs"
 
 
 def _log(msg: str) -> None:
@@ -77,11 +89,11 @@ def _customise(root: Path) -> None:
     (root / "etc/environment").write_text("PYTHONDONTWRITEBYTECODE=1\n")
 
 
-def build(force: bool = False) -> Path:
-    """Return the cached rootfs, building it first when absent (prints progress and duration).
+def build(force: bool = False, release: str = DEFAULT_RELEASE) -> Path:
+    """Return the cached rootfs of ``release``, building it first when absent (prints progress and duration).
 
     Several test processes may ask at once: one builds under a lock, the others wait and reuse it."""
-    target = image_dir()
+    target = image_dir(release)
     done = target / ".complete"
     if done.exists() and not force:
         return target / "rootfs"
@@ -90,10 +102,10 @@ def build(force: bool = False) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if done.exists() and not force:
             return target / "rootfs"
-        return _build(target)
+        return _build(target, release)
 
 
-def _build(target: Path) -> Path:
+def _build(target: Path, release: str) -> Path:
     for tool in ("debootstrap", "systemd-nspawn"):
         if shutil.which(tool) is None:
             raise HostError(f"test host image: `{tool}` is not installed. Fix: apt-get install "
@@ -105,11 +117,12 @@ def _build(target: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     t0 = time.monotonic()
-    _log(f"building Debian 12 image {target.name} with debootstrap from {MIRROR} (about 1-2 min) ...")
+    _log(f"building Debian {RELEASES[release]} ({release}) image {target.name} with debootstrap from {MIRROR} "
+         "(about 1-2 min) ...")
     log = tmp / "debootstrap.log"
     with open(log, "wb") as fh:
         rc = subprocess.run(
-            ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE,
+            ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", release,
              str(tmp / "rootfs"), MIRROR], stdout=fh, stderr=subprocess.STDOUT, check=False).returncode
     if rc != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-5:]

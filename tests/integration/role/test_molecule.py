@@ -3,8 +3,9 @@
 """Molecule scenario ``default`` of the role, on a real systemd host, against the REAL test bed.
 
 A private bed (Teleport multiplex + kube-apiserver) gets the guide's Teleport role, a bot and the
-Kubernetes RoleBinding; molecule then boots a fresh Debian 12 host (tests/hosts, systemd-nspawn,
-only the proxy port forwarded in) and runs, step by step:
+Kubernetes RoleBinding; molecule then boots a fresh host (tests/hosts, systemd-nspawn, only the
+proxy port forwarded in) and runs, step by step, once on Debian 12 (bookworm, Python 3.11) and once
+on Debian 13 (trixie, Python 3.13; LANYARD_MOL_RELEASE), one bot per release on the same bed:
 
   create -> prepare -> converge --check (fresh host) -> converge -> idempotence
   -> converge --check (converged host: zero changes) -> verify
@@ -33,7 +34,8 @@ import testbed as tb
 pytestmark = [pytest.mark.testbed, pytest.mark.slow, pytest.mark.timeout(1500)]
 
 REPO = Path(__file__).resolve().parents[3]
-HOST = "lanyard-mol-1"
+# Debian release -> molecule host name (the bookworm name is the scenario's default).
+HOSTS = {"bookworm": "lanyard-mol-1", "trixie": "lanyard-mol-13"}
 
 KUBE_ROLE = """\
 kind: role
@@ -54,18 +56,31 @@ spec:
 
 
 @pytest.fixture(scope="module")
-def bed(testbed_bins):
+def bed(testbed_bins, tmp_path_factory):
     try:
         b = tb.Testbed.start(modes=("multiplex",))
     except (tb.TestbedError, tb.BuildError) as exc:
         pytest.fail(f"the real test bed failed to start: {exc}", pytrace=False)
+    try:
+        # The guide's Teleport role and Kubernetes RBAC, once for both releases.
+        tp, kube = b.teleport["multiplex"], b.kube
+        role_file = tmp_path_factory.mktemp("mol-role") / "role.yaml"
+        role_file.write_text(KUBE_ROLE)
+        tp.tctl("create", "-f", str(role_file), check=True)
+        kube.kubectl("create", "role", "example-role", "--namespace=demo", "--verb=get,list",
+                     "--resource=pods", check=True)
+        kube.kubectl("create", "rolebinding", "example-rolebinding-group", "--namespace=demo",
+                     "--role=example-role", "--group=example", check=True)
+    except BaseException:
+        b.stop()
+        raise
     yield b
     b.stop()
 
 
-def _recap(output: str) -> dict[str, int]:
-    m = re.search(rf"^{re.escape(HOST)}\s*:\s*(.*)$", output, re.M)
-    assert m, f"no PLAY RECAP line for {HOST}:\n{output[-3000:]}"
+def _recap(output: str, host: str) -> dict[str, int]:
+    m = re.search(rf"^{re.escape(host)}\s*:\s*(.*)$", output, re.M)
+    assert m, f"no PLAY RECAP line for {host}:\n{output[-3000:]}"
     return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(1))}
 
 
@@ -80,32 +95,25 @@ def _task_status(output: str, task: str) -> str:
     return ""
 
 
-def _host(*argv: str) -> str:
-    from hosts import Host
-
-    proc = Host.load(HOST).run(list(argv), check=True)
-    return proc.stdout
-
-
-def _main_pid() -> int:
-    pid = int(_host("systemctl", "show", "-p", "MainPID", "--value", "machine-id.service").strip())
-    assert pid > 0, "machine-id.service has no main process"
-    return pid
-
-
-def test_molecule_default_scenario(bed, tmp_path):
+@pytest.mark.parametrize("release", sorted(HOSTS))
+def test_molecule_default_scenario(bed, tmp_path, release):
     if shutil.which("systemd-nspawn") is None or shutil.which("debootstrap") is None:
         pytest.fail("systemd-nspawn/debootstrap missing. Fix: scripts/bootstrap.sh (as root) or "
                     "apt-get install systemd-container debootstrap", pytrace=False)
-    tp, kube = bed.teleport["multiplex"], bed.kube
-    role_file = tmp_path / "role.yaml"
-    role_file.write_text(KUBE_ROLE)
-    tp.tctl("create", "-f", str(role_file), check=True)
-    token = tp.bot_add("example", ["machine-id-kube-role"])
-    kube.kubectl("create", "role", "example-role", "--namespace=demo", "--verb=get,list",
-                 "--resource=pods", check=True)
-    kube.kubectl("create", "rolebinding", "example-rolebinding-group", "--namespace=demo",
-                 "--role=example-role", "--group=example", check=True)
+    from hosts import Host
+
+    HOST = HOSTS[release]
+
+    def _host(*argv: str) -> str:
+        return Host.load(HOST).run(list(argv), check=True).stdout
+
+    def _main_pid() -> int:
+        pid = int(_host("systemctl", "show", "-p", "MainPID", "--value", "machine-id.service").strip())
+        assert pid > 0, "machine-id.service has no main process"
+        return pid
+
+    tp = bed.teleport["multiplex"]
+    token = tp.bot_add(f"example-{release}", ["machine-id-kube-role"])
 
     agent_src = tmp_path / "agent-src"
     shutil.copytree(REPO / "agent", agent_src,
@@ -122,6 +130,7 @@ def test_molecule_default_scenario(bed, tmp_path):
         "ANSIBLE_LOCAL_TEMP": str(tmp_path / "ansible-tmp"),
         "NO_COLOR": "1", "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0", "PY_COLORS": "0",
         "LANYARD_MOL_HOST": HOST,
+        "LANYARD_MOL_RELEASE": release,
         "LANYARD_MOL_FORWARD": str(tp.web_port),
         "LANYARD_MOL_PROXY": tp.proxy_addr,
         "LANYARD_MOL_TOKEN": token,
@@ -153,8 +162,10 @@ def test_molecule_default_scenario(bed, tmp_path):
         molecule("destroy")
         molecule("create")
         molecule("prepare")
+        os_release = _host("cat", "/etc/os-release")
+        assert f"VERSION_CODENAME={release}" in os_release, os_release
         fresh_check = molecule("converge", "--", "--check")
-        assert _recap(fresh_check)["failed"] == 0
+        assert _recap(fresh_check, HOST)["failed"] == 0
         molecule("converge")
         token_sha = _host("sha256sum", "/etc/machine-id-agent/token").split()[0]
         assert token_sha == hashlib.sha256((token + "\n").encode()).hexdigest(), "token file content differs"
@@ -163,7 +174,7 @@ def test_molecule_default_scenario(bed, tmp_path):
         assert _task_status(idem, "Write the join token file (0600, bot user)") == "skipping"
         assert _host("sha256sum", "/etc/machine-id-agent/token").split()[0] == token_sha
         converged_check = molecule("converge", "--", "--check")
-        recap = _recap(converged_check)
+        recap = _recap(converged_check, HOST)
         assert recap["changed"] == 0 and recap["failed"] == 0, f"check mode on a converged host: {recap}"
         verify = molecule("verify")
         assert "Overall exposure level for machine-id.service" in verify
@@ -171,7 +182,7 @@ def test_molecule_default_scenario(bed, tmp_path):
         pid = _main_pid()
         # A new agent version (different wheel) restarts; again no change on the next run.
         (agent_src / "src" / "machine_id_agent" / "_build_marker.py").write_text("MARKER = 'test rebuild'\n")
-        assert _recap(molecule("converge"))["changed"] >= 1
+        assert _recap(molecule("converge"), HOST)["changed"] >= 1
         new_pid = _main_pid()
         assert new_pid != pid, "a new agent wheel must restart the service"
         assert _host("/opt/machine-id-agent/bin/python", "-c",
@@ -182,7 +193,7 @@ def test_molecule_default_scenario(bed, tmp_path):
 
         # A config change reloads the agent (SIGHUP, READY=1 again): same process, no restart.
         env["LANYARD_MOL_RENEWAL"] = "15m"
-        assert _recap(molecule("converge"))["changed"] >= 1
+        assert _recap(molecule("converge"), HOST)["changed"] >= 1
         assert "15m" in _host("grep", "renewal_interval", "/etc/tbot.yaml")
         assert _main_pid() == new_pid, "a config change must reload the agent, not restart it"
         assert "Reloaded" in _host("journalctl", "-u", "machine-id.service", "--no-pager", "-o", "cat")
@@ -192,5 +203,5 @@ def test_molecule_default_scenario(bed, tmp_path):
             molecule("destroy")
         finally:
             timings["total"] = round(time.monotonic() - t_all, 1)
-            print(f"[molecule] step timings (s): {timings}")
+            print(f"[molecule {release}] step timings (s): {timings}")
     assert not (Path.home() / ".cache" / "lanyard" / "hosts" / "runs" / HOST).exists(), "destroy left the host behind"

@@ -95,6 +95,39 @@ def test_old_wheel_sets_are_pruned(tmp_path):
         (d / ".complete").write_text("x")
         os.utime(d, (1000 + i, 1000 + i))
     (tmp_path / "not-a-set").mkdir()
-    bw.prune(str(tmp_path), keep=str(tmp_path / "set0"))
+    bw.KEEP_SETS = 5
+    bw.prune(str(tmp_path), keep=[str(tmp_path / "set0"), str(tmp_path / "set1")])
     left = sorted(p.name for p in tmp_path.iterdir())
-    assert left == ["not-a-set", "set0", "set3", "set4", "set5", "set6", "set7"], left
+    assert left == ["not-a-set", "set0", "set1", "set3", "set4", "set5", "set6", "set7"], left
+
+
+def test_wheel_targets_are_keyed_and_parsed(tmp_path):
+    bw = _build_wheels_module()
+    assert bw.parse_target("3.13:x86_64:2.41") == ("3.13", "x86_64", 41)
+    for bad in ("3.13:x86_64", "3.13:x86_64:musl", "2.7:x86_64:2.36", "3.13:x86 64:2.41"):
+        try:
+            bw.parse_target(bad)
+        except ValueError as exc:
+            assert "PYTHON:MACHINE:GLIBC" in str(exc)
+        else:
+            raise AssertionError(bad)
+    # one set per (agent source, target): Debian 12 and 13 hosts never share one
+    assert bw.set_key("k", "3.11:x86_64:2.36") != bw.set_key("k", "3.13:x86_64:2.41")
+    assert bw.set_key("k", "3.13:x86_64:2.41") != bw.set_key("k2", "3.13:x86_64:2.41")
+    assert bw.set_key("k", "3.13:x86_64:2.41") == bw.set_key("k", "3.13:x86_64:2.41")
+
+
+def test_wheel_download_asks_for_the_hosts_tags_not_the_controllers():
+    bw = _build_wheels_module()
+    args = bw.pip_download_args("3.13:aarch64:2.36")
+    pairs = list(zip(args, args[1:]))
+    assert "--only-binary=:all:" in args
+    assert ("--python-version", "3.13") in pairs and ("--implementation", "cp") in pairs
+    assert {a for o, a in pairs if o == "--abi"} == {"cp313", "abi3", "none"}
+    platforms = [a for o, a in pairs if o == "--platform"]
+    # every glibc level the host can load, newest first, with the legacy manylinux aliases
+    assert platforms[0] == "manylinux_2_36_aarch64"
+    assert "manylinux_2_28_aarch64" in platforms and "manylinux_2_5_aarch64" in platforms
+    assert "manylinux2014_aarch64" in platforms
+    assert "manylinux_2_37_aarch64" not in platforms
+    assert all(p.endswith("_aarch64") for p in platforms)
