@@ -24,6 +24,33 @@ class PlaybookRun:
     rc: int
     stdout: str
     results: list[dict] = field(default_factory=list)
+    starts: list[dict] = field(default_factory=list)
+
+    def hosts_started(self, play: str) -> set[str]:
+        """Hosts that started at least one task of ``play``."""
+        return {s["host"] for s in self.starts if s.get("play") == play}
+
+    def batches(self, play: str) -> list[list[str]]:
+        """The batches Ansible really ran for ``play``, from when each host started and finished its tasks:
+        a host whose first task started after every host before it had finished opens a new batch."""
+        first: dict[str, float] = {}
+        last: dict[str, float] = {}
+        for s in self.starts:
+            if s.get("play") == play:
+                first[s["host"]] = min(first.get(s["host"], s["t"]), s["t"])
+                last[s["host"]] = max(last.get(s["host"], s["t"]), s["t"])
+        for r in self.results:
+            if r.get("play") == play and r["host"] in last:
+                last[r["host"]] = max(last[r["host"]], r["t"])
+        out: list[list[str]] = []
+        end = None
+        for host in sorted(first, key=lambda h: first[h]):
+            if end is None or first[host] > end:
+                out.append([])
+                end = last[host]
+            out[-1].append(host)
+            end = max(end, last[host])
+        return [sorted(batch) for batch in out]
 
     def result(self, task: str, host: str | None = None) -> dict:
         hits = [r for r in self.results if r["task"] == task and (host is None or r["host"] == host)]
@@ -77,7 +104,10 @@ def run_playbook(workdir: Path, playbook: str | Path, extra_vars: dict | None = 
     full_env.update(env or {})
     proc = subprocess.run(argv, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=workdir,
                           check=False)
-    results = []
+    results, starts = [], []
     if record.exists():
         results = [json.loads(line) for line in record.read_text().splitlines() if line.strip()]
-    return PlaybookRun(proc.returncode, proc.stdout + proc.stderr, results)
+    starts_file = Path(str(record) + ".starts")
+    if starts_file.exists():
+        starts = [json.loads(line) for line in starts_file.read_text().splitlines() if line.strip()]
+    return PlaybookRun(proc.returncode, proc.stdout + proc.stderr, results, starts)

@@ -3,7 +3,12 @@
 """playbooks/rollout.yml on the real test bed with real systemd hosts (issue: fleet rollout).
 
 One private bed (TLS routing) and a fleet of systemd-nspawn hosts; the steps run in order:
-first rollout -> no-change rerun -> a 4th host -> one host removed.
+first rollout (batches of 2 set in the inventory) -> no-change rerun -> a 4th host (the default ramp: a canary
+first) -> one host removed -> a host unreachable in the first batch stops the rollout -> a dead host marked
+absent is revoked on the control plane.
+
+Batches are read from the run itself (when each host started and finished the rollout play's tasks), never from
+the variable.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from helpers.fleet import Fleet, changed_by_host, wait_for
 pytestmark = [pytest.mark.testbed, pytest.mark.slow]
 
 FIRST = ["app-1", "app-2", "app-3"]
+ROLLOUT_PLAY = "Roll out the agent, in batches"
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +50,37 @@ def _bot_exists(fleet, host) -> bool:
     return r.returncode == 0 and json.loads(r.stdout or "[]") != []
 
 
+def _host_files(fleet, host) -> str:
+    """A listing of everything the role would write on the host (names, modes, owners, sizes)."""
+    paths = ["/etc/tbot.yaml", "/etc/machine-id-agent", "/var/lib/teleport", "/opt/machine-id",
+             "/opt/machine-id-agent", "/etc/systemd/system/machine-id.service"]
+    r = fleet.hosts[host].run(["sh", "-c", "find " + " ".join(paths) + " -printf '%p %m %u %s\\n' 2>/dev/null | sort"],
+                              check=False)
+    return r.stdout
+
+
+def test_0_check_mode_on_a_fresh_fleet_mints_nothing_and_writes_nothing(fleet):
+    before_tokens = fleet.token_creations()
+    before_files = {h: _host_files(fleet, h) for h in FIRST}
+    run = fleet.rollout(check=True, diff=True)
+    _assert_ok(run)
+    assert fleet.token_creations() == before_tokens
+    assert {h: _host_files(fleet, h) for h in FIRST} == before_files
+    for host in FIRST:
+        # per host: what a real run would change, and that it would join with a new token
+        assert changed_by_host(run).get(host, 0) > 0, host
+        assert run.result("lanyard.machine_id.machine_id : Report that a real run would join this host with a new token "
+                          "(check mode)", host)
+    for host in FIRST:
+        assert not _bot_exists(fleet, host)
+
+
 def test_1_first_rollout_reaches_the_cluster_from_every_host(fleet):
     before = fleet.token_creations()
     run = fleet.rollout()
     _assert_ok(run)
+    # machine_id_rollout_serial: 2 is set in the inventory (group vars)
+    assert run.batches(ROLLOUT_PLAY) == [["app-1", "app-2"], ["app-3"]], run.batches(ROLLOUT_PLAY)
     assert fleet.token_creations() - before == len(FIRST)
     for host in FIRST:
         r = fleet.reader_get_pods(host)
@@ -64,11 +97,32 @@ def test_2_rerun_changes_nothing_and_mints_no_token(fleet):
     fleet.calls_no_change_3 = fleet.tctl_calls() - before_calls
 
 
+def test_2b_check_mode_and_each_tag_alone_on_a_converged_fleet(fleet):
+    before_tokens = fleet.token_creations()
+    run = fleet.rollout(check=True, diff=True)
+    _assert_ok(run)
+    assert all(n == 0 for n in changed_by_host(run).values()), changed_by_host(run)
+    for tags in (["--tags", "machine_id_control_plane"], ["--tags", "machine_id_preflight"],
+                 ["--tags", "machine_id_install"], ["--tags", "machine_id_configure"],
+                 ["--tags", "machine_id_service"], ["--tags", "machine_id_verify"],
+                 ["--tags", "machine_id_final_check"], ["--skip-tags", "machine_id_control_plane"],
+                 ["--skip-tags", "machine_id_final_check,machine_id_verify"]):
+        run = fleet.rollout(extra_args=tags)
+        assert run.rc == 0, (tags, run.stdout[-3000:])
+        assert all(n == 0 for n in changed_by_host(run).values()), (tags, changed_by_host(run))
+    assert fleet.token_creations() == before_tokens
+
+
 def test_3_a_fourth_host_gets_exactly_one_token(fleet):
     fleet.add_hosts(["app-4"])
     before = fleet.token_creations()
-    run = fleet.rollout()
+    fleet.serial = None  # the default ramp: one canary host, then up to 5, then 25% of the hosts
+    try:
+        run = fleet.rollout()
+    finally:
+        fleet.serial = 2
     _assert_ok(run)
+    assert run.batches(ROLLOUT_PLAY) == [["app-1"], ["app-2", "app-3", "app-4"]], run.batches(ROLLOUT_PLAY)
     assert fleet.token_creations() - before == 1
     changed = changed_by_host(run)
     assert all(changed.get(h, 0) == 0 for h in FIRST), changed
@@ -104,3 +158,32 @@ def test_4_removed_host_loses_agent_files_and_identity(fleet):
     for other in ("app-1", "app-2", "app-4"):
         r = fleet.reader_get_pods(other)
         assert r.returncode == 0, (other, r.stderr)
+
+
+def test_5_unreachable_host_stops_the_rollout_before_the_next_batch(fleet):
+    # present hosts: app-1, app-2, app-4 (app-3 is absent); batches of 2: [app-1, app-2], [app-4]
+    fleet.hosts["app-2"].stop()  # powered off: Ansible finds it unreachable
+    run = fleet.rollout()
+    assert run.rc != 0, run.stdout[-3000:]
+    assert "app-4" not in run.hosts_started(ROLLOUT_PLAY), "the batch after the unreachable host ran"
+    assert "app-1" in run.hosts_started(ROLLOUT_PLAY)
+    assert "rollout stopped after this batch: app-2 failed or could not be reached" in run.stdout, run.stdout[-3000:]
+    assert "Not rolled out: app-4" in run.stdout, run.stdout[-3000:]
+    # the recap names the unreachable host
+    assert "app-2" in run.stdout.split("PLAY RECAP")[-1]
+
+
+def test_6_dead_host_marked_absent_is_revoked_on_the_control_plane(fleet):
+    dead = "app-2"  # powered off in the previous step: it never answers
+    assert _bot_exists(fleet, dead)
+    fleet.remove_host(dead)
+    run = fleet.rollout()
+    _assert_ok(run)
+    assert wait_for(lambda: not _bot_exists(fleet, dead), 15), "the dead host's bot still exists"
+    r = fleet.teleport.tctl("get", "tokens", "--format=json")
+    assert r.returncode == 0, r.stderr
+    bots = [(t.get("spec") or {}).get("bot_name") for t in json.loads(r.stdout or "[]")]
+    assert f"{fleet.bot_name}-{dead}" not in bots, bots
+    # the live hosts were not touched and still read
+    for other in ("app-1", "app-4"):
+        assert fleet.reader_get_pods(other).returncode == 0, other
