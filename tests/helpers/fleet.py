@@ -38,11 +38,15 @@ class Fleet:
     hosts: dict[str, Host] = field(default_factory=dict)
     absent: set[str] = field(default_factory=set)
     serial: int | str = 1
+    # An installed collection (the directory that holds ansible_collections/): when set, the rollout is
+    # lanyard.machine_id.rollout from there, with nothing else on ANSIBLE_COLLECTIONS_PATH.
+    collections_path: Path | None = None
 
     # -- hosts -------------------------------------------------------------------------------------
-    def add_hosts(self, names: list[str]) -> None:
+    def add_hosts(self, names: list[str], release: str = "bookworm") -> None:
+        """Boot ``names`` as Debian ``release`` hosts (bookworm = 12, trixie = 13)."""
         for name in names:
-            host = Host.start(name, forward_ports=[self.teleport.web_port])
+            host = Host.start(name, forward_ports=[self.teleport.web_port], release=release)
             self.hosts[name] = host
             # kubectl for the final check as the reader user (the role never installs it).
             dst = host.root / GUEST_KUBECTL.lstrip("/")
@@ -105,12 +109,17 @@ class Fleet:
         path.chmod(0o600)
         return path
 
-    def rollout(self, check: bool = False, verbosity: int = 0, timeout: float = 1800) -> PlaybookRun:
+    def rollout(self, check: bool = False, verbosity: int = 0, timeout: float = 1800, diff: bool = False,
+                extra_args: list[str] | None = None) -> PlaybookRun:
         inv = self.write_inventory()
         env = {"ANSIBLE_CONNECTION_PLUGINS": str(CONNECTION_PLUGINS), "ANSIBLE_PIPELINING": "True",
                "SSL_CERT_FILE": str(self.teleport.web_ca_path)}
-        return run_playbook(self.workdir, ROLLOUT, inventory=inv, check=check, verbosity=verbosity,
-                            env=env, timeout=timeout)
+        playbook = ROLLOUT
+        if self.collections_path is not None:
+            env["ANSIBLE_COLLECTIONS_PATH"] = str(self.collections_path)
+            playbook = "lanyard.machine_id.rollout"
+        return run_playbook(self.workdir, playbook, inventory=inv, check=check, verbosity=verbosity,
+                            env=env, timeout=timeout, diff=diff, extra_args=extra_args)
 
     # -- checks ------------------------------------------------------------------------------------------
     def reader_get_pods(self, name: str, reader: str = "app"):
