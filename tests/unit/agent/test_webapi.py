@@ -204,3 +204,11 @@ def test_export_host_cas(server, tls_files):
     assert not err.value.retryable
     with pytest.raises(webapi.WebAPIError, match="not trusted"):
         webapi.export_host_cas(server)
+
+
+def test_web_context_verifies_without_python_313_strict_x509_checks():
+    """Debian 13's Python 3.13 would refuse a proxy certificate without key identifiers; verification itself
+    (chain, host name) stays on."""
+    ctx = webapi.web_ssl_context()
+    assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+    assert not ctx.verify_flags & getattr(ssl, "VERIFY_X509_STRICT", 0)
