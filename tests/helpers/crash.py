@@ -116,7 +116,9 @@ class CrashRig:
         return self.sh(f"systemctl show -p ActiveState --value {SERVICE}", check=False).stdout.strip()
 
     def status(self) -> dict:
-        r = self.host.run([AGENT, "status", "-c", "/etc/tbot.yaml", "--json"], check=False)
+        # as the agent's user, like the role's status step (root is refused by the storage's owner check)
+        r = self.host.run(["runuser", "-u", "teleport", "--", AGENT, "status", "-c", "/etc/tbot.yaml", "--json"],
+                          check=False)
         try:
             return json.loads(r.stdout)
         except ValueError:

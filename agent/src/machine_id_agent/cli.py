@@ -233,7 +233,13 @@ def status_doc(cfg: configmod.Config, backend=None) -> Dict[str, Any]:
         elif not ident.valid():
             ident_doc.update(state="expired", problem="the bot identity expired at %s" % ident.not_after.isoformat(),
                              fix="put a new token from `tctl bots add` in the config; the agent joins again")
-    if ident_doc["state"] == "ok":
+    try:
+        storage_owner = os.stat(cfg.storage_dir).st_uid
+    except OSError:
+        storage_owner = None
+    # the room check writes a reservation the way the agent would: only as the agent's own user (root or another
+    # user running `status` would be refused by the storage's owner check, which says nothing about room)
+    if ident_doc["state"] == "ok" and storage_owner == os.geteuid():
         try:
             identmod.check_storage(cfg.storage_dir)
         except identmod.StorageError as e:

@@ -95,7 +95,13 @@ def _task_status(output: str, task: str) -> str:
     return ""
 
 
-@pytest.mark.parametrize("release", sorted(HOSTS))
+# CI runs the scenario on Debian 12 only, to stay inside its 90 minutes: Debian 13 is covered in CI by the
+# mixed-fleet rollout (tests/integration/rollout/test_mixed_fleet.py); LANYARD_MOL_RELEASES=bookworm,trixie runs
+# the scenario on both.
+RELEASES = [r for r in os.environ.get("LANYARD_MOL_RELEASES", "bookworm").split(",") if r]
+
+
+@pytest.mark.parametrize("release", RELEASES)
 def test_molecule_default_scenario(bed, tmp_path, release):
     if shutil.which("systemd-nspawn") is None or shutil.which("debootstrap") is None:
         pytest.fail("systemd-nspawn/debootstrap missing. Fix: scripts/bootstrap.sh (as root) or "
