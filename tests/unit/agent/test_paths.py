@@ -22,7 +22,15 @@ from machine_id_agent.errors import OutputError
 
 NOBODY = 65534
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: chowns to other users, dirs under /run")
+
+
+@pytest.fixture(autouse=True)
+def _root():
+    """These tests chown to other users and make directories under /run: they need root (CI and `make test` run
+    as root). Without it they fail with the fix; they never skip."""
+    if os.geteuid() != 0:
+        pytest.fail("tests/unit/agent/test_paths.py needs root (chown to other users, directories under /run); run "
+                    "`make test` as root", pytrace=False)
 
 
 @pytest.fixture
