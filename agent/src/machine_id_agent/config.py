@@ -288,8 +288,8 @@ def _choice(r: _Reader, name: str, allowed, default: Optional[str]) -> Optional[
     if value is None or value in allowed:
         return value
     hint = difflib.get_close_matches(value, allowed, n=1)
-    raise ConfigError("%s: %r is not one of %s%s" % (r.key(name), value, ", ".join(allowed),
-                                                       ("; did you mean '%s'?" % hint[0]) if hint else ""))
+    suggestion = ("; did you mean '%s'?" % hint[0]) if hint else ""
+    raise ConfigError("%s: %r is not one of %s%s" % (r.key(name), value, ", ".join(allowed), suggestion))
 
 
 def _dir_opts(r: Optional[_Reader]):

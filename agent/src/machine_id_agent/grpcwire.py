@@ -355,9 +355,9 @@ class Channel:
     def _dispatch(self, ev) -> None:
         call = self._calls.get(getattr(ev, "stream_id", None) or -1)
         if isinstance(ev, h2.events.ResponseReceived) and call is not None:
-            call.headers = {k: v for k, v in ev.headers}
+            call.headers = dict(ev.headers)
         elif isinstance(ev, h2.events.TrailersReceived) and call is not None:
-            call.trailers = {k: v for k, v in ev.headers}
+            call.trailers = dict(ev.headers)
         elif isinstance(ev, h2.events.DataReceived):
             if ev.flow_controlled_length:
                 self._h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)

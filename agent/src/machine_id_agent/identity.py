@@ -30,7 +30,6 @@ import hashlib
 import hmac
 import json
 import os
-import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -553,6 +552,42 @@ def stale_reason(storage_dir: Path, identity: Identity) -> Optional[str]:
 
 def is_stale(storage_dir: Path, identity: Identity) -> bool:
     return stale_reason(storage_dir, identity) is not None
+
+
+IN_FLIGHT_FILE = "renewal-in-flight"
+
+
+def mark_in_flight(storage_dir: Path, identity: Identity) -> None:
+    """Record, before the renewal request leaves, that ``identity`` is being renewed. Removed once the answer
+    is on disk; found again it means the agent stopped (or the connection dropped) with the answer unknown:
+    Teleport may or may not have counted that renewal, see :func:`renewal_in_doubt`. Raises StorageError
+    when the storage cannot take the mark (then the request is not sent)."""
+    try:
+        with open_storage(storage_dir) as d:
+            d.write(IN_FLIGHT_FILE, (cert_fingerprint(identity.tls_cert_pem) + "\n").encode())
+    except (OSError, AgentError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise StorageError(f"storage {storage_dir}: cannot record the renewal about to be made ({why}); "
+                           f"not renewing until that works: free space or fix the permissions of {storage_dir}"
+                           ) from None
+
+
+def renewal_in_doubt(storage_dir: Path, identity: Identity) -> bool:
+    """True when a renewal of exactly this identity was sent and its answer never reached the disk. A mark
+    naming another certificate is left over from a renewal that did reach the disk (the agent stopped
+    between the rename and the removal of the mark): not in doubt."""
+    text = _read_text(storage_dir, IN_FLIGHT_FILE)
+    if not text:
+        return False
+    return hmac.compare_digest(text.split()[0], cert_fingerprint(identity.tls_cert_pem))
+
+
+def clear_in_flight(storage_dir: Path) -> None:
+    try:
+        with open_storage(storage_dir) as d:
+            d.unlink(IN_FLIGHT_FILE)
+    except (OSError, AgentError):
+        pass  # a mark naming an older certificate is ignored (renewal_in_doubt)
 
 
 def b64(data: bytes) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -31,6 +32,12 @@ from machine_id_agent import proto, transport, webapi
 from machine_id_agent.errors import LockedError, RenewError
 
 log = logging.getLogger(__name__)
+
+# After a renewal cut off with its answer unknown, how long Teleport's count is watched before the identity is
+# presented again (the auth server's read cache must have caught up with the renewal, if it was counted).
+IN_DOUBT_SETTLE = 10.0
+IN_DOUBT_POLL = 0.5
+_sleep = time.sleep
 
 RPC_TIMEOUT = 30.0
 _proxy_cache: Dict[str, bool] = {}
@@ -232,6 +239,48 @@ class AuthClient:
         except ValueError:
             return None
 
+    def _check_generation(self, old: ident.Identity, storage: Path) -> None:
+        """Refuse to present ``old`` when Teleport already counts a newer generation (LockedError, lost
+        renewal). GetUser is answered from the auth server's read cache, which follows the backend's event
+        stream (v13 with sqlite: polled every second), so right after a renewal it can still show the previous
+        count. A count BEHIND the stored identity is that lag. A count EQUAL to it is trusted, except when the
+        last renewal of this very identity was cut off with its answer unknown (the agent was killed or the
+        connection dropped while it was in flight): then the cache may not show that renewal yet, so the count
+        is read again until IN_DOUBT_SETTLE seconds have passed, and only a count that stays equal lets the
+        identity be presented."""
+        in_doubt = ident.renewal_in_doubt(storage, old)
+        deadline = ident.monotonic() + IN_DOUBT_SETTLE
+        if in_doubt:
+            log.warning("the last renewal of bot %r (generation %s) was cut off before its answer reached %s "
+                        "(the agent stopped or the connection dropped); reading Teleport's count for up to %.0f s "
+                        "before presenting the identity again", old.bot_name, old.generation, storage,
+                        IN_DOUBT_SETTLE)
+        while True:
+            try:
+                counted = self.bot_generation()
+            except LockedError:
+                raise
+            except RenewError as exc:
+                if exc.retryable:
+                    raise
+                # a server that does not let the bot read itself: renew without the check (as tbot does)
+                log.warning("cannot read the generation Teleport counts for bot %r (%s); renewing without that "
+                            "check", old.bot_name, exc)
+                return
+            if counted is not None and counted > old.generation:
+                ident.mark_stale(storage, old, ident.STALE_LOST)
+                raise LockedError(lost_renewal_explanation(old, counted, storage), lost_renewal=True)
+            if counted is not None and counted < old.generation:
+                log.debug("Teleport's cache still counts generation %s for bot %r (stored: %s)",
+                          counted, old.bot_name, old.generation)
+            if not in_doubt or ident.monotonic() >= deadline:
+                break
+            _sleep(IN_DOUBT_POLL)
+        if in_doubt:
+            log.info("Teleport did not count the cut-off renewal of bot %r: renewing generation %s", old.bot_name,
+                     old.generation)
+            ident.clear_in_flight(storage)
+
     def renew_identity(self, ttl: int, check_generation: bool = True) -> ident.Identity:
         """Renew the bot's identity with a fresh key; it is on disk before this returns.
 
@@ -258,26 +307,7 @@ class AuthClient:
                 f"new token in the config")
         major = self.server_major  # resolve before the renewal so nothing else runs in between
         if check_generation and old.generation is not None:
-            try:
-                counted = self.bot_generation()
-            except LockedError:
-                raise
-            except RenewError as exc:
-                if exc.retryable:
-                    raise
-                # a server that does not let the bot read itself: renew without the check (as tbot does)
-                log.warning("cannot read the generation Teleport counts for bot %r (%s); renewing without that "
-                            "check", old.bot_name, exc)
-                counted = None
-            # Only a server AHEAD of the stored identity means a counted renewal was lost. A server behind it is
-            # Teleport's read cache lagging a renewal made a moment ago (seen on the bed with renewals ~1 s
-            # apart): the stored identity is the newest, so it is presented as usual.
-            if counted is not None and counted < old.generation:
-                log.debug("Teleport's cache still counts generation %s for bot %r (stored: %s); renewing",
-                          counted, old.bot_name, old.generation)
-            if counted is not None and counted > old.generation:
-                ident.mark_stale(storage, old, ident.STALE_LOST)
-                raise LockedError(lost_renewal_explanation(old, counted, storage), lost_renewal=True)
+            self._check_generation(old, storage)
         key_pem = ident.generate_key()
         expires = _dt.datetime.now(_dt.timezone.utc) + _dt.timedelta(seconds=int(ttl))
         req = proto.user_certs_request(username=old.username, expires=expires,
@@ -289,6 +319,7 @@ class AuthClient:
             token_hash = None
         reservation = ident.Reservation(storage)  # StorageError here: nothing asked, nothing lost
         try:
+            ident.mark_in_flight(storage, old)  # from here until the answer is on disk, the outcome is in doubt
             t0 = ident.monotonic()
             try:
                 certs = self._call("GenerateUserCerts", req, f"renew bot {old.bot_name!r}")
@@ -304,6 +335,8 @@ class AuthClient:
                 marks = reservation.commit(data)
             except OSError as exc:
                 stored_err, marks = exc, {}
+            else:
+                ident.clear_in_flight(storage)
         finally:
             reservation.abort()
         self.timings = {"rpc": t1 - t0, "visible": marks.get("visible", t1) - t1,

@@ -283,8 +283,8 @@ class Agent:
             logs.REDACTOR.add([token])
         want_hash = be.token_hash(token) if token else None
         joined = False
-        if ident is None or not ident.valid() or (want_hash is not None and stored_hash != want_hash
-                                                   and self._unsaved is None):
+        token_changed = want_hash is not None and stored_hash != want_hash and self._unsaved is None
+        if ident is None or not ident.valid() or token_changed:
             why = ("no stored identity" if ident is None else "the stored identity expired" if not ident.valid()
                    else "the configured token changed")
             token = configmod.read_token(cfg, required=True)
@@ -684,8 +684,8 @@ def _outputs_failed(failed: List[Any], written: List[str], total: int) -> AgentE
     if total == 1:
         msg = "output %s" % what
     else:
-        msg = "%d of %d outputs failed (%s)%s" % (len(failed), total, what,
-                                                   "; written: %s" % ", ".join(written) if written else "")
+        also = "; written: %s" % ", ".join(written) if written else ""
+        msg = "%d of %d outputs failed (%s)%s" % (len(failed), total, what, also)
     details = {"failed": [k for k, _e in failed], "written": list(written)}
     renew = [e for _k, e in failed if isinstance(e, RenewError)]
     if renew:

@@ -62,7 +62,7 @@ def test_1_kube_certificates_do_not_advance_the_generation_a_forced_renewal_does
     gen = rig.label_generation()
     disk = rig.disk_generation()
     assert gen is not None and gen == disk, (gen, disk)
-    for _ in range(5):  # SIGHUP: a cycle that writes the outputs (impersonated certificates), no renewal
+    for _n in range(5):  # SIGHUP: a cycle that writes the outputs (impersonated certificates), no renewal
         rig.sh(f"systemctl reload {SERVICE}")
     time.sleep(1)
     assert rig.label_generation() == gen, "impersonated certificates advanced the generation"
@@ -78,7 +78,7 @@ def test_1_kube_certificates_do_not_advance_the_generation_a_forced_renewal_does
 def test_2_fifty_restarts_with_a_fresh_identity_leave_the_generation_unchanged(rig):
     gen = rig.label_generation()
     pids = set()
-    for _ in range(50):
+    for _n in range(50):
         rig.sh(f"systemctl restart {SERVICE}")  # Type=notify: returns after READY=1 (a successful cycle)
         assert rig.active_state() == "active"
         pids.add(rig.main_pid())
@@ -106,8 +106,8 @@ def test_3_spent_token_deleted_restart_keeps_renewing_new_token_used_without_res
     rig.host.run(["sh", "-c", f"umask 077; cat > {TOKEN_PATH} && chown teleport:teleport {TOKEN_PATH}"],
                  input=token + "\n")
     rig.usr1()
-    joined = wait_for(lambda: "joined as bot" in rig.sh(f"journalctl -u {SERVICE} -o cat -n 20 --no-pager",
-                                                         check=False).stdout, 30, 0.5)
+    journal = f"journalctl -u {SERVICE} -o cat -n 20 --no-pager"
+    joined = wait_for(lambda: "joined as bot" in rig.sh(journal, check=False).stdout, 30, 0.5)
     assert joined, rig.sh(f"journalctl -u {SERVICE} -o cat -n 30 --no-pager", check=False).stdout
     assert rig.main_pid() == pid, "no restart"
     assert wait_for(lambda: _reader_ok(rig), 30, 1.0)
@@ -126,7 +126,7 @@ def test_4_full_storage_no_renewal_outputs_valid_unhealthy_not_locked_recovers(r
         avail = int(h.sh(f"df -k --output=avail {STORAGE} | tail -1").stdout.strip())
         h.sh(f"dd if=/dev/zero of={STORAGE}/filler bs=1k count={avail - 100} 2>/dev/null; sync")
         h.usr1()
-        status = wait_for(lambda: (lambda s: s if "renewal failing" in s else None)(_status_text(h)), 30, 0.3)
+        status = wait_for(lambda: _status_text(h) if "renewal failing" in _status_text(h) else None, 30, 0.3)
         assert status and "free" in status, _status_text(h)
         st = h.status()["identity"]
         assert st["state"] == "storage-full" and "free space" in st["fix"], st

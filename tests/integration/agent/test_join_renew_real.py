@@ -316,4 +316,3 @@ def test_host_ca_rotation_reaches_outputs(testbed_bins, tmp_path):
         assert_kubectl_lists_demo_pod(kube, write_kubeconfig(tmp_path / "kubeconfig.yaml", creds, facts))
     finally:
         bed.stop()
-

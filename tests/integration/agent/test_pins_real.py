@@ -226,7 +226,7 @@ class AuthStandIn:
     def _accept(self):
         while not self._stop:
             try:
-                conn, _ = self.sock.accept()
+                conn = self.sock.accept()[0]
             except OSError:
                 return
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()

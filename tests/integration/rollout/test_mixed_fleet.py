@@ -33,7 +33,7 @@ def fleet(testbed_bins, tmp_path_factory):
         pytest.fail(f"the real test bed failed to start: {exc}", pytrace=False)
     f = Fleet(tmp_path_factory.mktemp("mixed-fleet"), teleport=bed.teleport["multiplex"], kube=bed.kube, serial=2)
     try:
-        for name, (release, _) in HOSTS.items():
+        for name, (release, _py) in HOSTS.items():
             f.add_hosts([name], release=release)
         yield f
     finally:
@@ -71,7 +71,7 @@ def test_1_one_rollout_installs_and_works_on_debian_12_and_13(fleet):
 
     # One controller-side build made one wheel set per host Python.
     targets = _build_targets(run)
-    assert sorted(t.split(":")[0] for t in targets) == sorted(py for _, py in HOSTS.values()), targets
+    assert sorted(t.split(":")[0] for t in targets) == sorted(py for _rel, py in HOSTS.values()), targets
     assert all("dir" in v for v in targets.values()), targets
 
     for name, (release, py) in HOSTS.items():

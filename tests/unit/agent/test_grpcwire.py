@@ -400,13 +400,13 @@ CONN = SimpleNamespace(describe="auth h:3025 (direct mTLS)")
 ])
 def test_error_mapping(code, retryable, words):
     err = _client()._error(grpcwire.RpcError(code, "boom"), "renew bot 'b1'", CONN)
-    assert type(err) is RenewError and err.retryable is retryable
+    assert err.__class__ is RenewError and err.retryable is retryable
     assert words in str(err) and str(err).startswith("renew bot 'b1': ") and "\n" not in str(err)
 
 
 def test_error_mapping_locked_and_handshake_hint():
-    err = _client()._error(grpcwire.RpcError(grpcwire.PERMISSION_DENIED, "renewable cert generation mismatch: "
-                                                                          "stored=4, presented=3"), "renew", CONN)
+    refused = grpcwire.RpcError(grpcwire.PERMISSION_DENIED, "renewable cert generation mismatch: stored=4, presented=3")
+    err = _client()._error(refused, "renew", CONN)
     assert isinstance(err, LockedError) and "stored=4, presented=3" in str(err)
     # a transport failure whose text happens to contain the words is not a lock
     err = _client()._error(grpcwire.RpcError(grpcwire.UNAVAILABLE, "generation mismatch", transport=True), "r", CONN)

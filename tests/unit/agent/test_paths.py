@@ -23,7 +23,6 @@ from machine_id_agent.errors import OutputError
 NOBODY = 65534
 
 
-
 @pytest.fixture(autouse=True)
 def _root():
     """These tests chown to other users and make directories under /run: they need root (CI and `make test` run
@@ -229,10 +228,11 @@ def test_storage_acl_entries_are_removed_unless_acls_off(tmp_path):
     subprocess.run(["setfacl", "-m", "u:nobody:r-x", "-m", "d:u:nobody:r", str(st)], check=True)
     with fsutil.open_private_dir(st, acls="off"):
         pass
-    assert "user:nobody:r-x" in subprocess.run(["getfacl", "-p", str(st)], capture_output=True, text=True).stdout
+    assert "user:nobody:r-x" in subprocess.run(["getfacl", "-p", str(st)], capture_output=True, text=True,
+                                               check=True).stdout
     with fsutil.open_private_dir(st, acls="try"):
         pass
-    out = subprocess.run(["getfacl", "-p", str(st)], capture_output=True, text=True).stdout
+    out = subprocess.run(["getfacl", "-p", str(st)], capture_output=True, text=True, check=True).stdout
     assert "nobody" not in out and "default:" not in out, out
     # a named entry with write access shows as group-writable: refused, with the setfacl fix
     subprocess.run(["setfacl", "-m", "u:nobody:rwx", str(st)], check=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import socket
+import time
 from concurrent import futures
 from types import SimpleNamespace
 
@@ -118,7 +119,8 @@ class FakeAuth:
         user = proto.UserV2(kind="user")
         user.metadata.name = request.name
         if request.name in self.generation:
-            shown = self.generation[request.name] - getattr(self, "label_lag", 0)  # a lagging read cache
+            lagging = time.monotonic() < getattr(self, "lag_until", float("inf"))
+            shown = self.generation[request.name] - (getattr(self, "label_lag", 0) if lagging else 0)  # read cache
             user.metadata.labels.add(key=proto.BOT_GENERATION_LABEL, value=str(shown))
         return user
 
@@ -258,6 +260,92 @@ def test_a_lagging_server_count_is_not_a_lost_renewal(tmp_path, auth):
         third = client.renew_identity(3600)
     assert (second.generation, third.generation) == (2, 3)
     assert ident.stale_reason(c.storage_dir, third) is None and not auth.locked
+
+
+def _cut_off_renewal(tmp_path, c, auth, counted):
+    """The state a renewal cut off in flight leaves: the in-flight mark naming the stored identity; the server
+    counted the renewal (``counted``) or not; its read cache still shows the old count for 1 s."""
+    first = auth.join()
+    ident.store(c.storage_dir, first)
+    if counted:
+        other = cfg(tmp_path, auth, storage_dir=tmp_path / "elsewhere")  # the answer went nowhere
+        with renew.AuthClient(other, first) as client:
+            client.renew_identity(3600)
+    ident.mark_in_flight(c.storage_dir, first)
+    auth.label_lag, auth.lag_until = 1, time.monotonic() + 1.0
+    return first
+
+
+def test_cut_off_renewal_that_was_counted_is_never_presented(tmp_path, auth, monkeypatch):
+    """Killed between Teleport counting a renewal and the answer reaching the disk, restarted at once: GetUser
+    still shows the old count (read cache), so a single read would let the stale identity be presented and lock
+    the bot (the CI failure of stop 17). The in-flight mark makes the agent read the count until it settles."""
+    monkeypatch.setattr(renew, "IN_DOUBT_SETTLE", 3.0)
+    monkeypatch.setattr(renew, "IN_DOUBT_POLL", 0.1)
+    c = direct_cfg(tmp_path, auth)
+    first = _cut_off_renewal(tmp_path, c, auth, counted=True)
+    n = len(auth.requests)
+    t0 = time.monotonic()
+    with pytest.raises(LockedError) as err:
+        with renew.AuthClient(c, ident.load(c.storage_dir)) as client:
+            client.renew_identity(3600)
+    assert err.value.details.get("lost_renewal") and "counts generation 2" in str(err.value)
+    assert 0.9 < time.monotonic() - t0 < 3.0  # found once the cache caught up, before the settle time ran out
+    assert len(auth.requests) == n and not auth.locked, "nothing presented, nothing locked"
+    assert ident.stale_reason(c.storage_dir, first) == ident.STALE_LOST
+
+
+def test_without_the_mark_a_lagging_cache_lets_a_stale_identity_lock_the_bot(tmp_path, auth):
+    """The control for the test above: the same state without the mark is indistinguishable from a cache lag,
+    so the identity is presented and Teleport locks the bot. The mark is what prevents it."""
+    c = direct_cfg(tmp_path, auth)
+    _cut_off_renewal(tmp_path, c, auth, counted=True)
+    ident.clear_in_flight(c.storage_dir)
+    with pytest.raises(LockedError, match="generation mismatch"):
+        with renew.AuthClient(c, ident.load(c.storage_dir)) as client:
+            client.renew_identity(3600)
+    assert auth.locked
+
+
+def test_cut_off_renewal_that_was_not_counted_renews_after_the_settle_time(tmp_path, auth, monkeypatch):
+    monkeypatch.setattr(renew, "IN_DOUBT_SETTLE", 1.5)
+    monkeypatch.setattr(renew, "IN_DOUBT_POLL", 0.1)
+    c = direct_cfg(tmp_path, auth)
+    _cut_off_renewal(tmp_path, c, auth, counted=False)
+    t0 = time.monotonic()
+    with renew.AuthClient(c, ident.load(c.storage_dir)) as client:
+        assert client.renew_identity(3600).generation == 2
+    assert time.monotonic() - t0 >= 1.5
+    assert not (c.storage_dir / ident.IN_FLIGHT_FILE).exists() and not auth.locked
+
+
+def test_in_flight_mark_lifecycle(tmp_path, auth, monkeypatch):
+    """A renewal that reached the disk leaves no mark; a mark naming an older certificate (the agent stopped
+    between the rename and the removal) is not a doubt; a renewal whose answer never came keeps the mark."""
+    monkeypatch.setattr(renew, "IN_DOUBT_SETTLE", 30.0)
+    c = direct_cfg(tmp_path, auth)
+    first = auth.join()
+    ident.store(c.storage_dir, first)
+    with renew.AuthClient(c, first) as client:
+        second = client.renew_identity(3600)
+    assert not (c.storage_dir / ident.IN_FLIGHT_FILE).exists()
+    ident.mark_in_flight(c.storage_dir, first)
+    assert not ident.renewal_in_doubt(c.storage_dir, second) and ident.renewal_in_doubt(c.storage_dir, first)
+    t0 = time.monotonic()
+    with renew.AuthClient(c, second) as client:
+        assert client.renew_identity(3600).generation == 3
+    assert time.monotonic() - t0 < 10  # no settle wait for a mark naming another certificate
+    third = ident.load(c.storage_dir)
+
+    def dropped(*a, **kw):
+        raise RenewError("renew bot 'unit': connection reset", retryable=True)
+
+    with renew.AuthClient(c, third) as client:
+        monkeypatch.setattr(client, "_call", lambda method, req, what: dropped() if method == "GenerateUserCerts"
+                            else renew.AuthClient._call(client, method, req, what))
+        with pytest.raises(RenewError, match="connection reset"):
+            client.renew_identity(3600)
+    assert ident.renewal_in_doubt(c.storage_dir, third)
 
 
 def test_renewal_timings_and_storage_refused_before_the_call(tmp_path, auth, monkeypatch):

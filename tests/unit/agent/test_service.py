@@ -484,7 +484,7 @@ def test_renewal_due_rule(tmp_path, logbuf):
 def test_restarts_with_a_fresh_identity_never_renew(tmp_path, logbuf):
     be = FakeBackend()
     assert Agent(make_cfg(tmp_path), backend=be, log=logbuf[0]).attempt() is None
-    for _ in range(50):  # 50 restarts: a new Agent each time, identity loaded from "disk"
+    for _n in range(50):  # 50 restarts: a new Agent each time, identity loaded from "disk"
         assert Agent(make_cfg(tmp_path), backend=be, log=logbuf[0]).attempt() is None
     assert [c for c in be.calls if c[0] in ("renew", "join")] == [("join", TOKEN)]
     assert be.stored.generation == 1

@@ -17,7 +17,10 @@ from machine_id_agent import acl
 from machine_id_agent.errors import OutputError, RenewError
 from machine_id_agent.service import Agent
 
-from test_service import FakeBackend, FakeClient, logbuf, make_cfg  # noqa: F401  (logbuf is a fixture)
+import test_service
+from test_service import FakeBackend, FakeClient, make_cfg
+
+logbuf = test_service.logbuf  # a fixture
 
 NOBODY, DAEMON = 65534, 1
 FILES = ("key", "tlscert", "teleport-host-ca.crt", "kubeconfig.yaml")
