@@ -572,14 +572,32 @@ def mark_in_flight(storage_dir: Path, identity: Identity) -> None:
                            ) from None
 
 
-def renewal_in_doubt(storage_dir: Path, identity: Identity) -> bool:
-    """True when a renewal of exactly this identity was sent and its answer never reached the disk. A mark
-    naming another certificate is left over from a renewal that did reach the disk (the agent stopped
-    between the rename and the removal of the mark): not in doubt."""
+def renewal_in_doubt(storage_dir: Path, identity: Identity) -> Optional[float]:
+    """When a renewal of exactly this identity was sent and its answer never reached the disk: the wall-clock
+    time the doubt was first noticed (now, recorded in the mark, when this is the first look; an agent killed
+    again while it waits goes on from that time instead of starting over). None otherwise; a mark naming
+    another certificate is left over from a renewal that did reach the disk (the agent stopped between the
+    rename and the removal of the mark): not in doubt."""
     text = _read_text(storage_dir, IN_FLIGHT_FILE)
     if not text:
-        return False
-    return hmac.compare_digest(text.split()[0], cert_fingerprint(identity.tls_cert_pem))
+        return None
+    fields = text.split()
+    fingerprint = cert_fingerprint(identity.tls_cert_pem)
+    if not hmac.compare_digest(fields[0], fingerprint):
+        return None
+    now = time.time()
+    try:
+        noticed = float(fields[1])
+    except (IndexError, ValueError):
+        noticed = None
+    if noticed is None or noticed > now:  # first look (or a clock that went back): from now
+        noticed = now
+        try:
+            with open_storage(storage_dir) as d:
+                d.write(IN_FLIGHT_FILE, ("%s\n%.3f\n" % (fingerprint, noticed)).encode())
+        except (OSError, AgentError):
+            pass  # the wait starts over after a restart: slower, never less safe
+    return noticed
 
 
 def clear_in_flight(storage_dir: Path) -> None:

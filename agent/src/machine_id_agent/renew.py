@@ -248,13 +248,15 @@ class AuthClient:
         connection dropped while it was in flight): then the cache may not show that renewal yet, so the count
         is read again until IN_DOUBT_SETTLE seconds have passed, and only a count that stays equal lets the
         identity be presented."""
-        in_doubt = ident.renewal_in_doubt(storage, old)
-        deadline = ident.monotonic() + IN_DOUBT_SETTLE
+        noticed = ident.renewal_in_doubt(storage, old)
+        in_doubt = noticed is not None
+        # counted from when the doubt was first noticed (the kill came before that), across restarts
+        deadline = ident.monotonic() + max(0.0, (noticed or 0.0) + IN_DOUBT_SETTLE - time.time())
         if in_doubt:
             log.warning("the last renewal of bot %r (generation %s) was cut off before its answer reached %s "
-                        "(the agent stopped or the connection dropped); reading Teleport's count for up to %.0f s "
-                        "before presenting the identity again", old.bot_name, old.generation, storage,
-                        IN_DOUBT_SETTLE)
+                        "(the agent stopped or the connection dropped); reading Teleport's count until %.0f s after "
+                        "that was first noticed before presenting the identity again", old.bot_name, old.generation,
+                        storage, IN_DOUBT_SETTLE)
         while True:
             try:
                 counted = self.bot_generation()

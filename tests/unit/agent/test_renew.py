@@ -319,6 +319,22 @@ def test_cut_off_renewal_that_was_not_counted_renews_after_the_settle_time(tmp_p
     assert not (c.storage_dir / ident.IN_FLIGHT_FILE).exists() and not auth.locked
 
 
+def test_the_settle_time_counts_from_the_first_look_across_restarts(tmp_path, auth, monkeypatch):
+    """An agent killed again while it waits for the count to settle does not start the wait over (a crash loop
+    shorter than the settle time would never renew again): the mark keeps when the doubt was first noticed."""
+    monkeypatch.setattr(renew, "IN_DOUBT_SETTLE", 30.0)
+    c = direct_cfg(tmp_path, auth)
+    first = _cut_off_renewal(tmp_path, c, auth, counted=False)
+    noticed = ident.renewal_in_doubt(c.storage_dir, first)
+    assert noticed and abs(ident.renewal_in_doubt(c.storage_dir, first) - noticed) < 0.01  # kept from the first look
+    raw = (c.storage_dir / ident.IN_FLIGHT_FILE).read_text().split()
+    (c.storage_dir / ident.IN_FLIGHT_FILE).write_text("%s\n%.3f\n" % (raw[0], time.time() - 31))  # 31 s ago
+    t0 = time.monotonic()
+    with renew.AuthClient(c, ident.load(c.storage_dir)) as client:
+        assert client.renew_identity(3600).generation == 2  # one read of the count, no wait
+    assert time.monotonic() - t0 < 5 and not auth.locked
+
+
 def test_in_flight_mark_lifecycle(tmp_path, auth, monkeypatch):
     """A renewal that reached the disk leaves no mark; a mark naming an older certificate (the agent stopped
     between the rename and the removal) is not a doubt; a renewal whose answer never came keeps the mark."""
