@@ -14,12 +14,15 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import datetime
+
 from ansible_collections.lanyard.machine_id.plugins.module_utils._errors import LanyardError
 from ansible_collections.lanyard.machine_id.plugins.module_utils._teleport_resource import (
     format_duration,
     parse_duration,
     strip_volatile,
 )
+from ansible_collections.lanyard.machine_id.plugins.module_utils._teleport_token import parse_time
 from ansible_collections.lanyard.machine_id.plugins.module_utils._teleport_wait import DEFAULT_TIMEOUT, wait_for
 from ansible_collections.lanyard.machine_id.plugins.module_utils._teleport_yaml import to_yaml
 
@@ -30,10 +33,13 @@ BOT_ARGSPEC = dict(
     logins=dict(type="list", elements="str"),
     max_session_ttl=dict(type="str"),
     force=dict(type="bool", default=False),
+    rejoin=dict(type="bool", default=False),
+    remove_locks=dict(type="bool", default=False),
     return_token=dict(type="bool", default=False),
     token_ttl=dict(type="str", default="1h", no_log=False),
 )
 
+GENERATION_LABEL = "teleport.internal/bot-generation"
 MAX_SESSION_TTL_LIMIT = 168 * 3600
 DEFAULT_MAX_SESSION_TTL = 12 * 3600
 
@@ -58,7 +64,12 @@ def read_bot(tctl, name):
     impersonate = allow.get("impersonate") or {}
     traits = (user.get("spec") or {}).get("traits") or {}
     ttl = (spec.get("options") or {}).get("max_session_ttl")
+    try:
+        generation = int(labels.get(GENERATION_LABEL) or 0)
+    except (TypeError, ValueError):
+        generation = 0
     return dict(
+        generation=generation,
         name=name,
         user_name=bot_user(name),
         role_name=bot_user(name),
@@ -131,8 +142,53 @@ def check_roles_exist(tctl, name, roles, check_mode=False):
                            "lanyard.machine_id.teleport_role) or correct roles." % (name, ", ".join(missing)))
 
 
+def locks_in_force(tctl, what):
+    """The locks in force as dicts (name, user, message): ``tctl get locks`` without the expired ones."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    found = []
+    for item in tctl.get("locks", what=what):
+        spec = item.get("spec") or {}
+        name = (item.get("metadata") or {}).get("name")
+        expires = parse_time(spec.get("expires"))  # unreadable or none: the lock is in force
+        if expires is not None and expires <= now:
+            continue
+        if name:
+            found.append(dict(name=name, user=(spec.get("target") or {}).get("user"), message=spec.get("message") or ""))
+    return found
+
+
+def bot_locks(tctl, name):
+    """(name, message) of the locks in force that target the bot's user (Teleport sets one when an old
+    generation of the bot's identity is presented for renewal)."""
+    return [(lk["name"], lk["message"]) for lk in locks_in_force(tctl, "list locks (to check bot %s)" % name)
+            if lk["user"] == bot_user(name)]
+
+
+def rejoin_plan(tctl, name, current, remove_locks):
+    """For O(rejoin): None when the bot can take a new join token as it is (it does not exist, or it never
+    joined); else the list of lock names to remove before the bot is recreated. Teleport (v13 and later)
+    refuses a second join of a bot whose user already carries a generation ("has already been issued a
+    renewable certificate"), so such a bot is recreated; a lock on the bot's user would lock the new bot too."""
+    if current is None or not current.get("generation"):
+        return None
+    locks = bot_locks(tctl, name)
+    if locks and not remove_locks:
+        raise LanyardError(
+            "bot %s is locked (%s). Teleport locks a bot when an older copy of its identity is presented for renewal: "
+            "a second agent, a copy of the host's storage or a restored backup used it. Fix: find that copy; then "
+            "allow re-enrolment with remove_locks: true (rollout: machine_id_reenrol_locked: true), which removes the "
+            "lock and recreates the bot, or remove the lock yourself (`tctl rm lock/<name>`)."
+            % (name, "; ".join("lock/%s: %s" % (n, m) if m else "lock/%s" % n for n, m in locks)))
+    return [n for n, _m in locks]
+
+
 def _view(bot):
     return dict((k, bot[k]) for k in ("name", "roles", "logins", "max_session_ttl") if bot is not None)
+
+
+def public(bot):
+    """The bot as the module returns it (without the internal generation)."""
+    return None if bot is None else dict((k, v) for k, v in bot.items() if k != "generation")
 
 
 def add_bot(tctl, desired, token_ttl):
@@ -216,8 +272,11 @@ def ensure_bot(tctl, params, check_mode, revoke_token, revoke_pending=None):
     changes = bot_changes(desired, current)
     diff = dict(before=to_yaml(_view(current)) if current else "", after=to_yaml(_view(desired)),
                 before_header=header, after_header=header)
+    locks = rejoin_plan(tctl, name, current, params.get("remove_locks")) if params.get("rejoin") else None
+    if locks is not None:
+        return _rejoin(tctl, params, check_mode, desired, current, locks, diff, revoke_token, revoke_pending)
     if not changes:
-        return dict(changed=False, bot=current, diff=diff, msg="bot %s is up to date" % name)
+        return dict(changed=False, bot=public(current), diff=diff, msg="bot %s is up to date" % name)
     role_warnings = check_roles_exist(tctl, name, desired["roles"], check_mode)
     version = tctl.version()
     if (not version.has_bot_max_session_ttl and desired.get("max_session_ttl") and
@@ -277,11 +336,46 @@ def ensure_bot(tctl, params, check_mode, revoke_token, revoke_pending=None):
     return _finish(result)
 
 
+def _rejoin(tctl, params, check_mode, desired, current, locks, diff, revoke_token, revoke_pending):
+    """Recreate a bot that already joined so that a host without a usable identity can join again."""
+    name = desired["name"]
+    role_warnings = check_roles_exist(tctl, name, desired["roles"], check_mode)
+    why = ("it already joined (generation %s), and Teleport lets a bot join only once" % current["generation"])
+    result = dict(changed=True, bot=desired, diff=diff, recreated=True, removed_locks=list(locks),
+                  warnings=list(role_warnings or []))
+    result["warnings"].append(
+        "bot %s %s recreated so its host can join again: %s. Identities issued to the old bot stop working%s."
+        % (name, "would be" if check_mode else "was", why,
+           "; lock(s) %s %s removed" % (", ".join(locks), "would be" if check_mode else "were") if locks else ""))
+    if check_mode:
+        result["msg"] = "bot %s would be recreated (rejoin: %s)" % (name, why)
+        return _finish(result)
+    tctl.run(["bots", "rm", name], "delete bot %s (to recreate it for a new join)" % name)
+    if revoke_pending is not None:
+        revoke_pending(name)
+    for lock in locks:
+        tctl.run(["rm", "lock/%s" % lock], "remove lock %s of bot %s" % (lock, name), not_found_ok=True)
+    # the cache still shows the old user (with its generation) for a moment; `bots add` must see it gone
+    wait_for(lambda: read_bot(tctl, name), lambda b: b is None)
+    token, token_ttl = add_bot(tctl, desired, params.get("token_ttl"))
+    result["bot"] = wait_for(lambda: read_bot(tctl, name),
+                             lambda b: b is not None and not b.get("generation") and not bot_changes(desired, b)) \
+        or desired
+    result["msg"] = "bot %s recreated for a new join (%s)" % (name, why)
+    if params.get("return_token"):
+        result["token"] = token
+        result["token_ttl"] = token_ttl
+    else:
+        revoke_token(token)
+    return _finish(result)
+
+
 def _describe(changes, desired, current):
     return "; ".join("%s: %s -> %s" % (k, current.get(k), desired.get(k)) for k in changes)
 
 
 def _finish(result):
+    result["bot"] = public(result.get("bot"))
     if not result.get("warnings"):
         result.pop("warnings", None)
     return result

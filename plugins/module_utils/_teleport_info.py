@@ -8,6 +8,7 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 from ansible_collections.lanyard.machine_id.plugins.module_utils._errors import LanyardError
+from ansible_collections.lanyard.machine_id.plugins.module_utils._teleport_bot import locks_in_force
 from ansible_collections.lanyard.machine_id.plugins.module_utils._teleport_ping import (
     check_kube_reachable,
     fetch_ping,
@@ -19,6 +20,7 @@ INFO_ARGSPEC = dict(
     proxy_addr=dict(type="str"),
     ca_pins=dict(type="bool", default=True),
     require_kube_access=dict(type="bool", default=True),
+    locked_users=dict(type="bool", default=False),
 )
 
 
@@ -44,6 +46,9 @@ def cluster_info(make_tctl, params, ping=fetch_ping):
             raise LanyardError("The proxy %s serves cluster %s but tctl talks to cluster %s. Fix: point proxy_addr "
                                "and the tctl connection options at the same cluster."
                                % (proxy_addr, facts["cluster_name"], status["cluster_name"]))
+    if params.get("locked_users"):
+        tctl = tctl or make_tctl()
+        facts["locked_users"] = sorted(set(lk["user"] for lk in locks_in_force(tctl, "list locks") if lk["user"]))
     if params.get("require_kube_access"):
         check_kube_reachable(facts)
     msg = "cluster %s, Teleport %s" % (facts["cluster_name"], facts["server_version"])

@@ -75,6 +75,27 @@ options:
         revoked, and every host must join again.
     type: bool
     default: false
+  rejoin:
+    description:
+      - Make the bot ready for a new join, for a host that has no usable identity (missing, expired, locked, or one
+        that lost a renewal). Teleport lets a bot join only once (its user then carries the label
+        C(teleport.internal/bot-generation); a second join fails with "has already been issued a renewable
+        certificate"), so a bot that already joined is deleted and recreated, its pending tokens revoked, and the
+        new token returned with O(return_token=true). A bot that never joined, or does not exist, is handled as
+        without this option (a token minted for it can be used).
+      - Identities issued to the old bot stop working. Use it only for hosts that need to join again; the rollout
+        playbook sets it for hosts whose agent reports no usable identity.
+    type: bool
+    default: false
+  remove_locks:
+    description:
+      - With O(rejoin=true), also remove the locks that target the bot's user before recreating it. Teleport locks a
+        bot when an older copy of its identity is presented for renewal (a second agent, a copied storage
+        directory, a restored backup); a recreated bot of the same name would be locked too.
+      - Without it, a locked bot fails the task with the lock's name and message, so that an operator looks for the
+        copy first.
+    type: bool
+    default: false
   return_token:
     description:
       - Return the join token C(tctl bots add) makes when it creates the bot, in RV(token).
@@ -111,6 +132,15 @@ EXAMPLES = r"""
     name: example
     roles: [machine-id-kube-role, other-role]
     force: true
+
+- name: Bring back a host whose identity is gone (recreate the bot if it already joined; token for the host)
+  lanyard.machine_id.teleport_bot:
+    name: example-web1
+    roles: [machine-id-kube-role]
+    rejoin: true
+    return_token: true
+  register: bot
+  no_log: true
 
 - name: Remove the bot
   lanyard.machine_id.teleport_bot:
@@ -155,6 +185,15 @@ token:
   description: Join token made when the bot was created. Secret.
   returned: when the bot was created and O(return_token=true)
   type: str
+recreated:
+  description: True when O(rejoin=true) recreated a bot that had already joined.
+  returned: when O(rejoin=true) recreated the bot
+  type: bool
+removed_locks:
+  description: Names of the locks on the bot's user that O(remove_locks=true) removed (or would remove).
+  returned: when O(rejoin=true) recreated the bot
+  type: list
+  elements: str
 revoked_tokens:
   description: Number of pending join tokens revoked with the bot.
   returned: when the bot was deleted

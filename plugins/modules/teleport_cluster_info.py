@@ -50,6 +50,13 @@ options:
         C(kube_public_addr)).
     type: bool
     default: true
+  locked_users:
+    description:
+      - Also list the users that a lock in force targets (one C(tctl get locks)), in RV(cluster.locked_users). The
+        rollout playbook uses it to find hosts whose bot Teleport locked, which their agent cannot tell apart from
+        other refusals (Teleport v13 answers a locked user with a bare "access denied").
+    type: bool
+    default: false
 seealso:
   - module: lanyard.machine_id.teleport_bot_token
 """
@@ -119,6 +126,11 @@ cluster:
     signature_algorithm_suite:
       description: The cluster's signature algorithm suite (Teleport 17 and later), or null.
       type: str
+    locked_users:
+      description: Users targeted by a lock in force (for example C(bot-example-web1)), sorted.
+      returned: when O(locked_users=true)
+      type: list
+      elements: str
 msg:
   description: One line summary.
   returned: success

@@ -113,6 +113,97 @@ def test_2b_check_mode_and_each_tag_alone_on_a_converged_fleet(fleet):
     assert fleet.token_creations() == before_tokens
 
 
+AGENT = "/opt/machine-id-agent/bin/machine-id-agent"
+
+
+def _agent_status(fleet, host) -> dict:
+    r = fleet.hosts[host].run(["runuser", "-u", "teleport", "--", AGENT, "status", "-c", "/etc/tbot.yaml", "--json"],
+                              check=False)
+    return json.loads(r.stdout) if r.stdout.strip().startswith("{") else {}
+
+
+def _bot_generation(fleet, host) -> int:
+    r = fleet.teleport.tctl("get", f"user/bot-{fleet.bot_name}-{host}", "--format=json", check=True)
+    labels = json.loads(r.stdout)[0]["metadata"].get("labels") or {}
+    return int(labels.get("teleport.internal/bot-generation") or 0)
+
+
+def _locks_on(fleet, host) -> list:
+    out = fleet.teleport.tctl("get", "locks", "--format=json", check=True).stdout
+    return [lk for lk in json.loads(out or "null") or []
+            if (lk.get("spec", {}).get("target") or {}).get("user") == f"bot-{fleet.bot_name}-{host}"]
+
+
+def _back_in_one_rollout(fleet, host, extra_args=None):
+    """One rollout brings ``host`` back: one token (its bot recreated), the reader works, the other hosts untouched."""
+    before = fleet.token_creations()
+    run = fleet.rollout(extra_args=extra_args)
+    _assert_ok(run)
+    assert fleet.token_creations() - before == 1
+    changed = changed_by_host(run)
+    assert all(changed.get(h, 0) == 0 for h in FIRST if h != host), changed
+    assert wait_for(lambda: fleet.reader_get_pods(host).returncode == 0, 60, 1), fleet.reader_get_pods(host).stderr
+    st = _agent_status(fleet, host)
+    assert st["identity"]["state"] == "ok" and st["identity"]["generation"] >= 1, st
+    token = fleet.hosts[host].run(["cat", "/etc/machine-id-agent/token"]).stdout.strip()
+    assert len(token) >= 16 and token not in run.stdout  # the new token is in no output
+    return run
+
+
+def test_2c_a_host_whose_identity_was_removed_is_back_in_one_rollout(fleet):
+    """Disk swapped / storage wiped: Teleport v13 refuses a second join of the same bot ("already been issued a
+    renewable certificate"), so the rollout recreates the host's bot and joins with its new token."""
+    host = "app-1"
+    assert _bot_generation(fleet, host) >= 1
+    h = fleet.hosts[host]
+    h.run(["systemctl", "stop", "machine-id"])
+    h.run(["sh", "-c", "rm -rf /var/lib/teleport/bot/* /var/lib/teleport/bot/.[!.]*"])
+    h.run(["systemctl", "start", "--no-block", "machine-id"])  # it cannot join with the spent token
+    assert _agent_status(fleet, host)["identity"]["state"] == "none"
+    removals = sum(1 for c in fleet._calls() if c[:3] == ["bots", "rm", f"{fleet.bot_name}-{host}"])
+    _back_in_one_rollout(fleet, host)
+    assert sum(1 for c in fleet._calls() if c[:3] == ["bots", "rm", f"{fleet.bot_name}-{host}"]) == removals + 1
+
+
+def test_2d_a_host_that_lost_a_renewal_is_back_in_one_rollout(fleet):
+    """A backup restored over the storage (an identity one renewal older than what Teleport counts): the agent
+    does not present it (no lock), status says lost-renewal, and one rollout re-enrols the host."""
+    host = "app-2"
+    h = fleet.hosts[host]
+    storage = "/var/lib/teleport/bot"
+    h.run(["cp", "-p", f"{storage}/identity.json", "/root/identity.backup"])
+    gen = _agent_status(fleet, host)["identity"]["generation"]
+    h.run(["systemctl", "kill", "--kill-whom=main", "-s", "USR1", "machine-id"])
+    assert wait_for(lambda: _agent_status(fleet, host)["identity"]["generation"] == gen + 1, 60, 1)
+    h.run(["systemctl", "stop", "machine-id"])
+    h.run(["cp", "-p", "/root/identity.backup", f"{storage}/identity.json"])  # the restored backup
+    h.run(["systemctl", "start", "machine-id"])
+    h.run(["systemctl", "kill", "--kill-whom=main", "-s", "USR1", "machine-id"])  # a renewal: the agent must refuse to present it
+    assert wait_for(lambda: _agent_status(fleet, host)["identity"]["state"] == "lost-renewal", 60, 1), \
+        _agent_status(fleet, host)
+    assert not _locks_on(fleet, host)
+    _back_in_one_rollout(fleet, host)
+    assert not _locks_on(fleet, host)
+
+
+def test_2e_a_locked_host_is_named_then_re_enrolled_when_allowed(fleet):
+    """Teleport locks the bot (here an admin's `tctl lock`, as after a leaked copy; v13 answers the locked bot
+    with a bare "access denied", so the host cannot tell): the rollout names the lock and stops unless
+    machine_id_reenrol_locked is true; then one rollout removes the lock, recreates the bot and the host is back."""
+    host = "app-3"
+    fleet.teleport.tctl("lock", f"--user=bot-{fleet.bot_name}-{host}", "--message=suspected copy of the identity",
+                        check=True)
+    assert wait_for(lambda: _locks_on(fleet, host), 30, 1)
+    before = fleet.token_creations()
+    run = fleet.rollout()
+    assert run.rc != 0
+    assert f"bot {fleet.bot_name}-{host} is locked" in run.stdout and "machine_id_reenrol_locked" in run.stdout
+    assert "suspected copy of the identity" in run.stdout
+    assert fleet.token_creations() == before and _locks_on(fleet, host)
+    _back_in_one_rollout(fleet, host, extra_args=["-e", "machine_id_reenrol_locked=true"])
+    assert not _locks_on(fleet, host)
+
+
 def test_3_a_fourth_host_gets_exactly_one_token(fleet):
     fleet.add_hosts(["app-4"])
     before = fleet.token_creations()

@@ -164,10 +164,17 @@ def test_role_needs_spec_or_resource(run_module):
 # -- teleport_bot ---------------------------------------------------------------------------------------
 def _bot_server(exists=True, version="Teleport v13.3.8 git: go1.21.13"):
     fake = FakeTctl(version_text=version)
-    state = {"exists": exists, "roles": ["machine-id-kube-role"]}
+    state = {"exists": exists, "roles": ["machine-id-kube-role"], "generation": "2", "locks": []}
 
     def get_user(args, data):
-        return (0, recorded("v13_get_user_bot_example.json"), "") if state["exists"] else NOT_FOUND_USER
+        if not state["exists"]:
+            return NOT_FOUND_USER
+        user = json.loads(recorded("v13_get_user_bot_example.json"))  # joined: generation label 2
+        if state["generation"] is None:
+            del user[0]["metadata"]["labels"]["teleport.internal/bot-generation"]
+        else:
+            user[0]["metadata"]["labels"]["teleport.internal/bot-generation"] = state["generation"]
+        return 0, json.dumps(user), ""
 
     def get_role(args, data):
         if not state["exists"]:
@@ -178,6 +185,7 @@ def _bot_server(exists=True, version="Teleport v13.3.8 git: go1.21.13"):
 
     def add(args, data):
         state["exists"] = True
+        state["generation"] = None  # a new bot has not joined yet
         state["roles"] = args[3].split("=", 1)[1].split(",")
         return 0, recorded("v13_bots_add_example2.json"), ""
 
@@ -195,7 +203,22 @@ def _bot_server(exists=True, version="Teleport v13.3.8 git: go1.21.13"):
     fake.on("get", "tokens", out=json.dumps(tokens))
     fake.on("bots", "add", fn=add).on("bots", "rm", fn=rm).on("create", out="")
     fake.on("bots", "update", out="")
+    fake.on("get", "locks", fn=lambda args, data: (0, json.dumps(state["locks"]), ""))
+
+    def rm_lock(args, data):
+        state["locks"] = [lk for lk in state["locks"] if "lock/" + lk["metadata"]["name"] != args[1]]
+        return 0, "lock has been deleted\n", ""
+
+    fake.on("rm", fn=rm_lock)
     return fake, state
+
+
+def _lock(name, user="bot-example"):
+    """A lock as v13's `tctl get locks --format=json` lists it (shape checked by the real-bed rejoin test)."""
+    return {"kind": "lock", "version": "v2", "metadata": {"name": name},
+            "spec": {"target": {"user": user},
+                     "message": "The bot user \"bot-example\" has been locked due to a certificate generation "
+                                "mismatch, possibly indicating a stolen certificate."}}
 
 
 def test_bot_create_never_returns_or_logs_the_token(run_module):
@@ -290,6 +313,53 @@ def test_bot_max_session_ttl_on_v13(run_module):
     assert res["failed"] and "cannot set max_session_ttl" in res["msg"]
     res = run_module(teleport_bot.main, {"name": "example", "roles": ["access"], "max_session_ttl": "12h"}, fake)
     assert res["changed"] and not any("--max-session-ttl" in a for c in fake.writes() for a in c)
+
+
+def test_bot_rejoin_recreates_a_bot_that_already_joined(run_module):
+    """v13 lets a bot join once: for a host without a usable identity, a bot whose user carries a generation is
+    recreated and the new token returned; check mode says so and writes nothing."""
+    fake, state = _bot_server(exists=True)
+    args = {"name": "example", "roles": ["machine-id-kube-role"], "rejoin": True, "return_token": True}
+    res = run_module(teleport_bot.main, args, fake, check=True)
+    assert res["changed"] and "would be recreated" in res["msg"] and "generation 2" in res["msg"]
+    assert fake.writes() == [] and "token" not in res
+    res = run_module(teleport_bot.main, args, fake)
+    assert res["changed"] and res["recreated"] and res["token"] and res["removed_locks"] == []
+    cmds = [c[:2] for c in fake.writes()]
+    assert cmds.index(["bots", "rm"]) < cmds.index(["bots", "add"])
+    assert "generation" not in res["bot"]
+    # the recreated bot has not joined: a second run with rejoin changes nothing (the host joins with the token)
+    before = len(fake.writes())
+    res = run_module(teleport_bot.main, args, fake)
+    assert not res["changed"] and len(fake.writes()) == before and "token" not in res
+
+
+def test_bot_rejoin_of_a_bot_that_never_joined_or_does_not_exist(run_module):
+    fake, state = _bot_server(exists=True)
+    state["generation"] = None
+    args = {"name": "example", "roles": ["machine-id-kube-role"], "rejoin": True, "return_token": True}
+    res = run_module(teleport_bot.main, args, fake)
+    assert not res["changed"] and fake.writes() == []  # a token minted for it can be used
+    fake, state = _bot_server(exists=False)
+    res = run_module(teleport_bot.main, args, fake)
+    assert res["changed"] and res["msg"] == "bot example created" and res["token"]
+
+
+def test_bot_rejoin_of_a_locked_bot_needs_remove_locks(run_module):
+    fake, state = _bot_server(exists=True)
+    state["locks"] = [_lock("lock-1"), _lock("other", user="bot-else")]
+    args = {"name": "example", "roles": ["machine-id-kube-role"], "rejoin": True, "return_token": True}
+    res = run_module(teleport_bot.main, args, fake)
+    assert res["failed"] and "bot example is locked" in res["msg"] and "lock/lock-1" in res["msg"]
+    assert "remove_locks: true" in res["msg"] and "machine_id_reenrol_locked" in res["msg"] and "other" not in res["msg"]
+    assert fake.writes() == []
+    res = run_module(teleport_bot.main, dict(args, remove_locks=True), fake, check=True)
+    assert res["changed"] and res["removed_locks"] == ["lock-1"] and fake.writes() == []
+    res = run_module(teleport_bot.main, dict(args, remove_locks=True), fake)
+    assert res["changed"] and res["removed_locks"] == ["lock-1"] and res["token"]
+    assert [lk["metadata"]["name"] for lk in state["locks"]] == ["other"]  # only the bot's own lock
+    assert ["rm", "lock/lock-1"] in fake.writes()
+    assert any("lock(s) lock-1 were removed" in w for w in res["warnings"])
 
 
 def test_bot_absent_revokes_its_tokens(run_module):
@@ -414,6 +484,20 @@ def test_cluster_info_from_recorded_pings(run_module, monkeypatch, name, tls, ku
     assert c["tls_routing_enabled"] is tls and c["kube_public_addr"] == kube
     assert c["kube_addr"] == (c["proxy_public_addr"] if tls else kube)
     assert c["ca_pins"] and c["ca_pins"][0].startswith("sha256:")
+
+
+def test_cluster_info_lists_users_under_a_lock_in_force(run_module, monkeypatch):
+    ping = json.loads(recorded("v13_ping_multiplex.json"))
+    locks = [_lock("l1"), _lock("l2", user="bot-other"), dict(_lock("old", user="bot-expired")),
+             {"kind": "lock", "metadata": {"name": "l3"}, "spec": {"target": {"role": "access"}}}]
+    locks[2]["spec"]["expires"] = "2020-01-01T00:00:00.123456789Z"
+    fake = FakeTctl().on("status", out=recorded("v13_status.txt")).on("get", "locks", out=json.dumps(locks))
+    monkeypatch.setattr(_teleport_info.cluster_info, "__defaults__", (lambda addr, **kw: ping,))
+    args = {"proxy_addr": ping["proxy"]["ssh"]["public_addr"]}
+    res = run_module(teleport_cluster_info.main, args, fake)
+    assert "locked_users" not in res["cluster"] and ["get", "locks"] not in [c[:2] for c in fake.commands()]
+    res = run_module(teleport_cluster_info.main, dict(args, locked_users=True), fake)
+    assert res["cluster"]["locked_users"] == ["bot-example", "bot-other"]  # not the expired one, not a role lock
 
 
 def test_cluster_info_explains_missing_kube_public_addr(run_module, monkeypatch):
