@@ -41,6 +41,8 @@ class Fleet:
     # An installed collection (the directory that holds ansible_collections/): when set, the rollout is
     # lanyard.machine_id.rollout from there, with nothing else on ANSIBLE_COLLECTIONS_PATH.
     collections_path: Path | None = None
+    # Another ansible-core's bin directory (helpers/matrix.py) to run the rollout with; None: this venv's.
+    ansible_bin_dir: Path | None = None
 
     # -- hosts -------------------------------------------------------------------------------------
     def add_hosts(self, names: list[str], release: str = "bookworm") -> None:
@@ -119,7 +121,7 @@ class Fleet:
             env["ANSIBLE_COLLECTIONS_PATH"] = str(self.collections_path)
             playbook = "lanyard.machine_id.rollout"
         return run_playbook(self.workdir, playbook, inventory=inv, check=check, verbosity=verbosity,
-                            env=env, timeout=timeout, diff=diff, extra_args=extra_args)
+                            env=env, timeout=timeout, diff=diff, extra_args=extra_args, bin_dir=self.ansible_bin_dir)
 
     # -- checks ------------------------------------------------------------------------------------------
     def reader_get_pods(self, name: str, reader: str = "app"):

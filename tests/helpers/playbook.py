@@ -63,14 +63,16 @@ class PlaybookRun:
         return bool(self.result(task, host).get("changed"))
 
 
-def ansible_bin(name: str) -> str:
-    cand = Path(sys.executable).parent / name
-    return str(cand) if cand.exists() else name
+def ansible_bin(name: str, bin_dir: Path | None = None) -> str:
+    """``name`` from ``bin_dir`` (another ansible-core's venv, see helpers/matrix.py), else from this venv."""
+    cand = Path(bin_dir or Path(sys.executable).parent) / name
+    return str(cand) if cand.exists() or bin_dir else name
 
 
 def run_playbook(workdir: Path, playbook: str | Path, extra_vars: dict | None = None, check: bool = False,
                  diff: bool = False, verbosity: int = 0, inventory: str | Path | None = None,
-                 env: dict | None = None, timeout: float = 900, extra_args: list[str] | None = None) -> PlaybookRun:
+                 env: dict | None = None, timeout: float = 900, extra_args: list[str] | None = None,
+                 bin_dir: Path | None = None) -> PlaybookRun:
     workdir.mkdir(parents=True, exist_ok=True)
     if isinstance(playbook, str) and "\n" in playbook:
         pb = workdir / f"play-{len(list(workdir.glob('play-*.yml')))}.yml"
@@ -78,10 +80,11 @@ def run_playbook(workdir: Path, playbook: str | Path, extra_vars: dict | None = 
     else:
         pb = Path(playbook)
     record = workdir / f"record-{os.getpid()}-{len(list(workdir.glob('record-*')))}.jsonl"
-    argv = [ansible_bin("ansible-playbook"), str(pb), "-i", str(inventory or "localhost,"),
+    argv = [ansible_bin("ansible-playbook", bin_dir), str(pb), "-i", str(inventory or "localhost,"),
             "-e", json.dumps(extra_vars or {})]
     if inventory is None:
-        argv += ["-c", "local", "-e", json.dumps({"ansible_python_interpreter": sys.executable})]
+        python = str(Path(bin_dir) / "python") if bin_dir else sys.executable
+        argv += ["-c", "local", "-e", json.dumps({"ansible_python_interpreter": python})]
     if check:
         argv.append("--check")
     if diff:

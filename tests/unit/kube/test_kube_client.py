@@ -42,7 +42,15 @@ def _issue(ca_key, ca_name, cn, dns=(), ips=(), is_ca=False, key=None):
     b = (x509.CertificateBuilder().subject_name(name).issuer_name(ca_name or name).public_key(key.public_key())
          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
          .not_valid_after(now + datetime.timedelta(hours=1))
-         .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True))
+         .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
+         # key identifiers: Python 3.13's default VERIFY_X509_STRICT refuses a chain without them
+         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key((ca_key or key).public_key()),
+                        critical=False))
+    if is_ca:
+        b = b.add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                          data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                          crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
     sans = [x509.DNSName(d) for d in dns] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
     if sans:
         b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)

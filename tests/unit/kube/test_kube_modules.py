@@ -133,5 +133,6 @@ def test_failures_are_one_line_and_never_show_credentials(tmp_path):
     everything = run.stdout + json.dumps(run.results)
     for secret in (SECRET_TOKEN, "KEYSECRET", API_KEY, base64.b64encode(SECRET_KEY.encode()).decode()):
         assert secret not in everything
-    assert "VALUE_SPECIFIED_IN_NO_LOG_PARAMETER" in everything  # api_key is masked in the invocation
+    # api_key is masked wherever the invocation is shown (ansible-core 2.21 no longer echoes module_args at -vvvv)
+    assert "VALUE_SPECIFIED_IN_NO_LOG_PARAMETER" in everything or '"api_key"' not in everything
     assert not list(Path("/tmp").glob("lanyard-kube-*/client.key"))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from ansible.module_utils.common import warnings as _warnings
-from ansible.module_utils.testing import patch_module_args
+from helpers.ansible_compat import patch_module_args
 
 from ansible_collections.lanyard.machine_id.plugins.module_utils import _tctl, _teleport_wait
 

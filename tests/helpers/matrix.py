@@ -1,0 +1,72 @@
+# Copyright: lanyard.machine_id contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The controller matrix: one venv per ansible-core minor that ``meta/runtime.yml`` allows, besides the project venv.
+
+Each venv lives in ``$LANYARD_CACHE/matrix/core-<version>-<python>-<hash>`` and is built on first use (about 30 s
+each with pip's cache warm) from the machine's pyenv Python of that minor. The project venv (requirements-test.txt)
+is the 2.19 entry. The pins below are what CI runs; README's tested-versions table names the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+# ansible-core minor -> (exact version, Python minor). 2.20 and later need Python >= 3.12.
+MATRIX = {
+    "2.16": ("2.16.19", "3.11"),
+    "2.17": ("2.17.14", "3.11"),
+    "2.18": ("2.18.19", "3.11"),
+    "2.20": ("2.20.10", "3.12"),
+    "2.21": ("2.21.5", "3.13"),
+}
+MAIN = "2.19"  # the project venv (requirements-test.txt pins ansible-core 2.19.14)
+OLDEST, NEWEST = "2.16", "2.21"
+
+# What the unit tests and the controller side of the rollout import, at the project's pins.
+PACKAGES = ["pytest==9.2.0", "pytest-timeout==2.4.0", "requests==2.34.2", "cryptography==48.0.0", "PyYAML==6.0.3",
+            "Jinja2==3.1.6", "h2==4.4.1", "protobuf==7.36.2", "grpcio==1.85.3"]
+
+
+class MatrixError(Exception):
+    pass
+
+
+def cache() -> Path:
+    return Path(os.environ.get("LANYARD_CACHE", Path.home() / ".cache" / "lanyard")) / "matrix"
+
+
+def pyenv_python(minor: str) -> Path:
+    """The newest ``~/.pyenv/versions/<minor>.*/bin/python<minor>``."""
+    root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    found = sorted((p for p in root.glob(f"{minor}.*") if (p / "bin" / f"python{minor}").exists()),
+                   key=lambda p: tuple(int(x) for x in p.name.split(".") if x.isdigit()))
+    if not found:
+        raise MatrixError(f"no Python {minor} under {root} for the controller matrix. Fix: `pyenv install {minor}` "
+                          f"(or set PYENV_ROOT to where it is)")
+    return found[-1] / "bin" / f"python{minor}"
+
+
+def venv(minor: str) -> Path:
+    """The bin directory of the venv for ansible-core ``minor``, built when missing."""
+    version, py_minor = MATRIX[minor]
+    key = hashlib.sha256("\n".join([version, py_minor] + PACKAGES).encode()).hexdigest()[:10]
+    path = cache() / f"core-{version}-py{py_minor}-{key}"
+    done = path / ".complete"
+    if done.exists():
+        return path / "bin"
+    python = pyenv_python(py_minor)
+    shutil.rmtree(path, ignore_errors=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for argv in ([str(python), "-m", "venv", str(path)],
+                 [str(path / "bin" / "pip"), "install", "-q", "--disable-pip-version-check",
+                  f"ansible-core=={version}"] + PACKAGES):
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=False)
+        if proc.returncode != 0:
+            raise MatrixError(f"building the ansible-core {version} venv failed: {' '.join(argv[:4])}...: "
+                              f"{(proc.stdout + proc.stderr)[-2000:]}")
+    done.write_text(version + "\n")
+    return path / "bin"
