@@ -16,6 +16,7 @@ __metaclass__ = type
 
 import json
 import os
+import ssl
 import shutil
 import tempfile
 import warnings
@@ -29,6 +30,7 @@ try:
     import requests
     from requests.adapters import HTTPAdapter
     from requests.utils import get_environ_proxies
+    from urllib3.util.ssl_ import create_urllib3_context
     HAS_REQUESTS = True
     REQUESTS_IMPORT_ERROR = None
 except ImportError as _exc:  # pragma: no cover - reported by the module as missing_required_lib
@@ -55,17 +57,38 @@ class KubeAPIError(LanyardError):
         self.path = path
 
 
-class _TLSServerNameAdapter(HTTPAdapter):
-    """Send ``server_hostname`` as SNI and check the certificate against it (kubeconfig ``tls-server-name``)."""
+def _tls_context():
+    """urllib3's context without ``VERIFY_X509_STRICT``, which Python 3.13 turns on: it refuses a chain whose
+    certificates lack RFC 5280 key identifiers (self-made and older private CAs, the test bed's), which kubectl
+    (Go) and every older Python accept. The chain, the signatures, the expiry and the host name are verified as
+    before; only that conformance check is dropped, so one controller verifies like the next."""
+    ctx = create_urllib3_context()
+    ctx.verify_flags &= ~getattr(ssl, "VERIFY_X509_STRICT", 0)
+    return ctx
 
-    def __init__(self, server_name, **kwargs):
+
+class _TLSAdapter(HTTPAdapter):
+    """The session's HTTPS: the TLS context above, and with ``server_name`` (kubeconfig ``tls-server-name``)
+    that name sent as SNI and checked against the certificate."""
+
+    def __init__(self, server_name=None, verify=True, **kwargs):
         self._server_name = server_name
-        super(_TLSServerNameAdapter, self).__init__(**kwargs)
+        self._verify = verify
+        super(_TLSAdapter, self).__init__(**kwargs)
+
+    def _tls_kwargs(self, kwargs):
+        if self._verify:  # with verify off requests/urllib3 build their own non-verifying context
+            kwargs["ssl_context"] = _tls_context()
+        if self._server_name:
+            kwargs["server_hostname"] = self._server_name
+            kwargs["assert_hostname"] = self._server_name
+        return kwargs
 
     def init_poolmanager(self, connections, maxsize, block=False, **pool_kwargs):
-        pool_kwargs["server_hostname"] = self._server_name
-        pool_kwargs["assert_hostname"] = self._server_name
-        super(_TLSServerNameAdapter, self).init_poolmanager(connections, maxsize, block=block, **pool_kwargs)
+        super(_TLSAdapter, self).init_poolmanager(connections, maxsize, block=block, **self._tls_kwargs(pool_kwargs))
+
+    def proxy_manager_for(self, proxy, **proxy_kwargs):
+        return super(_TLSAdapter, self).proxy_manager_for(proxy, **self._tls_kwargs(proxy_kwargs))
 
 
 def _write_private(directory, name, data):
@@ -158,8 +181,8 @@ class KubeClient(object):
             s.auth = (conn.username, conn.password or "")
         if conn.impersonate_user:
             s.headers["Impersonate-User"] = conn.impersonate_user
-        if conn.tls_server_name:
-            s.mount("https://", _TLSServerNameAdapter(conn.tls_server_name))
+        if conn.verify or conn.tls_server_name:
+            s.mount("https://", _TLSAdapter(conn.tls_server_name, verify=bool(conn.verify)))
         if conn.proxy_url:  # option proxy / $K8S_AUTH_PROXY, else the kubeconfig's proxy-url
             s.proxies = {"https": conn.proxy_url, "http": conn.proxy_url}
         else:

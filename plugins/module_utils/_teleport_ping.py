@@ -3,7 +3,8 @@
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """PRIVATE to this collection: the proxy's unauthenticated ``/webapi/ping`` (I/O) and what it means.
 
-Uses Ansible's ``open_url`` so the module needs no extra Python package on the host.
+Uses the standard library's urllib so the module needs no extra Python package, with its own TLS context (see
+``web_context``).
 """
 
 from __future__ import absolute_import, division, print_function
@@ -11,9 +12,10 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import json
+import ssl
 
 from ansible.module_utils.six.moves.urllib.error import HTTPError, URLError
-from ansible.module_utils.urls import open_url
+from ansible.module_utils.six.moves.urllib.request import HTTPSHandler, Request, build_opener
 
 from ansible_collections.lanyard.machine_id.plugins.module_utils._errors import LanyardError
 
@@ -25,6 +27,26 @@ KUBE_ADDR_EXPLANATION = (
     "`kube_public_addr: teleport.example.com:3026`) and restart the proxy, or enable TLS routing "
     "(proxy_listener_mode: multiplex)."
 )
+
+
+def web_context(ca_path=None, insecure=False):
+    """TLS for the proxy's web address: the system trust (``SSL_CERT_FILE`` honoured) or ``ca_path``, host name
+    checked. Python 3.13 turns on ``VERIFY_X509_STRICT`` by default, which refuses a chain whose certificates lack
+    RFC 5280 key identifiers (Teleport's own self-signed web certificates, the test bed's and many private CAs);
+    tctl and tbot (Go) accept them, and so does every older Python. Only that conformance check is dropped: the
+    chain, the signatures, the expiry and the host name are verified as before."""
+    ctx = ssl.create_default_context(cafile=ca_path) if ca_path else ssl.create_default_context()
+    ctx.verify_flags &= ~getattr(ssl, "VERIFY_X509_STRICT", 0)
+    if insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def open_web(url, method="GET", validate_certs=True, ca_path=None, timeout=30, headers=None):
+    """GET ``url`` (HTTP proxies from the environment honoured, as urllib does)."""
+    opener = build_opener(HTTPSHandler(context=web_context(ca_path, not validate_certs)))
+    return opener.open(Request(url, headers=dict(headers or {}), method=method), timeout=timeout)
 
 
 def web_base(proxy_addr):
@@ -48,7 +70,7 @@ def web_base(proxy_addr):
 def fetch_ping(proxy_addr, ca_path=None, insecure=False, timeout=30, opener=None):
     """GET <proxy>/webapi/ping and return the parsed JSON."""
     url = web_base(proxy_addr) + "/webapi/ping"
-    opener = opener or open_url
+    opener = opener or open_web
     try:
         resp = opener(url, method="GET", validate_certs=not insecure, ca_path=ca_path, timeout=timeout,
                       headers={"Accept": "application/json"})

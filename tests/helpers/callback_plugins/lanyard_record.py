@@ -11,6 +11,7 @@ import os
 import time
 
 from ansible.plugins.callback import CallbackBase
+from ansible.release import __version__ as ANSIBLE_CORE
 
 DOCUMENTATION = """
 name: lanyard_record
@@ -38,6 +39,7 @@ class CallbackModule(CallbackBase):
             "result": self._clean_results(dict(result._result), result._task.action) or dict(result._result),
             "play": result._task.play.get_name() if result._task.play else None,
             "t": time.time(),
+            "core": ANSIBLE_CORE,  # which ansible-core ran it (the controller matrix checks it)
         }
         with open(path, "a") as fh:
             fh.write(json.dumps(entry, default=str) + "\n")

@@ -35,18 +35,18 @@ def _pem_key(key):
                              serialization.NoEncryption())
 
 
-def _issue(ca_key, ca_name, cn, dns=(), ips=(), is_ca=False, key=None):
+def _issue(ca_key, ca_name, cn, dns=(), ips=(), is_ca=False, key=None, key_ids=True):
     key = key or ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
     b = (x509.CertificateBuilder().subject_name(name).issuer_name(ca_name or name).public_key(key.public_key())
          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
          .not_valid_after(now + datetime.timedelta(hours=1))
-         .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
-         # key identifiers: Python 3.13's default VERIFY_X509_STRICT refuses a chain without them
-         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key((ca_key or key).public_key()),
-                        critical=False))
+         .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True))
+    if key_ids:  # RFC 5280 key identifiers (Python 3.13's VERIFY_X509_STRICT wants them; see the test without)
+        b = (b.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key((ca_key or key).public_key()),
+                            critical=False))
     if is_ca:
         b = b.add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
                                           data_encipherment=False, key_agreement=False, key_cert_sign=True,
@@ -260,3 +260,32 @@ def socket_closed_port():
         yield sock.getsockname()[1]
     finally:
         sock.close()
+
+
+def test_a_ca_without_key_identifiers_is_verified_like_kubectl_does(tmp_path):
+    """Python 3.13 turns on VERIFY_X509_STRICT, which refuses certificates without RFC 5280 key identifiers; the
+    client drops only that check (run by the controller matrix on Python 3.13): the chain is still verified, so
+    a server from another CA is refused."""
+    ca_pem, _k, ca_key, ca_name = _issue(None, None, "old-ca", is_ca=True, key_ids=False)
+    srv_pem, srv_key = _issue(ca_key, ca_name, "apiserver", ips=["127.0.0.1"], key_ids=False)[:2]
+    (tmp_path / "srv.crt").write_bytes(srv_pem)
+    (tmp_path / "srv.key").write_bytes(srv_key)
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(tmp_path / "srv.crt"), str(tmp_path / "srv.key"))
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    srv.seen = []
+    srv.reply = lambda method, path: (200, {"kind": "Role"})
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        conn = kcfg.Connection("https://127.0.0.1:%d" % srv.server_address[1], "test kubeconfig", "c1")
+        conn.ca_data = ca_pem
+        with KubeClient(conn) as client:
+            assert client.get("/apis/rbac.authorization.k8s.io/v1/namespaces/demo/roles/r") == {"kind": "Role"}
+        conn.ca_data = _issue(None, None, "other-ca", is_ca=True, key_ids=False)[0]
+        with pytest.raises(Exception, match="CERTIFICATE_VERIFY_FAILED"):
+            with KubeClient(conn) as client:
+                client.get("/apis/rbac.authorization.k8s.io/v1/namespaces/demo/roles/r")
+    finally:
+        srv.shutdown()
+        srv.server_close()

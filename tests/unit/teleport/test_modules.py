@@ -511,3 +511,17 @@ def test_cluster_info_explains_missing_kube_public_addr(run_module, monkeypatch)
     res = run_module(teleport_cluster_info.main, {"proxy_addr": "localhost:32887", "require_kube_access": False},
                      fake)
     assert not res.get("failed") and res["cluster"]["kube_addr"] is None
+
+
+def test_proxy_web_tls_verifies_without_the_strict_conformance_check():
+    """Python 3.13's VERIFY_X509_STRICT is dropped (Teleport's self-signed web certificates lack key identifiers);
+    the chain and the host name are still verified. The controller matrix runs the real ping on Python 3.13."""
+    import ssl
+
+    from ansible_collections.lanyard.machine_id.plugins.module_utils import _teleport_ping
+
+    ctx = _teleport_ping.web_context()
+    assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+    assert not ctx.verify_flags & getattr(ssl, "VERIFY_X509_STRICT", 0)
+    loose = _teleport_ping.web_context(insecure=True)
+    assert loose.verify_mode == ssl.CERT_NONE and not loose.check_hostname
