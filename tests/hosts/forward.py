@@ -49,7 +49,8 @@ def _serve(conn: socket.socket, port: int) -> None:
     try:
         upstream = socket.create_connection(("127.0.0.1", port), timeout=10)
         upstream.settimeout(None)
-    except OSError:
+    except OSError as exc:
+        print("forward: connect to 127.0.0.1:%d failed: %s" % (port, exc), file=sys.stderr, flush=True)
         conn.close()
         return
     t = threading.Thread(target=_pump, args=(upstream, conn), daemon=True)

@@ -17,7 +17,10 @@ from cryptography.x509.oid import NameOID
 
 from machine_id_agent import identity as ident
 
-NOW = dt.datetime.now(dt.timezone.utc)
+
+def _now():
+    """Issue time. Not the import time: the whole suite runs for more than an hour before these tests."""
+    return dt.datetime.now(dt.timezone.utc)
 
 
 def _cert(key_pem: bytes, cn="bot-example", cluster="lanyard-testbed", generation="3", renewable="true",
@@ -32,8 +35,8 @@ def _cert(key_pem: bytes, cn="bot-example", cluster="lanyard-testbed", generatio
         attrs.append(x509.NameAttribute(ident.OID_GENERATION, generation))
     pub = serialization.load_pem_private_key(key_pem, None).public_key()
     cert = (x509.CertificateBuilder().subject_name(x509.Name(attrs)).issuer_name(ca_name).public_key(pub)
-            .serial_number(x509.random_serial_number()).not_valid_before(NOW - dt.timedelta(minutes=1))
-            .not_valid_after(NOW + dt.timedelta(hours=hours)).sign(ca_key, hashes.SHA256()))
+            .serial_number(x509.random_serial_number()).not_valid_before(_now() - dt.timedelta(minutes=1))
+            .not_valid_after(_now() + dt.timedelta(hours=hours)).sign(ca_key, hashes.SHA256()))
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
@@ -60,7 +63,7 @@ def test_certificate_facts(key_pem):
     assert i.cluster_name == "lanyard-testbed"
     assert i.username == "bot-example" and i.bot_name == "example"
     assert i.generation == 7 and i.renewable
-    assert i.valid() and not i.valid(NOW + dt.timedelta(hours=2))
+    assert i.valid() and not i.valid(_now() + dt.timedelta(hours=2))
     assert "generation 7" in i.describe()
     assert "PRIVATE" not in repr(i)
 

@@ -22,7 +22,14 @@ from machine_id_agent import identity as ident
 from machine_id_agent import join
 from machine_id_agent.errors import JoinError
 
-NOW = dt.datetime.now(dt.timezone.utc)
+NOW = dt.datetime.now(dt.timezone.utc)  # import time: only for the CAs; leaves use _now()
+
+
+def _now():
+    """Issue time. Not the import time: the whole suite runs for more than an hour before these tests."""
+    return dt.datetime.now(dt.timezone.utc)
+
+
 CLUSTER = "unit-cluster"
 
 
@@ -45,8 +52,8 @@ class CA:
                              x509.NameAttribute(ident.OID_RENEWABLE, "true"),
                              x509.NameAttribute(ident.OID_GENERATION, str(generation))])
         b = (x509.CertificateBuilder().subject_name(subject).issuer_name(self.name).public_key(pub)
-             .serial_number(x509.random_serial_number()).not_valid_before(NOW - dt.timedelta(minutes=1))
-             .not_valid_after(NOW + dt.timedelta(hours=1)))
+             .serial_number(x509.random_serial_number()).not_valid_before(_now() - dt.timedelta(minutes=1))
+             .not_valid_after(_now() + dt.timedelta(hours=1)))
         if sans:
             b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(s) for s in sans]), critical=False)
         return b.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)

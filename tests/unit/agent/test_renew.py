@@ -23,7 +23,14 @@ from machine_id_agent import proto, renew, webapi
 from machine_id_agent.errors import LockedError, RenewError
 
 CLUSTER = "unit-cluster"
-NOW = dt.datetime.now(dt.timezone.utc)
+NOW = dt.datetime.now(dt.timezone.utc)  # import time: only for the CAs (valid a day); leaves use _now()
+
+
+def _now():
+    """Issue time. Not the import time: the whole suite runs for more than an hour before these tests."""
+    return dt.datetime.now(dt.timezone.utc)
+
+
 OID_KUBE = x509.ObjectIdentifier("1.3.9999.1.3")
 
 
@@ -42,8 +49,8 @@ class CA:
 
     def issue(self, pub, attrs, sans=None, hours=1.0) -> bytes:
         b = (x509.CertificateBuilder().subject_name(x509.Name(attrs)).issuer_name(self.name).public_key(pub)
-             .serial_number(x509.random_serial_number()).not_valid_before(NOW - dt.timedelta(minutes=1))
-             .not_valid_after(NOW + dt.timedelta(hours=hours)))
+             .serial_number(x509.random_serial_number()).not_valid_before(_now() - dt.timedelta(minutes=1))
+             .not_valid_after(_now() + dt.timedelta(hours=hours)))
         if sans:
             b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(s) for s in sans]), critical=False)
         return b.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)

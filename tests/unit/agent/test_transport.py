@@ -44,7 +44,7 @@ class PKI:
     def _sign(self, subject, pub, ca=False, sans=None):
         b = (x509.CertificateBuilder().subject_name(subject).issuer_name(self.name).public_key(pub)
              .serial_number(x509.random_serial_number()).not_valid_before(NOW - dt.timedelta(minutes=5))
-             .not_valid_after(NOW + dt.timedelta(hours=2))
+             .not_valid_after(NOW + dt.timedelta(days=1))  # the suite runs for more than an hour first
              .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
         if sans:
             b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(s) for s in sans]), critical=False)
