@@ -322,12 +322,23 @@ def ensure_bot(tctl, params, check_mode, revoke_token, revoke_pending=None):
         return _finish(result)
 
     if recreate:
-        tctl.run(["bots", "rm", name], "delete bot %s (to recreate it)" % name)
-        if revoke_pending is not None:
-            revoke_pending(name)
-    token, token_ttl = add_bot(tctl, desired, params.get("token_ttl"))
-    result["bot"] = wait_for(lambda: read_bot(tctl, name), lambda b: not bot_changes(desired, b)) or desired
+        _delete_bot(tctl, name, revoke_pending, "delete bot %s (to recreate it)" % name)
     result["msg"] = "bot %s %s" % (name, "recreated" if recreate else "created")
+    return _add_bot_and_hand_over(tctl, params, desired, result, revoke_token, lambda b: not bot_changes(desired, b))
+
+
+def _delete_bot(tctl, name, revoke_pending, what):
+    """``tctl bots rm``, then its pending join tokens revoked (``bots rm`` leaves them)."""
+    tctl.run(["bots", "rm", name], what)
+    if revoke_pending is not None:
+        revoke_pending(name)
+
+
+def _add_bot_and_hand_over(tctl, params, desired, result, revoke_token, settled):
+    """``tctl bots add``; return once a read shows the bot ``settled``; its token returned (return_token) or
+    revoked at once."""
+    token, token_ttl = add_bot(tctl, desired, params.get("token_ttl"))
+    result["bot"] = wait_for(lambda: read_bot(tctl, desired["name"]), settled) or desired
     if params.get("return_token"):
         result["token"] = token
         result["token_ttl"] = token_ttl
@@ -350,24 +361,14 @@ def _rejoin(tctl, params, check_mode, desired, current, locks, diff, revoke_toke
     if check_mode:
         result["msg"] = "bot %s would be recreated (rejoin: %s)" % (name, why)
         return _finish(result)
-    tctl.run(["bots", "rm", name], "delete bot %s (to recreate it for a new join)" % name)
-    if revoke_pending is not None:
-        revoke_pending(name)
+    _delete_bot(tctl, name, revoke_pending, "delete bot %s (to recreate it for a new join)" % name)
     for lock in locks:
         tctl.run(["rm", "lock/%s" % lock], "remove lock %s of bot %s" % (lock, name), not_found_ok=True)
     # the cache still shows the old user (with its generation) for a moment; `bots add` must see it gone
     wait_for(lambda: read_bot(tctl, name), lambda b: b is None)
-    token, token_ttl = add_bot(tctl, desired, params.get("token_ttl"))
-    result["bot"] = wait_for(lambda: read_bot(tctl, name),
-                             lambda b: b is not None and not b.get("generation") and not bot_changes(desired, b)) \
-        or desired
     result["msg"] = "bot %s recreated for a new join (%s)" % (name, why)
-    if params.get("return_token"):
-        result["token"] = token
-        result["token_ttl"] = token_ttl
-    else:
-        revoke_token(token)
-    return _finish(result)
+    return _add_bot_and_hand_over(tctl, params, desired, result, revoke_token,
+                                  lambda b: b is not None and not b.get("generation") and not bot_changes(desired, b))
 
 
 def _describe(changes, desired, current):

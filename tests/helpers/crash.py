@@ -23,12 +23,11 @@ from typing import Optional
 
 from cryptography import x509
 
-from helpers.fleet import Fleet
+from helpers.fleet import Fleet, agent_status
 
 SERVICE = "machine-id"
 STORAGE = "/var/lib/teleport/bot"
 TOKEN_PATH = "/etc/machine-id-agent/token"
-AGENT = "/opt/machine-id-agent/bin/machine-id-agent"
 GEN_LABEL = "teleport.internal/bot-generation"
 OID_GENERATION = x509.ObjectIdentifier("1.3.9999.1.14")
 TIMING_RE = re.compile(r"round trip ([0-9.]+) ms, answer to disk ([0-9.]+) ms, to fsync ([0-9.]+) ms")
@@ -116,13 +115,7 @@ class CrashRig:
         return self.sh(f"systemctl show -p ActiveState --value {SERVICE}", check=False).stdout.strip()
 
     def status(self) -> dict:
-        # as the agent's user, like the role's status step (root is refused by the storage's owner check)
-        r = self.host.run(["runuser", "-u", "teleport", "--", AGENT, "status", "-c", "/etc/tbot.yaml", "--json"],
-                          check=False)
-        try:
-            return json.loads(r.stdout)
-        except ValueError:
-            return {"error": (r.stderr or "")[-300:]}
+        return agent_status(self.host)
 
     def usr1(self) -> None:
         """A forced renewal (the agent's SIGUSR1 handler is in the main process)."""

@@ -13,6 +13,7 @@ Used by ``make demo`` (scripts/demo.py), the rollout integration tests and bench
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -27,6 +28,19 @@ from hosts import CONNECTION_PLUGINS, Host
 
 ROLLOUT = REPO / "playbooks" / "rollout.yml"
 GUEST_KUBECTL = "/usr/local/bin/kubectl"
+
+
+AGENT = "/opt/machine-id-agent/bin/machine-id-agent"  # where the role installs it (machine_id_agent_venv)
+
+
+def agent_status(host: Host) -> dict:
+    """``machine-id-agent status --json`` on ``host``, as the agent's user like the role's status step (root is
+    refused by the storage's owner check); {"error": ...} when it printed no JSON."""
+    r = host.run(["runuser", "-u", "teleport", "--", AGENT, "status", "-c", "/etc/tbot.yaml", "--json"], check=False)
+    try:
+        return json.loads(r.stdout)
+    except ValueError:
+        return {"error": (r.stderr or "")[-300:]}
 
 
 @dataclass

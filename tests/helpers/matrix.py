@@ -26,13 +26,28 @@ MATRIX = {
 MAIN = "2.19"  # the project venv (requirements-test.txt pins ansible-core 2.19.14)
 OLDEST, NEWEST = "2.16", "2.21"
 
-# What the unit tests and the controller side of the rollout import, at the project's pins.
-PACKAGES = ["pytest==9.2.0", "pytest-timeout==2.4.0", "requests==2.34.2", "cryptography==48.0.0", "PyYAML==6.0.3",
-            "Jinja2==3.1.6", "h2==4.4.1", "protobuf==7.36.2", "grpcio==1.85.3"]
+REPO = Path(__file__).resolve().parents[2]
+# What the unit tests and the controller side of the rollout import, at the project's pins (requirements-test.txt).
+NAMES = ("pytest", "pytest-timeout", "requests", "cryptography", "PyYAML", "Jinja2", "h2", "protobuf", "grpcio")
+
+
+def _pins() -> list:
+    pins = {}
+    for line in (REPO / "requirements-test.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if "==" in line:
+            pins[line.split("==", 1)[0].strip()] = line
+    missing = [n for n in NAMES if n not in pins]
+    if missing:
+        raise MatrixError(f"requirements-test.txt pins no {', '.join(missing)}; the controller matrix needs them")
+    return [pins[n] for n in NAMES]
 
 
 class MatrixError(Exception):
     pass
+
+
+PACKAGES = _pins()
 
 
 def cache() -> Path:

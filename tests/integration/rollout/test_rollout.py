@@ -18,7 +18,7 @@ import json
 import pytest
 
 import testbed as tb
-from helpers.fleet import Fleet, changed_by_host, wait_for
+from helpers.fleet import Fleet, agent_status, changed_by_host, wait_for
 
 pytestmark = [pytest.mark.testbed, pytest.mark.slow]
 
@@ -113,13 +113,8 @@ def test_2b_check_mode_and_each_tag_alone_on_a_converged_fleet(fleet):
     assert fleet.token_creations() == before_tokens
 
 
-AGENT = "/opt/machine-id-agent/bin/machine-id-agent"
-
-
 def _agent_status(fleet, host) -> dict:
-    r = fleet.hosts[host].run(["runuser", "-u", "teleport", "--", AGENT, "status", "-c", "/etc/tbot.yaml", "--json"],
-                              check=False)
-    return json.loads(r.stdout) if r.stdout.strip().startswith("{") else {}
+    return agent_status(fleet.hosts[host])
 
 
 def _bot_generation(fleet, host) -> int:
