@@ -178,7 +178,9 @@ def status_doc(cfg: configmod.Config, backend=None) -> Dict[str, Any]:
     """What is on disk, judged offline: the identity, its state and the fix, and the outputs.
 
     ``identity.state`` is one of ``none`` (not joined yet), ``ok``, ``expired`` (a new token is needed),
-    ``locked`` (Teleport refused this identity as an old generation and locked the bot), ``lost-renewal``
+    ``locked`` (Teleport refused this identity as an old generation and locked the bot), ``untrusted`` (a CA
+    rotation the agent missed left it unable to trust the auth server safely, or the server to accept the
+    identity: re-enrolment), ``lost-renewal``
     (a renewal Teleport counted never reached the disk; the agent does not present the identity, so the bot
     is not locked, but the host needs re-enrolment), ``storage-full`` (the storage cannot take the next
     renewal: the agent does not renew until it can), ``damaged``. ``problem`` and ``fix`` say it in words."""
@@ -230,9 +232,20 @@ def status_doc(cfg: configmod.Config, backend=None) -> Dict[str, Any]:
             ident_doc.update(state="lost-renewal", problem="the identity lost a renewal (Teleport counts a newer "
                              "generation than the one on disk); it is never presented, so the bot is not locked; "
                              "the outputs work until %s" % ident.not_after.isoformat(), fix=reenrol)
+        elif reason == identmod.STALE_UNTRUSTED:
+            ident_doc.update(state="untrusted", problem="the identity is signed by a user CA the cluster no longer "
+                             "trusts (a user CA rotation completed while the agent was not running); Teleport refuses "
+                             "it for good; the outputs work until %s" % ident.not_after.isoformat(), fix=reenrol)
         elif not ident.valid():
             ident_doc.update(state="expired", problem="the bot identity expired at %s" % ident.not_after.isoformat(),
                              fix="put a new token from `tctl bots add` in the config; the agent joins again")
+    from machine_id_agent import rotation
+
+    trust = rotation.read_trust_note(cfg.storage_dir) if ident is not None else None
+    if trust:
+        ident_doc["ca_trust"] = trust  # what the agent did after a CA rotation it missed
+        if trust.get("state") == "untrusted" and ident_doc["state"] == "ok":
+            ident_doc.update(state="untrusted", problem=trust.get("problem"), fix=trust.get("fix"))
     try:
         storage_owner = os.stat(cfg.storage_dir).st_uid
     except OSError:
@@ -272,6 +285,10 @@ def cmd_status(args) -> int:
         if i.get("problem"):
             print("state: %s: %s" % (i["state"].upper(), i["problem"]))
             print("fix: %s" % i["fix"])
+        trust = i.get("ca_trust") or {}
+        if trust.get("state") == "recovered":
+            print("ca trust: re-established at %s after a missed host CA rotation, through %s" % (
+                trust.get("at"), trust.get("how")))
         for o in doc["outputs"]:
             print("output %s: %s%s" % (o["destination"], "valid until %s" % o["expires"] if o["valid"] else "not valid",
                                        (" (%s)" % o["error"]) if o.get("error") else ""))

@@ -79,6 +79,7 @@ class Config:
     token_path: Optional[Path] = None
     storage_symlinks: str = DEFAULT_SYMLINKS
     storage_acls: str = "try"
+    watch_ca_rotations: bool = True
 
     @property
     def addr(self) -> str:
@@ -327,7 +328,7 @@ def _output(r: _Reader, dest: str, key_dest: str, cluster_key: str, base: Path,
 
 _OUTPUT_EXTRAS = ["reload_command", "readers", "exec_plugin", "roles"]
 _TOP_COMMON = ["version", "onboarding", "storage", "renewal_interval", "oneshot", "debug",
-               "insecure", "acls", "diag_addr", "fips"]
+               "insecure", "acls", "diag_addr", "fips", "watch_ca_rotations"]
 _TOP_V1 = _TOP_COMMON + ["auth_server", "proxy_server", "destinations", "certificate_ttl"]
 _TOP_V2 = _TOP_COMMON + ["auth_server", "proxy_server", "outputs", "services", "credential_ttl"]
 _ONBOARDING = ["join_method", "token", "ca_pins", "ca_path"]
@@ -509,6 +510,7 @@ def parse(data: Any, source: Optional[Path] = None) -> Config:
     if diag:
         cfg.diag_addr = check_addr(diag, "diag_addr", "127.0.0.1:9191")
     cfg.oneshot = top.get("oneshot", bool, False)
+    cfg.watch_ca_rotations = top.get("watch_ca_rotations", bool, True)
     cfg.debug = top.get("debug", bool, False)
     return cfg
 

@@ -50,6 +50,12 @@ def render_metrics(snap: Dict) -> str:
     if snap.get("last_success_unix") is not None:
         metric("last_success_timestamp_seconds", "gauge", "Unix time of the last successful renewal.",
                [({}, snap["last_success_unix"])])
+    watch = snap.get("ca_watch")
+    if watch is not None:
+        metric("ca_watch_up", "gauge", "1 while the watch on the cluster's certificate authorities is open.",
+               [({}, 1 if watch.get("watching") else 0)])
+        metric("ca_rotation_renewals_total", "counter", "Renewals of the identity and outputs for a CA rotation step.",
+               [({}, watch.get("rotation_renewals", 0))])
     return "\n".join(lines) + "\n"
 
 

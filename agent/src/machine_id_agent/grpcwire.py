@@ -24,8 +24,8 @@ gRPC over HTTP/2, as far as the agent needs it:
 
 Every blocking read and write is bounded by the call's deadline. Received data is acknowledged
 (flow control), and outbound data waits for window when the peer's window is exhausted.
-:meth:`Channel.unary` is the only call shape used today; :class:`_Call` keeps the per-stream state
-so a server-streaming call can reuse it (read messages as they arrive instead of at the end).
+:meth:`Channel.unary` serves every request/response call; :meth:`Channel.stream` a server-streaming one
+(``WatchEvents``: messages are handed out as they arrive, the caller checks a stop flag between reads).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import ssl
 import struct
 import threading
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 from urllib.parse import unquote
 
 import h2.config
@@ -227,6 +227,7 @@ class Channel:
 
     # -- connection ------------------------------------------------------------------------------------
     def _connect(self, deadline: float) -> None:
+        self.peer_cert_der = None
         budget = min(self._connect_timeout, max(0.0, deadline - time.monotonic()))
         if budget <= 0:
             raise RpcError(DEADLINE_EXCEEDED, "no time left to connect", transport=True)
@@ -329,15 +330,20 @@ class Channel:
             raise RpcError(UNAVAILABLE, f"connection lost while sending ({getattr(exc, 'strerror', None) or exc})",
                            transport=True) from None
 
-    def _pump(self, deadline: float) -> None:
-        """Read once from the socket (bounded by ``deadline``) and dispatch the HTTP/2 events."""
+    def _pump(self, deadline: float, idle_ok: bool = False) -> bool:
+        """Read once from the socket (bounded by ``deadline``) and dispatch the HTTP/2 events. With
+        ``idle_ok`` a read that times out returns False instead of raising (a stream waiting for events)."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
+            if idle_ok:
+                return False
             raise RpcError(DEADLINE_EXCEEDED, "deadline exceeded waiting for the server", transport=True)
         self._sock.settimeout(remaining)
         try:
             data = self._sock.recv(_RECV)
         except socket.timeout:
+            if idle_ok:
+                return False
             raise RpcError(DEADLINE_EXCEEDED, "deadline exceeded waiting for the server", transport=True) from None
         except (OSError, ssl.SSLError) as exc:
             raise RpcError(UNAVAILABLE, f"connection lost ({getattr(exc, 'strerror', None) or exc})",
@@ -350,7 +356,8 @@ class Channel:
             raise RpcError(INTERNAL, f"HTTP/2 protocol error from the server ({exc})", transport=True) from None
         for ev in events:
             self._dispatch(ev)
-        self._flush(deadline)  # settings/ping acks, window updates
+        self._flush(max(deadline, time.monotonic() + 5.0))  # settings/ping acks, window updates
+        return True
 
     def _dispatch(self, ev) -> None:
         call = self._calls.get(getattr(ev, "stream_id", None) or -1)
@@ -385,7 +392,7 @@ class Channel:
         return RpcError(UNAVAILABLE, f"the server closed the connection (GOAWAY {name}{more})", transport=True)
 
     # -- calls -------------------------------------------------------------------------------------------
-    def _start(self, path: str, deadline: float, timeout: float, metadata=()) -> _Call:
+    def _start(self, path: str, deadline: float, timeout: Optional[float], metadata=()) -> _Call:
         if self._h2 is None or self._goaway is not None:
             self._drop()
             self._connect(deadline)
@@ -393,8 +400,9 @@ class Channel:
         call = _Call(sid)
         self._calls[sid] = call
         headers = [(":method", "POST"), (":scheme", "https"), (":path", path), (":authority", self.server_name),
-                   ("content-type", "application/grpc"), ("te", "trailers"), ("user-agent", USER_AGENT),
-                   ("grpc-timeout", grpc_timeout(timeout))]
+                   ("content-type", "application/grpc"), ("te", "trailers"), ("user-agent", USER_AGENT)]
+        if timeout is not None:  # a stream that runs until cancelled carries no deadline
+            headers.append(("grpc-timeout", grpc_timeout(timeout)))
         headers.extend(metadata)
         self._h2.send_headers(sid, headers)
         self._flush(deadline)
@@ -453,6 +461,37 @@ class Channel:
         if len(call.messages) != 1:
             raise RpcError(INTERNAL, f"a unary call returned {len(call.messages)} messages")
         return call.messages[0]
+
+
+    def stream(self, path: str, request: bytes, should_stop: Callable[[], bool], wait: float = 1.0,
+               open_timeout: float = 30.0) -> Iterator[bytes]:
+        """A server-streaming call: yield each serialized message as it arrives, until the server ends the
+        stream (RpcError unless its status is OK) or ``should_stop()`` turns true (checked at least every
+        ``wait`` seconds). The channel belongs to the stream while it runs; the connection is dropped when
+        the stream ends, whichever way."""
+        call = None
+        try:
+            deadline = time.monotonic() + open_timeout
+            call = self._start(path, deadline, None)
+            self._send(call, frame_message(request), deadline)
+            while True:
+                while call.messages:
+                    yield call.messages.pop(0)
+                if call.ended:
+                    break
+                err = self._goaway_error(call)
+                if err is not None:
+                    raise err
+                if should_stop():
+                    return
+                self._pump(time.monotonic() + wait, idle_ok=True)
+        except h2.exceptions.H2Error as exc:
+            raise RpcError(INTERNAL, f"HTTP/2 error ({exc})", transport=True) from None
+        finally:
+            self._drop()
+        code, message = call.result()
+        if code != OK:
+            raise RpcError(code, message)
 
 
 def tcp_dial(host: str, port: int) -> Callable[[float], socket.socket]:

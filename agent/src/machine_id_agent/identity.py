@@ -525,6 +525,7 @@ def cert_fingerprint(cert_pem: bytes) -> str:
 
 STALE_LOCKED = "locked"  # Teleport answered "generation mismatch" to this identity
 STALE_LOST = "lost-renewal"  # Teleport already counts a newer generation than this identity holds
+STALE_UNTRUSTED = "untrusted"  # signed by a user CA the cluster dropped (a user CA rotation the agent missed)
 
 
 def mark_stale(storage_dir: Path, identity: Identity, reason: str = STALE_LOCKED) -> None:

@@ -20,6 +20,11 @@ Field numbers (upstream name = number):
 * ``proto.PingResponse``: ClusterName=1, ServerVersion=2, ProxyPublicAddr=4.
 * ``proto.GetRoleRequest``: Name=1; ``types.RoleV6``: Spec=5 -> RoleSpecV6.Allow=2 ->
   RoleConditions.Impersonate=14 -> ImpersonateConditions.Roles=2.
+* CA rotations (checked on the v13 bed, docs/protocol-findings.md section 5): ``proto.Watch``: Kinds=1 ->
+  ``types.WatchKind``: Kind=1, Filter=4 (map: CA type -> cluster name); ``proto.Event``: Type=1 (INIT=0,
+  PUT=1, DELETE=2), CertAuthority=3 -> ``types.CertAuthorityV2``: Spec=5 -> CertAuthoritySpecV2: Type=1,
+  ClusterName=2, Rotation=8 -> ``types.Rotation``: State=1, Phase=2, Mode=3, CurrentID=4.
+  ``teleport.trust.v1.GetCertAuthorityRequest``: Type=1, Domain=2 (IncludeKey=3 left false).
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ METHODS = {
     "Ping": "/proto.AuthService/Ping",
     "GetRole": "/proto.AuthService/GetRole",
     "GetUser": "/proto.AuthService/GetUser",
+    "WatchEvents": "/proto.AuthService/WatchEvents",
+    "GetCertAuthority": "/teleport.trust.v1.TrustService/GetCertAuthority",
 }
 
 _T = descriptor_pb2.FieldDescriptorProto
@@ -82,6 +89,18 @@ _MESSAGES = {
     "LabelEntry": [("key", 1, _T.TYPE_STRING, _OPT, None), ("value", 2, _T.TYPE_STRING, _OPT, None)],
     "Metadata": [("name", 1, _T.TYPE_STRING, _OPT, None), ("labels", 5, _T.TYPE_MESSAGE, _REP, "LabelEntry")],
     "UserV2": [("kind", 1, _T.TYPE_STRING, _OPT, None), ("metadata", 4, _T.TYPE_MESSAGE, _OPT, "Metadata")],
+    # CA rotations
+    "WatchKind": [("kind", 1, _T.TYPE_STRING, _OPT, None), ("filter", 4, _T.TYPE_MESSAGE, _REP, "LabelEntry")],
+    "Watch": [("kinds", 1, _T.TYPE_MESSAGE, _REP, "WatchKind")],
+    "Rotation": [("state", 1, _T.TYPE_STRING, _OPT, None), ("phase", 2, _T.TYPE_STRING, _OPT, None),
+                 ("mode", 3, _T.TYPE_STRING, _OPT, None), ("current_id", 4, _T.TYPE_STRING, _OPT, None)],
+    "CertAuthoritySpecV2": [("type", 1, _T.TYPE_STRING, _OPT, None), ("cluster_name", 2, _T.TYPE_STRING, _OPT, None),
+                            ("rotation", 8, _T.TYPE_MESSAGE, _OPT, "Rotation")],
+    "CertAuthorityV2": [("kind", 1, _T.TYPE_STRING, _OPT, None),
+                        ("spec", 5, _T.TYPE_MESSAGE, _OPT, "CertAuthoritySpecV2")],
+    "Event": [("type", 1, _T.TYPE_INT32, _OPT, None),
+              ("cert_authority", 3, _T.TYPE_MESSAGE, _OPT, "CertAuthorityV2")],
+    "GetCertAuthorityRequest": [("type", 1, _T.TYPE_STRING, _OPT, None), ("domain", 2, _T.TYPE_STRING, _OPT, None)],
 }
 
 
@@ -114,6 +133,11 @@ GetRoleRequest = _CLASSES["GetRoleRequest"]
 RoleV6 = _CLASSES["RoleV6"]
 GetUserRequest = _CLASSES["GetUserRequest"]
 UserV2 = _CLASSES["UserV2"]
+Watch = _CLASSES["Watch"]
+Event = _CLASSES["Event"]
+CertAuthorityV2 = _CLASSES["CertAuthorityV2"]
+GetCertAuthorityRequest = _CLASSES["GetCertAuthorityRequest"]
+EVENT_INIT, EVENT_PUT, EVENT_DELETE = 0, 1, 2
 
 # request/response types per method
 SIGNATURES = {
@@ -122,7 +146,18 @@ SIGNATURES = {
     "Ping": (PingRequest, PingResponse),
     "GetRole": (GetRoleRequest, RoleV6),
     "GetUser": (GetUserRequest, UserV2),
+    "WatchEvents": (Watch, Event),
+    "GetCertAuthority": (GetCertAuthorityRequest, CertAuthorityV2),
 }
+
+
+def ca_watch(cluster: str, ca_types=("host", "user")) -> "Watch":
+    """Watch{cert_authority of these types of this cluster} (the filter maps a CA type to its cluster)."""
+    w = Watch()
+    k = w.kinds.add(kind="cert_authority")
+    for t in ca_types:
+        k.filter.add(key=t, value=cluster)
+    return w
 
 
 def timestamp(when: _dt.datetime) -> "Timestamp":

@@ -19,16 +19,17 @@ to v16; 22/23 from v17).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 from machine_id_agent import grpcwire
 from machine_id_agent import identity as ident
-from machine_id_agent import proto, transport, webapi
+from machine_id_agent import proto, rotation, transport, webapi
 from machine_id_agent.errors import LockedError, RenewError
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,14 @@ def lost_renewal_explanation(old, counted, storage_dir) -> str:
             f"--roles=...`) in the config, or a rollout that re-enrols it")
 
 
+def untrusted_explanation(old, storage_dir) -> str:
+    return (f"the bot identity in {storage_dir} (bot {old.bot_name!r}) is signed by a user CA that cluster "
+            f"{old.cluster_name!r} no longer trusts: a user CA rotation completed while the agent was stopped or "
+            f"cut off, and Teleport refuses this certificate for good. The outputs work until they expire. The host "
+            f"needs re-enrolment: a new token (`tctl bots rm {old.bot_name}` then `tctl bots add {old.bot_name} "
+            f"--roles=...`) in the config, or a rollout that re-enrols it (its status is untrusted)")
+
+
 class AuthClient:
     """A connection to the auth server's gRPC API as the bot, for one renewal cycle."""
 
@@ -111,6 +120,7 @@ class AuthClient:
         self._server_version: Optional[str] = facts.server_version if facts and facts.server_version else None
         self._default_roles: Optional[List[str]] = None
         self._ping_resp = None
+        self.trust_recovered: Optional[str] = None
         self.route = choose_route(cfg, facts)
 
     # -- plumbing ------------------------------------------------------------------------------------
@@ -125,22 +135,29 @@ class AuthClient:
             conn, self._conn = self._conn, None
             conn.close()
 
+    def _open(self) -> transport.Connection:
+        idt = self.identity
+        now = _dt.datetime.now(_dt.timezone.utc)
+        if now >= idt.not_after:
+            raise RenewError(
+                f"the bot identity in {self.cfg.storage_dir} expired at {idt.not_after.isoformat()} and cannot be "
+                f"renewed; a fresh join is needed: create a new token with `tctl bots add {idt.bot_name} ...` "
+                f"(after `tctl bots rm {idt.bot_name}`) and put it in the config", retryable=False)
+        kind, addr = self.route
+        if kind == "proxy":
+            return transport.via_proxy_alpn(addr, idt.cluster_name, idt.tls_cert_pem, idt.key_pem, idt.tls_ca_pems)
+        return transport.direct(addr, idt.cluster_name, idt.tls_cert_pem, idt.key_pem, idt.tls_ca_pems)
+
     def _connection(self) -> transport.Connection:
         if self._conn is None:
-            idt = self.identity
-            now = _dt.datetime.now(_dt.timezone.utc)
-            if now >= idt.not_after:
-                raise RenewError(
-                    f"the bot identity in {self.cfg.storage_dir} expired at {idt.not_after.isoformat()} and cannot be "
-                    f"renewed; a fresh join is needed: create a new token with `tctl bots add {idt.bot_name} ...` "
-                    f"(after `tctl bots rm {idt.bot_name}`) and put it in the config", retryable=False)
-            kind, addr = self.route
-            if kind == "proxy":
-                self._conn = transport.via_proxy_alpn(addr, idt.cluster_name, idt.tls_cert_pem, idt.key_pem,
-                                                      idt.tls_ca_pems)
-            else:
-                self._conn = transport.direct(addr, idt.cluster_name, idt.tls_cert_pem, idt.key_pem, idt.tls_ca_pems)
+            self._conn = self._open()
         return self._conn
+
+    def _proxy_addr(self) -> Optional[str]:
+        """The proxy's web address, when one is known (the route, or the proxy the auth server names)."""
+        if self.route[0] == "proxy":
+            return self.route[1]
+        return self.facts.web_addr if self.facts is not None and getattr(self.facts, "web_addr", None) else None
 
     def _call(self, method: str, request, what: str):
         conn = self._connection()
@@ -148,12 +165,78 @@ class AuthClient:
         try:
             raw = conn.call(proto.METHODS[method], request.SerializeToString(), RPC_TIMEOUT)
         except grpcwire.RpcError as exc:
+            if exc.transport and exc.details.startswith(rotation.UNTRUSTED_SERVER) and self.trust_recovered is None:
+                self._recover_trust(conn)
+                return self._call(method, request, what)
+            if exc.transport and conn.channel.peer_cert_der is not None and exc.code == grpcwire.UNAVAILABLE:
+                self._check_user_ca(exc)  # the server refused our certificate after the handshake?
             raise self._error(exc, what, conn) from None
         try:
             return resp_t.FromString(raw)
         except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
             raise RenewError(f"{what}: {conn.describe} sent an answer that is not a {method} response "
                              f"({exc.__class__.__name__}); will retry", retryable=True) from None
+
+    # -- CA rotations (machine_id_agent.rotation) ----------------------------------------------------
+    def _recover_trust(self, conn: transport.Connection) -> None:
+        """The auth server's certificate is signed by a host CA the identity does not trust: a missed host CA
+        rotation. Re-establish trust (rotation.recover_host_trust) and reconnect with it; the caller's cycle
+        then renews, which stores the new trust. RenewError when that cannot be done safely."""
+        idt = self.identity
+        storage = self.cfg.storage_dir
+        try:
+            host_cas, how = rotation.recover_host_trust(self.cfg, idt, conn.channel.peer_cert_der,
+                                                        conn.channel.server_name, self._proxy_addr())
+        except RenewError as exc:
+            if not exc.retryable:
+                rotation.write_trust_note(storage, {
+                    "state": "untrusted", "problem": str(exc),
+                    "fix": "re-enrol the host (the rollout does it for hosts whose status is untrusted), or put the "
+                           "pins `tctl status` prints now in ca_pins"})
+            raise
+        self.close()
+        keep = rotation.issuers_of(idt)
+        self.identity = dataclasses.replace(idt, tls_ca_pems=keep + [c for c in host_cas if c not in keep])
+        self.trust_recovered = how
+        log.warning("the cluster's host CA changed while the agent was not following it (a missed rotation); "
+                    "trust in the auth server re-established through %s; renewing to store it", how)
+        rotation.write_trust_note(storage, {"state": "recovered", "how": how,
+                                            "problem": "missed a host CA rotation"})
+
+    def _check_user_ca(self, exc: grpcwire.RpcError) -> None:
+        """After the server's certificate checked out, the connection broke: if the proxy shows that the
+        cluster's user CA no longer includes the one that signed this identity (a user CA rotation completed
+        without the agent), the identity can never be used again: mark it and say so."""
+        idt = self.identity
+        if rotation.user_ca_gone(self.cfg, idt, self._proxy_addr()) is not True:
+            return
+        storage = Path(self.cfg.storage_dir)
+        ident.mark_stale(storage, idt, ident.STALE_UNTRUSTED)
+        raise LockedError(untrusted_explanation(idt, storage), untrusted=True)
+
+    def ensure_trust(self) -> Optional[str]:
+        """One cheap call (Ping) that re-establishes trust after a missed host CA rotation when needed; returns
+        how trust was recovered in this client, or None."""
+        self._ping()
+        return self.trust_recovered
+
+    def cert_authority(self, ca_type: str):
+        """The cluster's ``ca_type`` CA without keys (TrustService.GetCertAuthority; the bot role may read it)."""
+        req = proto.GetCertAuthorityRequest(type=ca_type, domain=self.identity.cluster_name)
+        return self._call("GetCertAuthority", req, f"read the {ca_type} CA")
+
+    def watch_cas(self, should_stop) -> Iterator:
+        """``proto.Event`` messages of the cluster's host and user CAs (WatchEvents, its own connection) until
+        ``should_stop()`` or the stream breaks (RenewError)."""
+        conn = self._open()
+        req = proto.ca_watch(self.identity.cluster_name, rotation.WATCHED).SerializeToString()
+        try:
+            for raw in conn.channel.stream(proto.METHODS["WatchEvents"], req, should_stop):
+                yield proto.Event.FromString(raw)
+        except grpcwire.RpcError as exc:
+            raise self._error(exc, "watch the cluster's certificate authorities", conn) from None
+        finally:
+            conn.close()
 
     def _error(self, exc: grpcwire.RpcError, what: str, conn: transport.Connection) -> RenewError:
         code = exc.code
@@ -301,6 +384,8 @@ class AuthClient:
         reason = ident.stale_reason(storage, old)
         if reason == ident.STALE_LOST:
             raise LockedError(lost_renewal_explanation(old, None, storage), lost_renewal=True)
+        if reason == ident.STALE_UNTRUSTED:
+            raise LockedError(untrusted_explanation(old, storage), untrusted=True)
         if reason is not None:
             raise LockedError(
                 f"the bot identity in {storage} (bot {old.bot_name!r}, generation {old.generation}) was refused by "

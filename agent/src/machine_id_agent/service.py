@@ -138,6 +138,10 @@ class Agent:
         self._stop = False
         self._renew_now = False
         self._force_renew = False  # SIGUSR1: renew the bot identity even though it is fresh
+        self._rotation_pending: Optional[str] = None  # a CA rotation step asks for a renewal (see rotation.py)
+        self._current_ident = None  # the identity in use, for the CA rotation watch
+        self._wake_fd: Optional[int] = None
+        self.watcher = None
         self._unsaved = None  # (identity, token hash) the server issued but the storage refused
         self._deferred: Optional[AgentError] = None
         self._reload = False
@@ -193,6 +197,7 @@ class Agent:
                 "identity_seconds_to_expiry": (int((self.identity_not_after - now).total_seconds())
                                                if self.identity_not_after else None),
                 "last_success_unix": self.last_success,
+                "ca_watch": self.watcher.view() if self.watcher is not None else None,
             }
 
     # ----- one renewal cycle
@@ -305,6 +310,9 @@ class Agent:
             self.log.info("joined as %s; identity valid until %s", _bot(ident), ident.not_after.isoformat())
         facts = self._endpoint_facts()
         with be.client(cfg, ident, facts) as client:
+            ensure_trust = getattr(client, "ensure_trust", None)
+            if not joined and callable(ensure_trust) and ensure_trust():
+                self._force_renew = True  # trust re-established after a missed host CA rotation: store it
             if not joined and self._unsaved is None and self.renewal_due(ident):
                 problem = self._storage_problem()
                 if problem is not None:
@@ -328,6 +336,7 @@ class Agent:
                         self._force_renew = False
             with self.lock:
                 self.identity_not_after = ident.not_after
+                self._current_ident = ident
             if facts is None:
                 facts = self._endpoint_facts(client)
             endpoint = outputs.kube_endpoint(facts, cfg.proxy_server or cfg.auth_server)
@@ -371,6 +380,10 @@ class Agent:
                 if self._deferred is None:
                     raise err
                 self.log.error("%s", err)  # the deferred problem is reported as the cycle's error
+            if getattr(client, "trust_recovered", 1) is None:
+                from machine_id_agent import rotation
+
+                rotation.clear_untrusted(cfg.storage_dir)  # the server is trusted again (pins updated)
 
     def _reader_uids(self, out) -> List[int]:
         return [aclmod.resolve_user(u, "%s: readers" % out.destination) for u in out.readers]
@@ -500,6 +513,31 @@ class Agent:
             self.diag.start()
             self.log.info("diagnostics on http://%s (/livez, /readyz, /metrics)", self.cfg.diag_addr)
 
+    def _start_watch(self) -> None:
+        """The CA rotation watch (rotation.RotationWatcher), unless the backend has no renewal client (tests)."""
+        if not self.cfg.watch_ca_rotations:
+            return
+        from machine_id_agent import rotation
+
+        def target():
+            with self.lock:
+                ident = self._current_ident
+            return (self.cfg, ident, self.facts) if ident is not None else None
+
+        self.watcher = rotation.RotationWatcher(target, self.backend.client, self.request_renewal, rnd=self.rnd)
+        self.watcher.start()
+
+    def request_renewal(self, reason: str) -> None:
+        """From another thread: run a cycle that renews the bot identity and every output now."""
+        self._rotation_pending = reason
+        self._renew_now = True
+        fd = self._wake_fd
+        if fd is not None:
+            try:
+                os.write(fd, b"r")
+            except OSError:
+                pass  # the pipe is full: the loop is awake anyway
+
     def _stop_diag(self) -> None:
         if self.diag is not None:
             self.diag.stop()
@@ -598,10 +636,15 @@ class Agent:
 
         for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             handlers[s] = signal.signal(s, on_signal)
+        self._wake_fd = wfd
         try:
             self._start_diag()
+            self._start_watch()
             return self._loop(rfd)
         finally:
+            if self.watcher is not None:
+                self.watcher.stop()
+            self._wake_fd = None
             for s, h in handlers.items():
                 signal.signal(s, h)
             signal.set_wakeup_fd(old_wakeup)
@@ -628,6 +671,10 @@ class Agent:
                 self._renew_now = True
             if self._renew_now or now >= next_at:
                 self._renew_now = False
+                pending, self._rotation_pending = self._rotation_pending, None
+                if pending:
+                    self._force_renew = True
+                    self.log.info("renewing the bot identity and every output for a CA rotation: %s", pending)
                 err = self.attempt()
                 now = time.monotonic()
                 interval = self.cfg.renewal_interval

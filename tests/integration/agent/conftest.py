@@ -208,6 +208,17 @@ class AgentHost:
         return self.kubectl_as(user, "get", "pods", "-n", tb.DEMO_NAMESPACE, "-o", "name")
 
 
+@pytest.fixture(scope="session")
+def own_bed(testbed_bins):
+    """A private bed for tests that take Teleport down or rotate its CAs (the shared one stays untouched)."""
+    try:
+        bed = tb.Testbed.start()
+    except (tb.TestbedError, tb.BuildError) as exc:
+        pytest.fail("a private test bed failed to start: %s" % exc, pytrace=False)
+    yield bed
+    bed.stop()
+
+
 @pytest.fixture
 def make_host(agent_users, public_root, user_kubectl, request):
     hosts: List[AgentHost] = []

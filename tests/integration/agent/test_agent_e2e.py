@@ -5,7 +5,7 @@
 Proofs (issue 5): 1 the guide's config -> kubectl as the reader; 2 renewals keep kubectl working; 3 Teleport
 down -> outputs stay, not ready, recovery without restart; 4 kill -9 across 200 renewals -> every read is
 consistent, never locked; 5 wrong pin / used token / second agent explained; 6 reader reads, other user
-denied; 7 host CA rotation.
+denied; 7 CA rotations: test_rotation_real.py.
 """
 
 from __future__ import annotations
@@ -305,17 +305,7 @@ def test_kill9_never_tears_outputs_nor_locks_the_bot(teleport, make_host):
           % (teleport.mode, renewals, kills, reads[0], losses))
 
 
-# --- 3 + 7 on a private bed: Teleport down and back; host CA rotation --------------------------------------
-@pytest.fixture(scope="module")
-def own_bed(testbed_bins):
-    try:
-        bed = tb.Testbed.start()
-    except (tb.TestbedError, tb.BuildError) as exc:
-        pytest.fail("a private test bed failed to start: %s" % exc, pytrace=False)
-    yield bed
-    bed.stop()
-
-
+# --- 3 on a private bed (own_bed, conftest.py): Teleport down and back ----------------------------------------
 @pytest.mark.parametrize("mode", tb.MODES)
 def test_teleport_down_outputs_stay_then_recover(own_bed, mode, make_host):
     tp = own_bed.teleport[mode]
@@ -345,28 +335,6 @@ def test_teleport_down_outputs_stay_then_recover(own_bed, mode, make_host):
     assert p.poll() is None, "the same process recovered"
     assert (h.dest / "kubeconfig.yaml").read_bytes() != before
     wait_for(lambda: h.pods_as(APP_USER).returncode == 0, 60, "kubectl after recovery")
-
-
-@pytest.mark.parametrize("mode", tb.MODES)
-def test_host_ca_rotation(own_bed, mode, make_host):
-    tp = own_bed.teleport[mode]
-    diag = "127.0.0.1:%d" % free_port()
-    h = make_host(tp, kube_cluster=own_bed.kube, certificate_ttl="5m", renewal_interval="3s", diag_addr=diag)
-    assert h.init().returncode == 0
-    p = h.start()
-    wait_for(lambda: http_get("http://%s/readyz" % diag)[0] == 200, 60, "first outputs")
-    assert h.pods_as(APP_USER).returncode == 0
-    ca_before = (h.dest / "teleport-host-ca.crt").read_bytes()
-    for phase in ("init", "update_clients", "update_servers", "standby"):
-        tp.tctl("auth", "rotate", "--manual", "--type=host", "--phase=%s" % phase, check=True)
-        mark = metric(diag, "renewals_total")
-        wait_for(lambda: metric(diag, "renewals_total") >= mark + 2, 120, "renewals after phase %s" % phase)
-        wait_for(lambda: h.pods_as(APP_USER).returncode == 0, 120, "kubectl after phase %s" % phase)
-    ca_after = (h.dest / "teleport-host-ca.crt").read_bytes()
-    assert ca_after != ca_before, "the outputs carry the rotated host CA"
-    dummy, doc = kubeconfig_pair(h.dest / "kubeconfig.yaml")
-    assert base64.b64decode(doc["clusters"][0]["cluster"]["certificate-authority-data"]) == ca_after
-    assert p.poll() is None
 
 
 # --- exec-plugin output: kubectl calls `machine-id-agent kube credentials` -----------------------------------

@@ -71,6 +71,9 @@ class FakeAuth:
         self.generation = {}  # user -> current generation (the bot-generation label)
         self.locked = set()
         self.requests = []
+        self.cas = {t: ("", "", "") for t in ("host", "user")}  # CA type -> rotation (state, phase, id)
+        self.watchers = []  # one queue of events per open WatchEvents stream
+        self.watch_opens = 0
         self._start()
 
     def _start(self):
@@ -78,11 +81,14 @@ class FakeAuth:
         scert = self.host_ca.issue(skey.public_key(), [x509.NameAttribute(NameOID.COMMON_NAME, "auth")],
                                    sans=["*.teleport.cluster.local", "teleport.cluster.local"])
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        h = grpc.method_handlers_generic_handler("proto.AuthService", {
-            m: grpc.unary_unary_rpc_method_handler(getattr(self, m), request_deserializer=req.FromString,
-                                                   response_serializer=resp.SerializeToString)
-            for m, (req, resp) in proto.SIGNATURES.items()})
-        self.server.add_generic_rpc_handlers((h,))
+        services = {}
+        for m, (req, resp) in proto.SIGNATURES.items():
+            service, name = proto.METHODS[m].strip("/").split("/")
+            kind = grpc.unary_stream_rpc_method_handler if m == "WatchEvents" else grpc.unary_unary_rpc_method_handler
+            services.setdefault(service, {})[name] = kind(getattr(self, m), request_deserializer=req.FromString,
+                                                          response_serializer=resp.SerializeToString)
+        self.server.add_generic_rpc_handlers(tuple(grpc.method_handlers_generic_handler(svc, handlers)
+                                                   for svc, handlers in services.items()))
         creds = grpc.ssl_server_credentials(
             [(skey.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                  serialization.NoEncryption()), scert)],
@@ -112,6 +118,53 @@ class FakeAuth:
 
     def GetClusterCACert(self, request, context):
         return proto.GetClusterCACertResponse(tls_ca=self.host_ca.pem)
+
+    # -- CA rotations (WatchEvents and TrustService.GetCertAuthority, as v13 serves them to a bot)
+    def _ca(self, ca_type):
+        ca = proto.CertAuthorityV2(kind="cert_authority")
+        ca.spec.type, ca.spec.cluster_name = ca_type, CLUSTER
+        state, phase, rid = self.cas[ca_type]
+        if state:
+            ca.spec.rotation.state, ca.spec.rotation.phase, ca.spec.rotation.current_id = state, phase, rid
+            ca.spec.rotation.mode = "manual"
+        return ca
+
+    def GetCertAuthority(self, request, context):
+        return self._ca(request.type)
+
+    def WatchEvents(self, request, context):
+        import queue
+
+        self.watch_opens += 1
+        self.watch_requests = getattr(self, "watch_requests", []) + [request]
+        q = queue.Queue()
+        self.watchers.append(q)
+        try:
+            yield proto.Event(type=proto.EVENT_INIT)
+            while context.is_active():
+                try:
+                    ev = q.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if ev is None:  # the server drops the stream (as Teleport does when it reloads)
+                    context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+                yield ev
+        finally:
+            self.watchers.remove(q)
+
+    def rotate(self, ca_type, phase, rid="rot-1", notify=True):
+        """Move a CA to ``phase`` ("" = back to standby after a finished rotation) and tell the watchers."""
+        self.cas[ca_type] = ("in_progress", phase, rid) if phase not in ("", "standby") else ("standby", "standby",
+                                                                                              rid)
+        if notify:
+            ev = proto.Event(type=proto.EVENT_PUT)
+            ev.cert_authority.CopyFrom(self._ca(ca_type))
+            for q in list(self.watchers):
+                q.put(ev)
+
+    def drop_watchers(self):
+        for q in list(self.watchers):
+            q.put(None)
 
     def GetRole(self, request, context):
         role = proto.RoleV6(kind="role")

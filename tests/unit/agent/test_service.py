@@ -610,3 +610,62 @@ def test_token_file_deleted_restart_keeps_renewing_new_token_picked_up(tmp_path,
     assert be.calls[-2:] == [("store", 1), ("kube", 1, "example-k8s-cluster")]
     assert ("join", "second-token-abcdef") in be.calls and be.hash == "h:second-token-abcdef"
     assert "second-token-abcdef" not in logbuf[1].getvalue()
+
+
+def test_a_ca_rotation_step_renews_identity_and_outputs_even_mid_cycle(tmp_path, logbuf):
+    """RotationWatcher.renew -> Agent.request_renewal from another thread: the loop wakes at once and runs a cycle
+    that renews the (fresh) bot identity; a request that arrives while a cycle runs is not lost to it."""
+    cfg = make_cfg(tmp_path, renewal_interval="50s", certificate_ttl="10m", watch_ca_rotations=False)
+    be = FakeBackend()
+    agent = Agent(cfg, backend=be, log=logbuf[0])
+    seen = {}
+    gate = threading.Event()
+    orig_kube = FakeClient.kube_credentials
+
+    def slow_kube(self, cluster, roles, ttl):
+        if seen.get("hold"):
+            seen["held"] = True
+            gate.wait(10)
+        return orig_kube(self, cluster, roles, ttl)
+
+    def driver():
+        try:
+            def wait_for(pred, what, t=10):
+                end = time.monotonic() + t
+                while time.monotonic() < end:
+                    if pred():
+                        return
+                    time.sleep(0.02)
+                raise AssertionError("timed out waiting for " + what)
+            wait_for(lambda: agent.renewals == 1, "first cycle")
+            renews = len([c for c in be.calls if c[0] == "renew"])
+            agent.request_renewal("host CA rotation in phase init")
+            wait_for(lambda: agent.renewals == 2, "the rotation cycle")
+            seen["renewed"] = len([c for c in be.calls if c[0] == "renew"]) - renews
+            seen["hold"] = True
+            agent.request_renewal("user CA rotation in phase update_clients")  # cycle 3, held in its outputs
+            wait_for(lambda: seen.get("held"), "cycle 3 running")
+            seen["hold"] = False
+            agent.request_renewal("user CA rotation in phase update_servers")  # arrives mid-cycle
+            gate.set()
+            wait_for(lambda: agent.renewals == 4, "the request that came mid-cycle")
+            seen["renewed_after"] = len([c for c in be.calls if c[0] == "renew"]) - renews
+        except BaseException as e:  # pragma: no cover - reported below
+            seen["error"] = repr(e)
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    FakeClient.kube_credentials = slow_kube
+    try:
+        t = threading.Thread(target=driver)
+        t.start()
+        rc = agent.run()
+        t.join()
+    finally:
+        FakeClient.kube_credentials = orig_kube
+    assert "error" not in seen, seen.get("error")
+    assert rc == 0 and seen["renewed"] == 1, "a fresh identity renewed for the rotation step"
+    assert seen["renewed_after"] == 3, "one renewal per request, none lost"
+    log = logbuf[1].getvalue()
+    assert "for a CA rotation: host CA rotation in phase init" in log
+    assert "update_servers" in log
