@@ -462,7 +462,6 @@ class Channel:
             raise RpcError(INTERNAL, f"a unary call returned {len(call.messages)} messages")
         return call.messages[0]
 
-
     def stream(self, path: str, request: bytes, should_stop: Callable[[], bool], wait: float = 1.0,
                open_timeout: float = 30.0) -> Iterator[bytes]:
         """A server-streaming call: yield each serialized message as it arrives, until the server ends the
