@@ -216,6 +216,7 @@ class AclPolicy:
         self.warn = warn or (lambda msg: None)
         self.supported: Optional[bool] = None if mode != "off" else False
         self._warned = False
+        self.dry_run = False  # report what ensure() would change, change nothing (init --check)
 
     def _unsupported(self, where: str, err: OSError) -> None:
         if self.mode == "required":
@@ -238,6 +239,9 @@ class AclPolicy:
                 if have == want:
                     self.supported = True
                     return False
+                if self.dry_run:
+                    self.supported = True
+                    return True
                 write(target, want)
                 self.supported = True
                 if self.mode == "required":
@@ -259,6 +263,8 @@ class AclPolicy:
         mode = plain_mode(is_dir)
         if stat.S_IMODE(st.st_mode) == mode:
             return False
+        if self.dry_run:
+            return True
         try:
             if isinstance(target, int):
                 os.fchmod(target, mode)
@@ -345,11 +351,12 @@ def make_private(fd: int, mode: str, where: str, warn: Optional[Callable[[str], 
 
 def init_dir(directory: Union[str, Path], owner_uid: int, owner_gid: int, bot_uid: int, reader_uids: Sequence[int],
              mode: str = "try", warn: Optional[Callable[[str], None]] = None,
-             symlinks: str = fsutil.DEFAULT_SYMLINKS) -> InitResult:
+             symlinks: str = fsutil.DEFAULT_SYMLINKS, dry_run: bool = False) -> InitResult:
     """Create ``directory`` if needed, chown it to the owner and give it (and any output files in it) the exact
     ACL. The path is opened under ``symlinks`` (see fsutil), and every change is made through the opened
     descriptor, so a symlink swapped into the path cannot redirect the chown or the ACL. ``mode`` off touches
-    no ACL (plain 0700/0600). Idempotent: the second run reports changed=False."""
+    no ACL (plain 0700/0600). Idempotent: the second run reports changed=False. ``dry_run`` (``init --check``,
+    the role's check mode) changes nothing and reports, as ``actions``, what a real run would do."""
     if mode not in ("try", "required", "off"):
         raise ConfigError("--acls: %r is not one of try, required, off" % mode)
     path = str(directory)
@@ -360,7 +367,13 @@ def init_dir(directory: Union[str, Path], owner_uid: int, owner_gid: int, bot_ui
     if path == "/":
         raise ConfigError("--init-dir: / cannot be a destination; pass a directory like /opt/machine-id")
     parent, name = os.path.split(path)
-    with fsutil.open_dir(parent, symlinks, create=0o755, warn=warn) as pd:
+    if dry_run:
+        if not os.path.lexists(path):
+            return InitResult(changed=True, path=path, acl="", acls_used=mode != "off",
+                              actions=["would create %s" % path, "would chown %s:%s" % (_uname(owner_uid),
+                                                                                      _gname(owner_gid)),
+                                       "would set the acl of %s" % path])
+    with fsutil.open_dir(parent, symlinks, create=None if dry_run else 0o755, warn=warn) as pd:
         try:
             os.stat(name, dir_fd=pd.fd, follow_symlinks=False)
         except FileNotFoundError:
@@ -372,7 +385,11 @@ def init_dir(directory: Union[str, Path], owner_uid: int, owner_gid: int, bot_ui
             actions.append("created %s" % path)
     with fsutil.open_dir(path, symlinks, warn=warn) as d:
         st = d.stat()
-        if (st.st_uid, st.st_gid) != (owner_uid, owner_gid):
+        owner_known = None
+        if (st.st_uid, st.st_gid) != (owner_uid, owner_gid) and dry_run:
+            actions.append("would chown %s:%s" % (_uname(owner_uid), _gname(owner_gid)))
+            owner_known = owner_uid
+        elif (st.st_uid, st.st_gid) != (owner_uid, owner_gid):
             try:
                 os.fchown(d.fd, owner_uid, owner_gid)
             except OSError as e:
@@ -380,6 +397,7 @@ def init_dir(directory: Union[str, Path], owner_uid: int, owner_gid: int, bot_ui
                                   % (path, _uname(owner_uid), _gname(owner_gid), e.strerror or e)) from None
             actions.append("chown %s:%s" % (_uname(owner_uid), _gname(owner_gid)))
         policy = AclPolicy(mode, readers=reader_uids, writers=[bot_uid], warn=warn)
+        policy.dry_run = dry_run
         if mode == "off":
             if [u for u in reader_uids if u != owner_uid] and warn is not None:
                 warn("%s: acls is 'off', so the readers (%s) get no access; set acls: try to let them read"
@@ -388,10 +406,11 @@ def init_dir(directory: Union[str, Path], owner_uid: int, owner_gid: int, bot_ui
             err = probe(d.fd)
             if err is not None and err.errno in NOT_SUPPORTED:
                 policy._unsupported(path, err)
-        if policy.ensure(d.fd, True, path):
-            actions.append("acl %s" % path)
+        verb = "would set the acl of" if dry_run else "acl"
+        if policy.ensure(d.fd, True, path, owner_uid=owner_known if dry_run else None):
+            actions.append("%s %s" % (verb, path))
         changed_files = apply_files(d, policy)
-        actions += ["acl %s" % f for f in changed_files]
+        actions += ["%s %s" % (verb, f) for f in changed_files]
         final = read(d.fd) if policy.supported else from_mode(d.stat().st_mode)
     return InitResult(changed=bool(actions), path=path, acl=to_text(final), acls_used=bool(policy.supported),
                       actions=actions)

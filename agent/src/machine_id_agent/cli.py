@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--owner", help="USER:GROUP owning the directory (default: bot user and its group)")
     sp.add_argument("--reader-user", action="append", default=[], help="user that reads the outputs (repeatable)")
     sp.add_argument("--acls", choices=configmod.ACL_MODES, help="override acls from the config")
+    sp.add_argument("--check", action="store_true",
+                    help="change nothing; report what init would change (the role's check mode)")
     sp.add_argument("--json", action="store_true")
 
     sp = sub.add_parser("start", help="run the renewal service (or one renewal with --oneshot)")
@@ -142,14 +144,15 @@ def cmd_init(args) -> int:
     reader_uids = [acl.resolve_user(r, "--reader-user") for r in readers]
     warnings: List[str] = []
     res = acl.init_dir(init_dir, owner_uid, owner_gid, bot_uid, reader_uids, mode, warn=warnings.append,
-                       symlinks=symlinks)
+                       symlinks=symlinks, dry_run=args.check)
     for w in warnings:
         _err("warning: " + w)
     if args.json:
         print(json.dumps({"changed": res.changed, "path": res.path, "acl": res.acl, "acls": res.acls_used,
-                          "actions": res.actions, "warnings": warnings}))
+                          "actions": res.actions, "warnings": warnings, "check": bool(args.check)}))
     else:
-        print("changed" if res.changed else "unchanged")
+        print(("would change: %s" % "; ".join(res.actions) if args.check else "changed") if res.changed
+              else "unchanged")
     return 0
 
 

@@ -113,6 +113,25 @@ def test_2b_check_mode_and_each_tag_alone_on_a_converged_fleet(fleet):
     assert fleet.token_creations() == before_tokens
 
 
+def test_2b2_check_mode_reports_acl_drift_without_repairing_it(fleet):
+    """Issue 15 point 6: `--check` reports the ACL change a real run would make (machine-id-agent init --check),
+    writes nothing; the real run then repairs it."""
+    host = FIRST[0]
+    h = fleet.hosts[host]
+    h.run(["setfacl", "-m", "o::rx", "/opt/machine-id"])
+    drifted = h.run(["getfacl", "-cp", "/opt/machine-id"]).stdout
+    assert "other::r-x" in drifted
+    run = fleet.rollout(check=True, extra_args=["--tags", "machine_id_configure"])
+    _assert_ok(run)
+    changed = changed_by_host(run)
+    assert changed.get(host) == 1 and all(changed.get(o, 0) == 0 for o in FIRST[1:]), changed
+    assert h.run(["getfacl", "-cp", "/opt/machine-id"]).stdout == drifted, "check mode wrote nothing"
+    run = fleet.rollout(extra_args=["--tags", "machine_id_configure"])
+    _assert_ok(run)
+    assert changed_by_host(run).get(host) == 1
+    assert "other::---" in h.run(["getfacl", "-cp", "/opt/machine-id"]).stdout
+
+
 def _agent_status(fleet, host) -> dict:
     return agent_status(fleet.hosts[host])
 

@@ -254,3 +254,34 @@ def test_init_dir_does_not_follow_a_symlinked_parent(acl_dir):
     # symlinks: insecure follows (tbot's meaning)
     r = acl.init_dir(acl_dir / "link" / "dest", 0, 0, 0, [DAEMON], symlinks="insecure")
     assert r.changed and (real / "dest").is_dir()
+
+
+def test_init_dry_run_reports_what_a_real_run_would_change_and_changes_nothing(acl_dir):
+    """init --check (the role's check mode): the actions a real run would take, nothing written."""
+    d = acl_dir / "dry"
+    r = acl.init_dir(d, 0, 0, 0, [NOBODY], dry_run=True)
+    assert r.changed and r.actions[0] == "would create %s" % d and not os.path.lexists(d)
+    acl.init_dir(d, 0, 0, 0, [NOBODY])
+    (d / "kubeconfig.yaml").write_text("x")
+    acl.init_dir(d, 0, 0, 0, [NOBODY])
+    assert not acl.init_dir(d, 0, 0, 0, [NOBODY], dry_run=True).changed, "converged: nothing to report"
+    before = (getfacl(d), getfacl(d / "kubeconfig.yaml"))
+    # a new reader, and a changed owner: reported, not made
+    r = acl.init_dir(d, 0, 0, 0, [NOBODY, DAEMON], dry_run=True)
+    assert r.actions == ["would set the acl of %s" % d, "would set the acl of %s" % (d / "kubeconfig.yaml")]
+    r = acl.init_dir(d, DAEMON, DAEMON, 0, [NOBODY], dry_run=True)
+    assert "would chown daemon:daemon" in r.actions and "would set the acl of %s" % d in r.actions
+    assert (getfacl(d), getfacl(d / "kubeconfig.yaml")) == before and os.stat(d).st_uid == 0
+    # drift made by hand is reported too, and only the real run repairs it
+    subprocess.run(["setfacl", "-m", "o::rx", str(d)], check=True)
+    assert acl.init_dir(d, 0, 0, 0, [NOBODY], dry_run=True).actions == ["would set the acl of %s" % d]
+    assert getfacl(d)[-1] == "other::r-x"
+    assert acl.init_dir(d, 0, 0, 0, [NOBODY]).changed and getfacl(d)[-1] == "other::---"
+
+
+def test_init_dry_run_with_acls_off_reports_a_mode_change(tmp_path):
+    d = tmp_path / "plain"
+    acl.init_dir(d, 0, 0, 0, [], mode="off")
+    os.chmod(d, 0o755)
+    r = acl.init_dir(d, 0, 0, 0, [], mode="off", dry_run=True)
+    assert r.actions == ["would set the acl of %s" % d] and stat.S_IMODE(os.stat(d).st_mode) == 0o755
