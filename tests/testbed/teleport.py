@@ -135,6 +135,10 @@ class TeleportCluster:
     def _make_admin_identity(self) -> None:
         """A user with the preset ``editor`` + ``access`` roles and an identity file for remote tctl."""
         self.tctl("users", "add", ADMIN_USER, "--roles=editor,access", check=True)
+        self.renew_admin_identity()
+
+    def renew_admin_identity(self) -> None:
+        """(Re-)sign the admin identity file: after a user CA rotation the old one is signed by a dropped CA."""
         self.admin_identity = self.workdir / "admin-identity.pem"
         self.tctl("auth", "sign", f"--user={ADMIN_USER}", "--format=file", f"--out={self.admin_identity}",
                   "--ttl=24h", "--overwrite", check=True)

@@ -229,6 +229,7 @@ def test_systemd_host_stopped_through_a_user_ca_rotation_is_re_enrolled_by_one_r
     for phase in PHASES:
         rotate(tp, "user", phase)
         teleport_ready(tp)
+    tp.renew_admin_identity()  # the controller's tctl identity was signed by the dropped user CA too
     rig.sh("systemctl start --no-block machine-id")
     wait_for(lambda: agent_status(host)["identity"]["state"] == "untrusted", 90, "status untrusted", interval=1)
     st = agent_status(host)["identity"]
@@ -252,6 +253,7 @@ def test_reader_follows_an_automatic_user_ca_rotation(own_bed, make_host):
             wait_for(lambda: ca_state(tp, "user")[0] == "in_progress", 30, "the user CA rotation to start")
             wait_for(lambda: ca_state(tp, "user")[0] == "standby", 240, "the user CA rotation to finish", interval=1)
             teleport_ready(tp)
+            tp.renew_admin_identity()
             time.sleep(15)
     finally:
         reader.report("automatic user CA rotation (grace 1s), TLS routing, agent process")
