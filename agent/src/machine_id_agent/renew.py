@@ -171,6 +171,7 @@ class AuthClient:
             if exc.transport and conn.channel.peer_cert_der is not None and exc.code == grpcwire.UNAVAILABLE:
                 self._check_user_ca(exc)  # the server refused our certificate after the handshake?
             raise self._error(exc, what, conn) from None
+        rotation.user_ca_ok(self.identity)  # the server took this identity: no doubt about its user CA
         try:
             return resp_t.FromString(raw)
         except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
@@ -209,7 +210,17 @@ class AuthClient:
         without the agent), the identity can never be used again: mark it and say so."""
         idt = self.identity
         if rotation.user_ca_gone(self.cfg, idt, self._proxy_addr()) is not True:
+            rotation.user_ca_ok(idt)
             return
+        waited = rotation.user_ca_suspect(idt)
+        if waited < rotation.USER_CA_GONE_AFTER:
+            # During a live user CA rotation (update_clients .. update_servers) the proxy exports only the new
+            # CA while the old one is still trusted, and Teleport's reloads break connections: one failure is
+            # no proof. Only failures with no success in between for USER_CA_GONE_AFTER seconds are.
+            raise RenewError(f"cannot reach the auth server with the bot identity ({exc.details}), and the proxy no "
+                             f"longer exports the user CA that signed it: a user CA rotation may have dropped it; "
+                             f"checking again (it is given up after {rotation.USER_CA_GONE_AFTER:.0f} s of such "
+                             f"failures, {waited:.0f} s so far); will retry", retryable=True)
         storage = Path(self.cfg.storage_dir)
         ident.mark_stale(storage, idt, ident.STALE_UNTRUSTED)
         raise LockedError(untrusted_explanation(idt, storage), untrusted=True)

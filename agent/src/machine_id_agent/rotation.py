@@ -31,8 +31,10 @@ the fix (re-enrolment), and the rollout re-enrols the host.
 
 A missed **user** CA rotation cannot be recovered: the bot's certificate is signed by a CA the cluster no
 longer trusts, and the server refuses the TLS handshake. When the proxy serves the user CA
-(``type=tls-user``) and it did not sign the identity, the identity is marked ``untrusted`` (never presented
-again) and the host needs re-enrolment.
+(``type=tls-user``) and it did not sign the identity, and connections keep failing that way with no success
+for :data:`USER_CA_GONE_AFTER` seconds (during a live rotation the proxy exports only the new CA while the old
+one is still trusted, and reloads break connections, so one failure proves nothing), the identity is marked
+``untrusted`` (never presented again) and the host needs re-enrolment.
 """
 
 from __future__ import annotations
@@ -293,6 +295,23 @@ def recover_host_trust(cfg, identity, peer_der: Optional[bytes], server_name: st
     raise RenewError(f"{problem}; it cannot re-establish that trust safely ({why}). Re-enrol the host (a new "
                      f"token; the rollout does it for hosts whose status is untrusted), or set ca_pins to the pins "
                      f"`tctl status` prints now", retryable=False, untrusted=True)
+
+
+# identity certificate -> monotonic time of the first failure that looked like its user CA was dropped
+_SUSPECT: Dict[bytes, float] = {}
+USER_CA_GONE_AFTER = 90.0
+
+
+def user_ca_suspect(identity, clock: Callable[[], float] = time.monotonic) -> float:
+    """Seconds since the first failure (with no success since) that looked like a dropped user CA."""
+    first = _SUSPECT.setdefault(identity.tls_cert_pem, clock())
+    return clock() - first
+
+
+def user_ca_ok(identity) -> None:
+    """The server accepted this identity (or the proxy still exports its signer): forget any suspicion."""
+    if _SUSPECT:
+        _SUSPECT.pop(identity.tls_cert_pem, None)
 
 
 def user_ca_gone(cfg, identity, proxy_addr: Optional[str]) -> Optional[bool]:

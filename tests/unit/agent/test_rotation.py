@@ -246,6 +246,7 @@ def proxy_serving(user_ca_pem, served=None):
 
 
 def test_missed_user_rotation_marks_the_identity_untrusted(tmp_path, auth, monkeypatch):
+    monkeypatch.setattr(rotation, "USER_CA_GONE_AFTER", 0.0)
     idt = auth.join()
     new_user = CA()
     _restart_with(auth, user_ca=new_user)  # the server now refuses the bot's certificate in the handshake
@@ -268,6 +269,38 @@ def test_missed_user_rotation_marks_the_identity_untrusted(tmp_path, auth, monke
     assert len(auth.requests) == n
     doc = status_doc(SimpleNamespace(storage_dir=c.storage_dir, outputs=[], token=None, token_path=None))
     assert doc["identity"]["state"] == "untrusted"
+
+
+def test_one_failure_during_a_live_user_rotation_is_no_proof(tmp_path, auth, monkeypatch):
+    """update_clients .. update_servers: the proxy exports only the new user CA while the old one is still
+    trusted, and Teleport's reloads break connections. Only failures with no success in between for
+    USER_CA_GONE_AFTER seconds mark the identity."""
+    monkeypatch.setattr(rotation, "USER_CA_GONE_AFTER", 0.6)
+    idt = auth.join()
+    new_user = CA()
+    _restart_with(auth, user_ca=new_user)
+    c = cfg(tmp_path, auth)
+    ident.store(c.storage_dir, idt, None)
+    monkeypatch.setattr(webapi, "request_bytes", proxy_serving(new_user.pem))
+    facts = SimpleNamespace(web_addr="proxy.example:443", server_version="13.3.8", cluster_name=CLUSTER)
+
+    def attempt():
+        with renew.AuthClient(c, idt, facts) as client:
+            client.renew_identity(3600)
+
+    with pytest.raises(RenewError) as err:
+        attempt()
+    assert err.value.retryable and not isinstance(err.value, LockedError) and "checking again" in str(err.value)
+    assert ident.stale_reason(c.storage_dir, idt) is None
+    rotation.user_ca_ok(idt)  # a success in between (the old CA was still trusted): the clock starts over
+    time.sleep(0.7)
+    with pytest.raises(RenewError) as err:
+        attempt()
+    assert err.value.retryable and ident.stale_reason(c.storage_dir, idt) is None
+    time.sleep(0.7)  # failures only, for longer than USER_CA_GONE_AFTER: now it is proof
+    with pytest.raises(LockedError):
+        attempt()
+    assert ident.stale_reason(c.storage_dir, idt) == ident.STALE_UNTRUSTED
 
 
 def test_a_dropped_connection_is_not_taken_for_a_user_rotation(tmp_path, auth, monkeypatch):
