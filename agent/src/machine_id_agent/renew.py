@@ -171,7 +171,7 @@ class AuthClient:
             if exc.transport and conn.channel.peer_cert_der is not None and exc.code == grpcwire.UNAVAILABLE:
                 self._check_user_ca(exc)  # the server refused our certificate after the handshake?
             raise self._error(exc, what, conn) from None
-        rotation.user_ca_ok(self.identity)  # the server took this identity: no doubt about its user CA
+        rotation.user_ca_ok(self.cfg.storage_dir)  # the server took the identity: no doubt about its user CA
         try:
             return resp_t.FromString(raw)
         except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
@@ -210,9 +210,9 @@ class AuthClient:
         without the agent), the identity can never be used again: mark it and say so."""
         idt = self.identity
         if rotation.user_ca_gone(self.cfg, idt, self._proxy_addr()) is not True:
-            rotation.user_ca_ok(idt)
+            rotation.user_ca_ok(self.cfg.storage_dir)
             return
-        waited = rotation.user_ca_suspect(idt)
+        waited = rotation.user_ca_suspect(self.cfg.storage_dir, idt)
         if waited < rotation.USER_CA_GONE_AFTER:
             # During a live user CA rotation (update_clients .. update_servers) the proxy exports only the new
             # CA while the old one is still trusted, and Teleport's reloads break connections: one failure is

@@ -297,21 +297,43 @@ def recover_host_trust(cfg, identity, peer_der: Optional[bytes], server_name: st
                      f"`tctl status` prints now", retryable=False, untrusted=True)
 
 
-# identity certificate -> monotonic time of the first failure that looked like its user CA was dropped
-_SUSPECT: Dict[bytes, float] = {}
+SUSPECT_FILE = "user-ca-suspect"  # fingerprint of the identity + wall time of the first such failure
 USER_CA_GONE_AFTER = 90.0
 
 
-def user_ca_suspect(identity, clock: Callable[[], float] = time.monotonic) -> float:
-    """Seconds since the first failure (with no success since) that looked like a dropped user CA."""
-    first = _SUSPECT.setdefault(identity.tls_cert_pem, clock())
-    return clock() - first
+def user_ca_suspect(storage_dir, identity, now: Optional[float] = None) -> float:
+    """Seconds since the first failure (with no success since) that looked like a dropped user CA. Kept in the
+    storage, so that restarts (systemd stops an agent that is not ready within TimeoutStartSec) do not reset it."""
+    from machine_id_agent import identity as ident
+
+    now = time.time() if now is None else now
+    fp = ident.cert_fingerprint(identity.tls_cert_pem)
+    try:
+        raw = ident._read_storage(Path(storage_dir), SUSPECT_FILE)
+        parts = raw.decode().split() if raw else []
+        if len(parts) == 2 and parts[0] == fp:
+            return max(0.0, now - float(parts[1]))
+    except (AgentError, OSError, ValueError):
+        pass
+    try:
+        with ident.open_storage(storage_dir) as d:
+            d.write(SUSPECT_FILE, ("%s %.3f\n" % (fp, now)).encode())
+    except (OSError, AgentError):
+        pass
+    return 0.0
 
 
-def user_ca_ok(identity) -> None:
-    """The server accepted this identity (or the proxy still exports its signer): forget any suspicion."""
-    if _SUSPECT:
-        _SUSPECT.pop(identity.tls_cert_pem, None)
+def user_ca_ok(storage_dir) -> None:
+    """The server accepted the identity (or the proxy still exports its signer): forget any suspicion."""
+    if not os.path.lexists(os.path.join(str(storage_dir), SUSPECT_FILE)):
+        return
+    from machine_id_agent import identity as ident
+
+    try:
+        with ident.open_storage(storage_dir) as d:
+            d.unlink(SUSPECT_FILE)
+    except (OSError, AgentError):
+        pass
 
 
 def user_ca_gone(cfg, identity, proxy_addr: Optional[str]) -> Optional[bool]:

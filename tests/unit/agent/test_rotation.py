@@ -275,7 +275,7 @@ def test_one_failure_during_a_live_user_rotation_is_no_proof(tmp_path, auth, mon
     """update_clients .. update_servers: the proxy exports only the new user CA while the old one is still
     trusted, and Teleport's reloads break connections. Only failures with no success in between for
     USER_CA_GONE_AFTER seconds mark the identity."""
-    monkeypatch.setattr(rotation, "USER_CA_GONE_AFTER", 0.6)
+    monkeypatch.setattr(rotation, "USER_CA_GONE_AFTER", 1.2)
     idt = auth.join()
     new_user = CA()
     _restart_with(auth, user_ca=new_user)
@@ -292,12 +292,14 @@ def test_one_failure_during_a_live_user_rotation_is_no_proof(tmp_path, auth, mon
         attempt()
     assert err.value.retryable and not isinstance(err.value, LockedError) and "checking again" in str(err.value)
     assert ident.stale_reason(c.storage_dir, idt) is None
-    rotation.user_ca_ok(idt)  # a success in between (the old CA was still trusted): the clock starts over
-    time.sleep(0.7)
+    assert (c.storage_dir / rotation.SUSPECT_FILE).exists(), "kept on disk: a restart does not reset the clock"
+    rotation.user_ca_ok(c.storage_dir)  # a success in between (the old CA was still trusted): the clock starts over
+    assert not (c.storage_dir / rotation.SUSPECT_FILE).exists()
+    time.sleep(1.3)
     with pytest.raises(RenewError) as err:
         attempt()
     assert err.value.retryable and ident.stale_reason(c.storage_dir, idt) is None
-    time.sleep(0.7)  # failures only, for longer than USER_CA_GONE_AFTER: now it is proof
+    time.sleep(1.3)  # failures only, for longer than USER_CA_GONE_AFTER: now it is proof
     with pytest.raises(LockedError):
         attempt()
     assert ident.stale_reason(c.storage_dir, idt) == ident.STALE_UNTRUSTED
