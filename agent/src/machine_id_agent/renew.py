@@ -214,9 +214,10 @@ class AuthClient:
             return
         waited = rotation.user_ca_suspect(self.cfg.storage_dir, idt)
         if waited < rotation.USER_CA_GONE_AFTER:
-            # During a live user CA rotation (update_clients .. update_servers) the proxy exports only the new
-            # CA while the old one is still trusted, and Teleport's reloads break connections: one failure is
-            # no proof. Only failures with no success in between for USER_CA_GONE_AFTER seconds are.
+            # During a live user CA rotation (update_clients .. update_servers) the proxy's export follows the
+            # active CA (seen on the bed for the host CA), so it can name only the new one while the old one is
+            # still trusted, and Teleport's reloads break connections: one failure is no proof. Only failures
+            # with no success in between for USER_CA_GONE_AFTER seconds are.
             raise RenewError(f"cannot reach the auth server with the bot identity ({exc.details}), and the proxy no "
                              f"longer exports the user CA that signed it: a user CA rotation may have dropped it; "
                              f"checking again (it is given up after {rotation.USER_CA_GONE_AFTER:.0f} s of such "

@@ -32,9 +32,9 @@ the fix (re-enrolment), and the rollout re-enrols the host.
 A missed **user** CA rotation cannot be recovered: the bot's certificate is signed by a CA the cluster no
 longer trusts, and the server refuses the TLS handshake. When the proxy serves the user CA
 (``type=tls-user``) and it did not sign the identity, and connections keep failing that way with no success
-for :data:`USER_CA_GONE_AFTER` seconds (during a live rotation the proxy exports only the new CA while the old
-one is still trusted, and reloads break connections, so one failure proves nothing), the identity is marked
-``untrusted`` (never presented again) and the host needs re-enrolment.
+for :data:`USER_CA_GONE_AFTER` seconds (during a live rotation the proxy's export follows the active CA, so
+it can name only the new one while the old one is still trusted, and reloads break connections: one failure
+proves nothing), the identity is marked ``untrusted`` (never presented again) and the host needs re-enrolment.
 """
 
 from __future__ import annotations
