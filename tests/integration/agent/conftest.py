@@ -208,9 +208,10 @@ class AgentHost:
         return self.kubectl_as(user, "get", "pods", "-n", tb.DEMO_NAMESPACE, "-o", "name")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def own_bed(testbed_bins):
-    """A private bed for tests that take Teleport down or rotate its CAs (the shared one stays untouched)."""
+    """A private bed for tests that take Teleport down or rotate its CAs (the shared one stays untouched); one per
+    module, stopped when the module ends, so that it loads the machine only while its tests run."""
     try:
         bed = tb.Testbed.start()
     except (tb.TestbedError, tb.BuildError) as exc:

@@ -148,13 +148,13 @@ def host_cas_in_kubeconfig(h):
     return base64.b64decode(doc["clusters"][0]["cluster"]["certificate-authority-data"])
 
 
-def manual_host_rotation(tp, reader):
+def manual_host_rotation(tp, reader, ca_type="host"):
     """init, update_clients, update_servers, standby, 25 s apart (each after Teleport is back), the reader reading."""
     with reader:
         time.sleep(3)
         for phase in PHASES:
             t0 = time.monotonic()
-            rotate(tp, "host", phase)
+            rotate(tp, ca_type, phase)
             teleport_ready(tp)
             time.sleep(max(0.0, 25 - (time.monotonic() - t0)))
         time.sleep(10)
@@ -164,14 +164,22 @@ def manual_host_rotation(tp, reader):
 
 
 def test_reader_follows_a_manual_host_ca_rotation_separate_ports(own_bed, make_host):
+    """LANYARD_ROTATION_MANUAL_CA=user runs the same with a manual USER CA rotation (not in CI: the automatic user
+    CA rotation below covers that CA there)."""
+    ca_type = os.environ.get("LANYARD_ROTATION_MANUAL_CA", "host")
     tp, h, p, diag = started_agent(own_bed, "separate", make_host)
     ca_before = (h.dest / "teleport-host-ca.crt").read_bytes()
     rotations_before = metric(diag, "ca_rotation_renewals_total") if CONTROL is None else 0
     reader = Reader.of_process_host(h)
     try:
-        manual_host_rotation(tp, reader)
+        manual_host_rotation(tp, reader, ca_type)
     finally:
-        reader.report("manual host CA rotation, separate ports, agent process")
+        reader.report("manual %s CA rotation, separate ports, agent process" % ca_type)
+    if ca_type == "user":
+        tp.renew_admin_identity()
+        assert metric(diag, "ca_rotation_renewals_total") >= rotations_before + 4
+        renews_normally(h, p, diag)
+        return
     assert metric(diag, "ca_rotation_renewals_total") >= rotations_before + 4, "one renewal per phase"
     ca_after = (h.dest / "teleport-host-ca.crt").read_bytes()
     assert ca_after != ca_before and host_cas_in_kubeconfig(h) == ca_after
