@@ -367,12 +367,11 @@ def init_dir(directory: Union[str, Path], owner_uid: int, owner_gid: int, bot_ui
     if path == "/":
         raise ConfigError("--init-dir: / cannot be a destination; pass a directory like /opt/machine-id")
     parent, name = os.path.split(path)
-    if dry_run:
-        if not os.path.lexists(path):
-            return InitResult(changed=True, path=path, acl="", acls_used=mode != "off",
-                              actions=["would create %s" % path, "would chown %s:%s" % (_uname(owner_uid),
-                                                                                      _gname(owner_gid)),
-                                       "would set the acl of %s" % path])
+    if dry_run and not os.path.lexists(path):
+        owner = "%s:%s" % (_uname(owner_uid), _gname(owner_gid))
+        return InitResult(changed=True, path=path, acl="", acls_used=mode != "off",
+                          actions=["would create %s" % path, "would chown %s" % owner,
+                                   "would set the acl of %s" % path])
     with fsutil.open_dir(parent, symlinks, create=None if dry_run else 0o755, warn=warn) as pd:
         try:
             os.stat(name, dir_fd=pd.fd, follow_symlinks=False)
