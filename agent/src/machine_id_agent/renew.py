@@ -221,7 +221,8 @@ class AuthClient:
             raise RenewError(f"cannot reach the auth server with the bot identity ({exc.details}), and the proxy no "
                              f"longer exports the user CA that signed it: a user CA rotation may have dropped it; "
                              f"checking again (it is given up after {rotation.USER_CA_GONE_AFTER:.0f} s of such "
-                             f"failures, {waited:.0f} s so far); will retry", retryable=True)
+                             f"failures, {waited:.0f} s so far); will retry", retryable=True,
+                             retry_after=max(1.0, rotation.USER_CA_GONE_AFTER - waited + 1.0))
         storage = Path(self.cfg.storage_dir)
         ident.mark_stale(storage, idt, ident.STALE_UNTRUSTED)
         raise LockedError(untrusted_explanation(idt, storage), untrusted=True)

@@ -696,6 +696,9 @@ class Agent:
                         delay = jittered_interval(interval, self.rnd)
                     if isinstance(err, LockedError):
                         delay = max(delay, float(interval))
+                    retry_after = (getattr(err, "details", None) or {}).get("retry_after")
+                    if retry_after:  # the error knows when a retry can tell more (rotation.USER_CA_GONE_AFTER)
+                        delay = min(delay, float(retry_after))
                     next_at = now + delay
                     self.log.error("renewal failed (attempt %d): %s; retrying in %.0fs",
                                    self.consecutive_failures, err, delay)

@@ -291,6 +291,7 @@ def test_one_failure_during_a_live_user_rotation_is_no_proof(tmp_path, auth, mon
     with pytest.raises(RenewError) as err:
         attempt()
     assert err.value.retryable and not isinstance(err.value, LockedError) and "checking again" in str(err.value)
+    assert 1.0 <= err.value.details["retry_after"] <= 2.3, "the next look is due when the 1.2 s are up"
     assert ident.stale_reason(c.storage_dir, idt) is None
     assert (c.storage_dir / rotation.SUSPECT_FILE).exists(), "kept on disk: a restart does not reset the clock"
     rotation.user_ca_ok(c.storage_dir)  # a success in between (the old CA was still trusted): the clock starts over
