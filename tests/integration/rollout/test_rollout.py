@@ -175,6 +175,15 @@ def test_2c_a_host_whose_identity_was_removed_is_back_in_one_rollout(fleet):
     h.run(["systemctl", "start", "--no-block", "machine-id"])  # it cannot join with the spent token
     assert _agent_status(fleet, host)["identity"]["state"] == "none"
     removals = sum(1 for c in fleet._calls() if c[:3] == ["bots", "rm", f"{fleet.bot_name}-{host}"])
+    # check mode on a host that needs re-enrolment: it runs through, mints nothing, deletes no bot, writes nothing
+    tokens, calls = fleet.token_creations(), len(fleet._calls())
+    token_file = h.run(["cat", "/etc/machine-id-agent/token"]).stdout
+    run = fleet.rollout(check=True, diff=True)
+    _assert_ok(run)
+    assert fleet.token_creations() == tokens
+    assert not [c for c in fleet._calls()[calls:] if c[:2] in (["bots", "rm"], ["bots", "add"])]
+    assert h.run(["cat", "/etc/machine-id-agent/token"]).stdout == token_file
+    assert _agent_status(fleet, host)["identity"]["state"] == "none"
     _back_in_one_rollout(fleet, host)
     assert sum(1 for c in fleet._calls() if c[:3] == ["bots", "rm", f"{fleet.bot_name}-{host}"]) == removals + 1
 
