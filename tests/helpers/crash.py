@@ -14,6 +14,7 @@ a lock is a *lock*. Either is re-enrolled (lock removed, bot re-created, new tok
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
@@ -31,6 +32,20 @@ TOKEN_PATH = "/etc/machine-id-agent/token"
 GEN_LABEL = "teleport.internal/bot-generation"
 OID_GENERATION = x509.ObjectIdentifier("1.3.9999.1.14")
 TIMING_RE = re.compile(r"round trip ([0-9.]+) ms, answer to disk ([0-9.]+) ms, to fsync ([0-9.]+) ms")
+
+
+@contextlib.contextmanager
+def rolled_out_rig(workdir, teleport, kube, bot_name: str, host: str):
+    """One real systemd host rolled out by playbooks/rollout.yml with the role's defaults; a CrashRig on it,
+    the host stopped afterwards."""
+    fleet = CrashFleet(workdir, teleport=teleport, kube=kube, bot_name=bot_name)
+    try:
+        fleet.add_hosts([host])
+        run = fleet.rollout()
+        assert run.rc == 0, run.stdout[-6000:]
+        yield CrashRig(fleet, host)
+    finally:
+        fleet.stop()
 
 
 class CrashFleet(Fleet):

@@ -138,10 +138,11 @@ class Fleet:
                             env=env, timeout=timeout, diff=diff, extra_args=extra_args, bin_dir=self.ansible_bin_dir)
 
     # -- checks ------------------------------------------------------------------------------------------
-    def reader_get_pods(self, name: str, reader: str = "app"):
+    def reader_get_pods(self, name: str, reader: str = "app", request_timeout: str = "", timeout: float = 120):
+        extra = ["--request-timeout=" + request_timeout] if request_timeout else []
         return self.hosts[name].run(["runuser", "-u", reader, "--", GUEST_KUBECTL, "--kubeconfig",
-                                     "/opt/machine-id/kubeconfig.yaml", "get", "pods", "-n", "demo", "-o", "name"],
-                                    check=False)
+                                     "/opt/machine-id/kubeconfig.yaml", *extra, "get", "pods", "-n", "demo", "-o",
+                                     "name"], check=False, timeout=timeout)
 
     def token_creations(self) -> int:
         """Join tokens created so far: ``join_token.create`` audit events (tokens made with ``tctl create``)

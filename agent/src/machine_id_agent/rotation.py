@@ -57,7 +57,7 @@ WATCHED = ("host", "user")
 DEBOUNCE = 5.0  # seconds between seeing a phase change and renewing (lets every auth server's cache follow)
 RETRY_MIN, RETRY_MAX = 2.0, 60.0  # re-watch back-off after the stream broke
 TRUST_FILE = "ca-trust.json"
-EXPORT_USER_CA_PATH = "/webapi/auth/export?type=tls-user"
+EXPORT_USER_CA_PATH = "/webapi/auth/export?type=tls-user"  # webapi.export_cas(addr, "tls-user")
 UNTRUSTED_SERVER = "server certificate not trusted (not signed by the cluster CA"
 
 
@@ -229,14 +229,6 @@ class RotationWatcher:
 
 
 # --- recovery from a missed host CA rotation --------------------------------------------------------------
-def _org(pem: bytes) -> str:
-    from cryptography import x509
-    from cryptography.x509.oid import NameOID
-
-    orgs = x509.load_pem_x509_certificate(pem).subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
-    return str(orgs[0].value) if orgs else ""
-
-
 def issuers_of(identity) -> List[bytes]:
     """The CA certificates in the identity's trust set that signed its own certificate (its user CA)."""
     from machine_id_agent import join
@@ -261,7 +253,7 @@ def recover_host_trust(cfg, identity, peer_der: Optional[bytes], server_name: st
         except webapi.WebAPIError as exc:
             raise RenewError(f"{problem}; asking the proxy for the new host CA failed ({exc}); will retry",
                              retryable=bool(getattr(exc, "retryable", True))) from None
-        mine = [c for c in cas if _org(c) == cluster]
+        mine = [c for c in cas if join._org(c) == cluster]
         try:
             transport.verify_server_cert(peer_der, mine, server_name)
         except transport.TransportError as exc:
@@ -341,17 +333,14 @@ def user_ca_gone(cfg, identity, proxy_addr: Optional[str]) -> Optional[bool]:
     a user CA rotation completed without the agent, and the server will never accept this identity again.
     None when that cannot be told (no proxy, insecure, or the proxy does not serve it)."""
     from machine_id_agent import join, webapi
-    from machine_id_agent import identity as ident
 
     if not proxy_addr or getattr(cfg, "insecure", False):
         return None
     try:
-        raw = webapi.request_bytes(proxy_addr, "GET", EXPORT_USER_CA_PATH, ca_path=cfg.ca_path, timeout=10,
-                                   accept="application/x-pem-file, */*")
+        cas = webapi.export_cas(proxy_addr, "tls-user", ca_path=cfg.ca_path)
     except AgentError:
         return None
-    cas = [c for c in ident.split_pems(raw) if c.startswith(b"-----BEGIN CERTIFICATE-----")]
-    cas = [c for c in cas if _org(c) == identity.cluster_name]
+    cas = [c for c in cas if join._org(c) == identity.cluster_name]
     if not cas:
         return None
     return not any(join._signed_by(identity.tls_cert_pem, c) for c in cas)

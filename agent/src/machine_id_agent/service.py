@@ -380,10 +380,9 @@ class Agent:
                 if self._deferred is None:
                     raise err
                 self.log.error("%s", err)  # the deferred problem is reported as the cycle's error
-            if getattr(client, "trust_recovered", 1) is None:
-                from machine_id_agent import rotation
+            from machine_id_agent import rotation
 
-                rotation.clear_untrusted(cfg.storage_dir)  # the server is trusted again (pins updated)
+            rotation.clear_untrusted(cfg.storage_dir)  # a cycle got through: the server is trusted (again)
 
     def _reader_uids(self, out) -> List[int]:
         return [aclmod.resolve_user(u, "%s: readers" % out.destination) for u in out.readers]
@@ -514,7 +513,7 @@ class Agent:
             self.log.info("diagnostics on http://%s (/livez, /readyz, /metrics)", self.cfg.diag_addr)
 
     def _start_watch(self) -> None:
-        """The CA rotation watch (rotation.RotationWatcher), unless the backend has no renewal client (tests)."""
+        """The CA rotation watch (rotation.RotationWatcher), unless the config turns it off."""
         if not self.cfg.watch_ca_rotations:
             return
         from machine_id_agent import rotation

@@ -238,19 +238,25 @@ def find(addr: str, ca_path: Optional[Path] = None, insecure: bool = False, time
 EXPORT_HOST_CA_PATH = "/webapi/auth/export?type=tls-host"
 
 
-def export_host_cas(addr: str, ca_path: Optional[Path] = None, insecure: bool = False, timeout: float = 10
-                    ) -> List[bytes]:
-    """GET ``/webapi/auth/export?type=tls-host``: the cluster's host CA certificate(s) as the proxy serves
-    them, without authentication (PEM). Only as trustworthy as the connection: the web certificate says
-    which server answered, the pins say whether its cluster is the one meant."""
+def export_cas(addr: str, ca_type: str, ca_path: Optional[Path] = None, insecure: bool = False, timeout: float = 10
+               ) -> List[bytes]:
+    """GET ``/webapi/auth/export?type=<ca_type>`` (``tls-host``, ``tls-user``): the cluster's CA certificate(s)
+    as the proxy serves them, without authentication (PEM). Only as trustworthy as the connection: the web
+    certificate says which server answered, the pins say whether its cluster is the one meant."""
     from machine_id_agent.identity import split_pems
 
-    raw = request_bytes(addr, "GET", EXPORT_HOST_CA_PATH, ca_path=ca_path, insecure=insecure, timeout=timeout,
+    path = f"/webapi/auth/export?type={ca_type}"
+    raw = request_bytes(addr, "GET", path, ca_path=ca_path, insecure=insecure, timeout=timeout,
                         accept="application/x-pem-file, */*")
-    pems = split_pems(raw)
-    pems = [p for p in pems if p.startswith(b"-----BEGIN CERTIFICATE-----")]
+    pems = [p for p in split_pems(raw) if p.startswith(b"-----BEGIN CERTIFICATE-----")]
     if not pems:
         where = join_addr(*split_addr(addr))
-        raise WebAPIError(f"the proxy {where}: GET {EXPORT_HOST_CA_PATH} returned no PEM certificate; check that "
-                          f"the address is a Teleport v13+ proxy's web port", retryable=False)
+        raise WebAPIError(f"the proxy {where}: GET {path} returned no PEM certificate; check that the address is a "
+                          f"Teleport v13+ proxy's web port", retryable=False)
     return pems
+
+
+def export_host_cas(addr: str, ca_path: Optional[Path] = None, insecure: bool = False, timeout: float = 10
+                    ) -> List[bytes]:
+    """The cluster's host CA certificate(s) (``export_cas`` with ``tls-host``)."""
+    return export_cas(addr, "tls-host", ca_path=ca_path, insecure=insecure, timeout=timeout)

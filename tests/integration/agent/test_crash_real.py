@@ -24,7 +24,7 @@ import time
 import pytest
 
 import testbed as tb
-from helpers.crash import SERVICE, STORAGE, TOKEN_PATH, CrashFleet, CrashRig
+from helpers.crash import SERVICE, STORAGE, TOKEN_PATH, rolled_out_rig
 from helpers.fleet import wait_for
 
 pytestmark = [pytest.mark.testbed, pytest.mark.slow, pytest.mark.timeout(3600)]
@@ -37,15 +37,8 @@ KILLS = int(os.environ.get("LANYARD_CRASH_KILLS", "50"))
 
 @pytest.fixture(scope="module")
 def rig(teleport_multiplex, kube, tmp_path_factory):
-    fleet = CrashFleet(tmp_path_factory.mktemp("h3-crash"), teleport=teleport_multiplex, kube=kube,
-                       bot_name="h3crash")
-    try:
-        fleet.add_hosts([HOST])
-        run = fleet.rollout()
-        assert run.rc == 0, run.stdout[-6000:]
-        yield CrashRig(fleet, HOST)
-    finally:
-        fleet.stop()
+    with rolled_out_rig(tmp_path_factory.mktemp("h3-crash"), teleport_multiplex, kube, "h3crash", HOST) as rig:
+        yield rig
 
 
 def _reader_ok(rig) -> bool:

@@ -29,8 +29,8 @@ import requests
 import yaml
 
 import testbed as tb
-from helpers.crash import CrashFleet, CrashRig
-from helpers.fleet import GUEST_KUBECTL, agent_status
+from helpers.crash import rolled_out_rig
+from helpers.fleet import agent_status
 from test_agent_e2e import APP_USER, free_port, http_get, metric, wait_for
 
 pytestmark = [pytest.mark.testbed]
@@ -60,11 +60,9 @@ class Reader:
                                      timeout=30))
 
     @classmethod
-    def of_systemd_host(cls, host):
+    def of_systemd_host(cls, fleet, name):
         """The same inside a systemd host, as its ``app`` user, with the kubeconfig the role's agent writes."""
-        return cls(lambda: host.run(["runuser", "-u", "app", "--", GUEST_KUBECTL, "--kubeconfig",
-                                     "/opt/machine-id/kubeconfig.yaml", "--request-timeout=5s", "get", "pods", "-n",
-                                     tb.DEMO_NAMESPACE, "-o", "name"], check=False, timeout=30))
+        return cls(lambda: fleet.reader_get_pods(name, request_timeout="5s", timeout=30))
 
     def _run(self):
         while not self._stop.is_set():
@@ -192,15 +190,9 @@ def test_reader_follows_a_manual_host_ca_rotation_separate_ports(own_bed, make_h
 def systemd_host(own_bed, tmp_path_factory):
     """A real systemd host (Debian 12, systemd-nspawn) rolled out by playbooks/rollout.yml with the role's
     defaults (renewal_interval 20m, certificate_ttl 1h, the hardened unit) against the private bed."""
-    fleet = CrashFleet(tmp_path_factory.mktemp("rot-host"), teleport=own_bed.teleport["multiplex"],
-                       kube=own_bed.kube, bot_name="rot")
-    try:
-        fleet.add_hosts([SYSTEMD_HOST])
-        run = fleet.rollout()
-        assert run.rc == 0, run.stdout[-6000:]
-        yield CrashRig(fleet, SYSTEMD_HOST)
-    finally:
-        fleet.stop()
+    with rolled_out_rig(tmp_path_factory.mktemp("rot-host"), own_bed.teleport["multiplex"], own_bed.kube, "rot",
+                        SYSTEMD_HOST) as rig:
+        yield rig
 
 
 def test_reader_follows_a_manual_host_ca_rotation_on_a_systemd_host(own_bed, systemd_host):
@@ -210,7 +202,7 @@ def test_reader_follows_a_manual_host_ca_rotation_on_a_systemd_host(own_bed, sys
     ca_file = "/opt/machine-id/teleport-host-ca.crt"
     ca_before = host.run(["cat", ca_file]).stdout
     since = host.run(["date", "+%Y-%m-%d %H:%M:%S"]).stdout.strip()
-    reader = Reader.of_systemd_host(host)
+    reader = Reader.of_systemd_host(rig.fleet, SYSTEMD_HOST)
     try:
         manual_host_rotation(own_bed.teleport["multiplex"], reader)
     finally:
@@ -223,8 +215,7 @@ def test_reader_follows_a_manual_host_ca_rotation_on_a_systemd_host(own_bed, sys
     rig.usr1()
     wait_for(lambda: (rig.label_generation() or 0) > (gen or 0), 60, "a renewal after the rotation")
     assert rig.active_state() == "active"
-    assert host.run(["runuser", "-u", "app", "--", GUEST_KUBECTL, "--kubeconfig", "/opt/machine-id/kubeconfig.yaml",
-                     "get", "pods", "-n", tb.DEMO_NAMESPACE, "-o", "name"], check=False).returncode == 0
+    assert rig.fleet.reader_get_pods(SYSTEMD_HOST).returncode == 0
 
 
 def test_systemd_host_stopped_through_a_user_ca_rotation_is_re_enrolled_by_one_rollout(own_bed, systemd_host):

@@ -292,6 +292,16 @@ def _get(url):
         return e.code, e.read().decode()
 
 
+def _wait_for(pred, what, t=10):
+    """Poll ``pred`` (from a driver thread beside the agent's loop) until true, or fail naming ``what``."""
+    end = time.monotonic() + t
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.02)
+    raise AssertionError("timed out waiting for " + what)
+
+
 def test_service_loop_signals_notify_and_diag(tmp_path, logbuf):
     """The real loop in the main thread: READY/WATCHDOG over $NOTIFY_SOCKET, SIGUSR1 renews now, SIGHUP
     reloads (new token => re-join), /readyz and /metrics track it, SIGTERM exits 0."""
@@ -308,13 +318,7 @@ def test_service_loop_signals_notify_and_diag(tmp_path, logbuf):
 
     def driver():
         try:
-            def wait_for(pred, what, t=10):
-                end = time.monotonic() + t
-                while time.monotonic() < end:
-                    if pred():
-                        return
-                    time.sleep(0.05)
-                raise AssertionError("timed out waiting for " + what)
+            wait_for = _wait_for
             wait_for(lambda: agent.renewals == 1, "first renewal")
             seen["ready1"] = _get("http://127.0.0.1:%d/readyz" % port)
             os.kill(os.getpid(), signal.SIGUSR1)
@@ -630,13 +634,7 @@ def test_a_ca_rotation_step_renews_identity_and_outputs_even_mid_cycle(tmp_path,
 
     def driver():
         try:
-            def wait_for(pred, what, t=10):
-                end = time.monotonic() + t
-                while time.monotonic() < end:
-                    if pred():
-                        return
-                    time.sleep(0.02)
-                raise AssertionError("timed out waiting for " + what)
+            wait_for = _wait_for
             wait_for(lambda: agent.renewals == 1, "first cycle")
             renews = len([c for c in be.calls if c[0] == "renew"])
             agent.request_renewal("host CA rotation in phase init")
