@@ -117,7 +117,6 @@ class RotationWatcher:
         self.rotation_renewals = 0
         self.last_error: Optional[str] = None
         self._due: Optional[Tuple[float, str]] = None
-        self._warned = False
 
     # -- lifecycle
     def start(self) -> None:
