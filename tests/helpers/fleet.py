@@ -51,6 +51,7 @@ class Fleet:
     bot_name: str = "example"
     hosts: dict[str, Host] = field(default_factory=dict)
     absent: set[str] = field(default_factory=set)
+    host_vars: dict[str, dict] = field(default_factory=dict)  # per host, written into the inventory
     serial: int | str = 1
     # An installed collection (the directory that holds ansible_collections/): when set, the rollout is
     # lanyard.machine_id.rollout from there, with nothing else on ANSIBLE_COLLECTIONS_PATH.
@@ -118,7 +119,10 @@ class Fleet:
         self.workdir.mkdir(parents=True, exist_ok=True)
         hosts = {}
         for name in self.hosts:
-            hosts[name] = {"machine_id_state": "absent"} if name in self.absent else None
+            hv = dict(self.host_vars.get(name) or {})
+            if name in self.absent:
+                hv["machine_id_state"] = "absent"
+            hosts[name] = hv or None
         inv = {"machine_id": {"hosts": hosts, "vars": self.group_vars()}}
         path = self.workdir / "inventory.yml"
         path.write_text(yaml.safe_dump(inv, sort_keys=False))

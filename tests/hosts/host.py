@@ -210,6 +210,23 @@ class Host:
 
     def stop(self, timeout: float = 30) -> None:
         """Power the container off, stop the forwarder and delete the run directory."""
+        self.power_off(timeout)
+        if self.run_dir.exists():
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def power_on(self, timeout: float = 90) -> None:
+        """Boot the same root file system again after ``power_off()`` (what was on its disk is still there)."""
+        if _alive(self.nspawn_pid):
+            raise HostError(f"test host {self.name}: already running")
+        if not self.root.is_dir():
+            raise HostError(f"test host {self.name}: no root file system at {self.root} (stopped for good)")
+        self.nspawn_pid = self.leader_pid = self.forwarder_pid = None
+        self._boot(timeout)
+        self.save()
+        _log(f"{self.name}: powered on again in {self.timings['boot']:.1f} s")
+
+    def power_off(self, timeout: float = 30) -> None:
+        """An orderly poweroff of the container (its disk is kept: ``power_on()`` boots it again)."""
         if _alive(self.forwarder_pid):
             os.kill(self.forwarder_pid, signal.SIGTERM)
         if _alive(self.nspawn_pid):
@@ -229,8 +246,10 @@ class Host:
                     pass
         if self.leader_pid and _alive(self.leader_pid):
             os.kill(self.leader_pid, signal.SIGKILL)
+        # a powered-off host is unreachable, never a recycled pid's namespaces
+        self.nspawn_pid = self.leader_pid = self.forwarder_pid = None
         if self.run_dir.exists():
-            shutil.rmtree(self.run_dir, ignore_errors=True)
+            self.save()
 
     # -- commands inside ------------------------------------------------------------------------------
     def nsenter_argv(self) -> list[str]:

@@ -6,10 +6,19 @@
 from __future__ import annotations
 
 
+# `start` exits with this when it cannot get ready without a new join token (the unit's RestartPreventExitStatus=).
+EXIT_NEEDS_TOKEN = 78
+
+
 class AgentError(Exception):
     """A failure the user can act on; ``str()`` is one line naming the cause and the fix."""
 
     exit_code = 1
+
+    @property
+    def needs_token(self) -> bool:
+        """Only a new join token can fix this (a spent or refused token, an expired, locked or untrusted identity)."""
+        return bool(self.details.get("needs_token"))
 
     def __init__(self, msg: str, **details):
         msg = " ".join(str(msg).split("\n"))
@@ -49,6 +58,7 @@ class LockedError(RenewError):
     exit_code = 5
 
     def __init__(self, msg: str, retryable: bool = False, **details):
+        details.setdefault("needs_token", True)
         super().__init__(msg, retryable=retryable, **details)
 
 

@@ -149,9 +149,10 @@ def _join_error(where: str, status: Optional[int], server_message: str, full: st
     low = msg.lower()
     if "already been issued a renewable certificate" in low:
         return JoinError(f"{where} refused the join: {msg}. The bot already joined once (a token can be used only "
-                         f"once per bot); {_FIX_TOKEN}")
+                         f"once per bot); {_FIX_TOKEN}", needs_token=True)
     if "expired or not found" in low or "not found" in low and "token" in low:
-        return JoinError(f"{where} refused the join token: it is used, expired or unknown ({msg}); {_FIX_TOKEN}")
+        return JoinError(f"{where} refused the join token: it is used, expired or unknown ({msg}); {_FIX_TOKEN}",
+                         needs_token=True)
     if status is not None and 400 <= status < 500:
         return JoinError(f"{where} refused the join (HTTP {status}: {msg or 'no message'}); {_FIX_TOKEN}")
     return JoinError(_redact(full, token) + "; the join can be retried")
@@ -396,11 +397,11 @@ def join(cfg) -> ident.Identity:
         raise JoinError(f"join_method {cfg.join_method!r} is not supported; use join_method: token")
     if not token:
         raise JoinError("no join token is configured; put the token from `tctl bots add` in onboarding.token "
-                        "(a value or a token file path)")
+                        "(a value or a token file path)", needs_token=True)
     storage = Path(cfg.storage_dir)
     if ident.token_matches(storage, token) and ident.load(storage) is not None:
         raise JoinError(f"the configured token was already used for the identity stored in {storage}; a token "
-                        f"joins only once -- {_FIX_TOKEN}")
+                        f"joins only once -- {_FIX_TOKEN}", needs_token=True)
     ident.ensure_storage_dir(storage)  # fail on permissions before the token is spent
     key_pem = ident.generate_key()
     expires = _dt.datetime.now(_dt.timezone.utc) + _dt.timedelta(seconds=int(cfg.credential_ttl))

@@ -142,7 +142,7 @@ class AuthClient:
             raise RenewError(
                 f"the bot identity in {self.cfg.storage_dir} expired at {idt.not_after.isoformat()} and cannot be "
                 f"renewed; a fresh join is needed: create a new token with `tctl bots add {idt.bot_name} ...` "
-                f"(after `tctl bots rm {idt.bot_name}`) and put it in the config", retryable=False)
+                f"(after `tctl bots rm {idt.bot_name}`) and put it in the config", retryable=False, needs_token=True)
         kind, addr = self.route
         if kind == "proxy":
             return transport.via_proxy_alpn(addr, idt.cluster_name, idt.tls_cert_pem, idt.key_pem, idt.tls_ca_pems)

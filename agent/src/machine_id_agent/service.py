@@ -36,7 +36,8 @@ from typing import Any, Callable, Dict, List, Optional
 from machine_id_agent import acl as aclmod
 from machine_id_agent import config as configmod
 from machine_id_agent import logs, outputs
-from machine_id_agent.errors import AgentError, ConfigError, JoinError, LockedError, OutputError, RenewError
+from machine_id_agent.errors import (EXIT_NEEDS_TOKEN, AgentError, ConfigError, JoinError, LockedError, OutputError,
+                                     RenewError)
 from machine_id_agent.notify import Notifier
 
 BACKOFF_CAP = 60.0
@@ -685,6 +686,16 @@ class Agent:
                         ready_sent = True
                     else:
                         self.notifier.status(status)
+                elif not ready_sent and getattr(err, "needs_token", False):
+                    # It never got ready and only a new join token can change that: exit instead of holding the
+                    # unit in "activating" (which holds up boot until TimeoutStartSec and then loops through
+                    # restarts). The unit does not restart on this status; a new token and a restart (the role
+                    # does both) bring it back.
+                    self.log.error("cannot start: %s; exiting with status %d until a new join token is configured "
+                                   "and the service restarted", err, EXIT_NEEDS_TOKEN)
+                    self.notifier.status("needs a new join token: %s" % str(err)[:200])
+                    self.notifier.stopping()
+                    return EXIT_NEEDS_TOKEN
                 else:
                     retryable = getattr(err, "retryable", None)
                     if retryable is None:

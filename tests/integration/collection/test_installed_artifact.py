@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -24,13 +25,14 @@ import yaml
 
 from helpers.fleet import Fleet
 from helpers.playbook import REPO, ansible_bin, run_playbook
+from helpers.runner import run_with_runner
 from hosts import CONNECTION_PLUGINS
 
 pytestmark = [pytest.mark.testbed, pytest.mark.slow]
 
 # What a collection user gets at the top of the artifact, and nothing else.
 TOP_LEVEL = {"MANIFEST.json", "FILES.json", "README.md", "COPYING", "CHANGELOG.rst", "meta", "plugins", "roles",
-             "playbooks", "agent", "docs", "changelogs"}
+             "playbooks", "agent", "docs", "changelogs", "requirements.txt", "bindep.txt"}
 # Development files the artifact must not carry (issue 15).
 FORBIDDEN = ("Makefile", "pytest.ini", "requirements-test.txt", ".gitignore", "scripts", "tests", "bench",
              "extensions", "build", ".ci", "changelogs/fragments", "changelogs/.plugin-cache.yaml")
@@ -117,6 +119,43 @@ def test_installed_collection_documents_itself(installed, tmp_path):
     assert role["path"].startswith(str(installed)), role["path"]
 
 
+def _builder() -> str:
+    cand = Path(sys.executable).parent / "ansible-builder"
+    return str(cand) if cand.exists() else "ansible-builder"
+
+
+def test_execution_environment_from_the_installed_collection(artifact, installed, tmp_path):
+    """Issue 14 point 4: ansible-builder reads the collection's EE needs (meta/execution-environment.yml) from the
+    installed collection, and the documented EE definition (docs/examples/execution-environment.yml) makes a build
+    context that installs this artifact and tctl (no image is built here: no container runtime)."""
+    proc = subprocess.run([_builder(), "introspect", "--sanitize", str(installed)], capture_output=True, text=True,
+                          env=_env(), timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    deps = yaml.safe_load(proc.stdout[proc.stdout.index("---"):])
+    python = [line.split("#")[0].strip() for line in deps["python"] if "lanyard.machine_id" in line]
+    assert "requests>=2.25" in python, deps
+    assert any(line.startswith("ca-certificates") for line in deps["system"]), deps
+
+    work = tmp_path / "ee"
+    work.mkdir()
+    shutil.copy2(REPO / "docs" / "examples" / "execution-environment.yml", work)
+    shutil.copy2(artifact, work)
+    definition = yaml.safe_load((work / "execution-environment.yml").read_text())
+    assert definition["dependencies"]["galaxy"]["collections"][0]["name"].endswith(artifact.name), \
+        "docs/examples/execution-environment.yml names another artifact version than galaxy.yml's"
+    proc = subprocess.run([_builder(), "create", "-f", "execution-environment.yml", "-c", "context",
+                           "--output-filename", "Containerfile"], capture_output=True, text=True, cwd=work,
+                          env=_env(), timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ctx = work / "context"
+    containerfile = (ctx / "Containerfile").read_text()
+    assert (ctx / "_build" / "collections" / artifact.name).read_bytes() == artifact.read_bytes()
+    assert "ansible-galaxy collection install" in containerfile
+    assert "introspect" in containerfile  # the collection's requirements are resolved at build time
+    tctl = [line for line in containerfile.splitlines() if "cdn.teleport.dev" in line]
+    assert tctl and "sha256sum -c" in tctl[0] and "/usr/local/bin/tctl" in tctl[0], tctl
+
+
 class _ArtifactFleet(Fleet):
     """The checkout's fleet helper, with the agent's wheels built into a fresh directory (no cached set)."""
 
@@ -135,17 +174,33 @@ def test_rollout_and_role_from_the_installed_collection(installed, teleport_mult
     coll = installed / "ansible_collections" / "lanyard" / "machine_id"
     try:
         fleet.add_hosts([HOST])
-        run = fleet.rollout()
-        assert run.rc == 0, run.stdout[-6000:]
-        # The wheels were built from the agent source inside the installed collection.
-        build = [r for r in run.results if "Build the agent's wheel sets" in r["task"]]
-        assert build and build[0]["status"] == "ok", [r["task"] for r in run.results][:40]
-        argv = build[0]["result"]["cmd"]
+        # The first rollout as AWX runs it: ansible-runner on a private data dir (project, inventory, env/extravars,
+        # env/envvars), in an environment that has only the installed collection.
+        tokens = fleet.token_creations()
+        job = run_with_runner(tmp_path / "pdd", "lanyard.machine_id.rollout", inventory=fleet.write_inventory(),
+                              extravars={"machine_id_rollout_serial": 1},
+                              envvars={"ANSIBLE_CONNECTION_PLUGINS": str(CONNECTION_PLUGINS),
+                                       "ANSIBLE_PIPELINING": "True", "ANSIBLE_COLLECTIONS_PATH": str(installed),
+                                       "SSL_CERT_FILE": str(teleport_multiplex.web_ca_path)})
+        assert job.rc == 0 and job.status == "successful", job.stdout[-6000:]
+        assert fleet.token_creations() - tokens == 1
+        # The wheels were built from the agent source inside the installed collection (read from the job events).
+        build = job.ok_results("Build the agent's wheel sets", HOST)
+        assert build, sorted({e["event_data"].get("task") for e in job.events if e["event_data"].get("task")})[:60]
+        argv = build[0]["cmd"]
         assert argv[1] == str(coll / "roles" / "machine_id" / "files" / "build_wheels.py"), argv
         assert Path(argv[2]).resolve() == (coll / "agent").resolve(), argv
         assert list(fleet.wheel_dir.glob("*/machine_id_agent-*.whl")), sorted(fleet.wheel_dir.rglob("*"))
         got = fleet.reader_get_pods(HOST)
         assert got.returncode == 0 and "pod/" in got.stdout, (got.stdout, got.stderr)
+        # The token that was minted, sent and used is in no job event and no other file runner wrote.
+        token = fleet.hosts[HOST].run(["cat", "/etc/machine-id-agent/token"]).stdout.strip()
+        assert len(token) >= 16
+        assert len(job.events) > 50 and job.ok_results("This host's bot", HOST), len(job.events)
+        leaked = [str(f.relative_to(job.artifacts)) for f in job.artifact_files()
+                  if token.encode() in f.read_bytes()]
+        assert leaked == [], leaked
+        assert token not in job.stdout
 
         # The role on its own, from the installed collection, on the host that now holds an identity, with the
         # CA pins the rollout gives it (read with the installed collection's teleport_cluster_info).

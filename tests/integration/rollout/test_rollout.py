@@ -3,9 +3,11 @@
 """playbooks/rollout.yml on the real test bed with real systemd hosts (issue: fleet rollout).
 
 One private bed (TLS routing) and a fleet of systemd-nspawn hosts; the steps run in order:
-first rollout (batches of 2 set in the inventory) -> no-change rerun -> a 4th host (the default ramp: a canary
-first) -> one host removed -> a host unreachable in the first batch stops the rollout -> a dead host marked
-absent is revoked on the control plane.
+check mode on a fresh fleet -> first rollout (batches of 2 set in the inventory) -> no-change rerun, check mode
+and each tag alone -> ACL drift -> re-enrolment: a host unreachable, then back with an expired identity, and a
+wiped host, in one batch under one tag -> a lost renewal and a locked bot -> a 4th host (the default ramp: a
+canary first) -> one host removed -> a host unreachable in the first batch stops the rollout -> a dead host
+marked absent is revoked on the control plane.
 
 Batches are read from the run itself (when each host started and finished the rollout play's tasks), never from
 the variable.
@@ -13,9 +15,12 @@ the variable.
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
+import time
 
 import pytest
+from cryptography import x509
 
 import testbed as tb
 from helpers.fleet import Fleet, agent_status, changed_by_host, wait_for
@@ -34,6 +39,8 @@ def fleet(testbed_bins, tmp_path_factory):
         pytest.fail(f"the real test bed failed to start: {exc}", pytrace=False)
     f = Fleet(tmp_path_factory.mktemp("fleet"), teleport=bed.teleport["multiplex"], kube=bed.kube, serial=2)
     try:
+        # app-2's identity expires while it is powered off in test_2c: a short TTL there, the defaults elsewhere
+        f.host_vars["app-2"] = {"machine_id_certificate_ttl": "1m", "machine_id_renewal_interval": "20s"}
         f.add_hosts(FIRST)
         yield f
     finally:
@@ -148,83 +155,134 @@ def _locks_on(fleet, host) -> list:
             if (lk.get("spec", {}).get("target") or {}).get("user") == f"bot-{fleet.bot_name}-{host}"]
 
 
-def _back_in_one_rollout(fleet, host, extra_args=None):
-    """One rollout brings ``host`` back: one token (its bot recreated), the reader works, the other hosts untouched."""
-    before = fleet.token_creations()
-    run = fleet.rollout(extra_args=extra_args)
-    _assert_ok(run)
-    assert fleet.token_creations() - before == 1
-    changed = changed_by_host(run)
-    assert all(changed.get(h, 0) == 0 for h in FIRST if h != host), changed
-    assert wait_for(lambda: fleet.reader_get_pods(host).returncode == 0, 60, 1), fleet.reader_get_pods(host).stderr
-    st = _agent_status(fleet, host)
-    assert st["identity"]["state"] == "ok" and st["identity"]["generation"] >= 1, st
-    token = fleet.hosts[host].run(["cat", "/etc/machine-id-agent/token"]).stdout.strip()
-    assert len(token) >= 16 and token not in run.stdout  # the new token is in no output
-    return run
+def _bots_rm_count(fleet, host) -> int:
+    return sum(1 for c in fleet._calls() if c[:3] == ["bots", "rm", f"{fleet.bot_name}-{host}"])
 
 
-def test_2c_a_host_whose_identity_was_removed_is_back_in_one_rollout(fleet):
-    """Disk swapped / storage wiped: Teleport v13 refuses a second join of the same bot ("already been issued a
-    renewable certificate"), so the rollout recreates the host's bot and joins with its new token."""
-    host = "app-1"
-    assert _bot_generation(fleet, host) >= 1
-    h = fleet.hosts[host]
-    h.run(["systemctl", "stop", "machine-id"])
-    h.run(["sh", "-c", "rm -rf /var/lib/teleport/bot/* /var/lib/teleport/bot/.[!.]*"])
-    h.run(["systemctl", "start", "--no-block", "machine-id"])  # it cannot join with the spent token
-    assert _agent_status(fleet, host)["identity"]["state"] == "none"
-    removals = sum(1 for c in fleet._calls() if c[:3] == ["bots", "rm", f"{fleet.bot_name}-{host}"])
-    # check mode on a host that needs re-enrolment: it runs through, mints nothing, deletes no bot, writes nothing
+def _assert_back(fleet, run, hosts):
+    """Each of ``hosts`` is back after ``run``: ready agent, a fresh identity, the reader works, and its new
+    token is in no output."""
+    for host in hosts:
+        assert wait_for(lambda: fleet.reader_get_pods(host).returncode == 0, 60, 1), \
+            (host, fleet.reader_get_pods(host).stderr)
+        st = _agent_status(fleet, host)
+        assert st["identity"]["state"] == "ok" and st["identity"]["generation"] >= 1, (host, st)
+        token = fleet.hosts[host].run(["cat", "/etc/machine-id-agent/token"]).stdout.strip()
+        assert len(token) >= 16 and token not in run.stdout, host  # the new token is in no output
+
+
+def _wait_until_expired(expires: str) -> None:
+    left = (_dt.datetime.fromisoformat(expires) - _dt.datetime.now(_dt.timezone.utc)).total_seconds()
+    if left > -2:
+        time.sleep(left + 2)
+
+
+def test_2c_unreachable_then_expired_and_wiped_hosts_are_back_in_one_batch_under_one_tag(fleet):
+    """Three re-enrolment edges on the real fleet, with the batch [app-1, app-2]:
+
+    * app-2 (credential TTL 1m) is powered off. A rollout while it is off cannot ask it whether it needs a
+      token: no token is minted, its bot is neither removed nor recreated, and the rollout stops before app-3.
+    * It stays off past its identity's expiry and boots with an expired identity; app-1's storage is wiped (a
+      disk swap). Teleport v13 refuses a second join of the same bot, so both need their bot recreated.
+    * `--check --diff` runs through, mints nothing, deletes no bot, writes nothing; then one rollout with only
+      the machine_id_configure tag brings both back in one batch: one token each, readers working, and the
+      agents use the new token at once (the role restarts an agent that could not get ready)."""
+    wiped, expired = "app-1", "app-2"
+    h1, h2 = fleet.hosts[wiped], fleet.hosts[expired]
+    st = _agent_status(fleet, expired)
+    assert st["identity"]["state"] == "ok", st
+    h2.power_off()
     tokens, calls = fleet.token_creations(), len(fleet._calls())
-    token_file = h.run(["cat", "/etc/machine-id-agent/token"]).stdout
+    run = fleet.rollout()
+    assert run.rc != 0, run.stdout[-3000:]
+    assert "rollout stopped after this batch: app-2 failed or could not be reached" in run.stdout, run.stdout[-3000:]
+    assert "app-3" not in run.hosts_started(ROLLOUT_PLAY)
+    assert fleet.token_creations() == tokens
+    assert not [c for c in fleet._calls()[calls:] if c[:2] in (["bots", "rm"], ["bots", "add"])]
+    assert _bot_exists(fleet, expired)
+
+    # the identity app-2 held when it went off expires while it is off (TTL 1m)
+    _wait_until_expired(_stored_identity_expiry(h2))
+    h2.power_on()
+    assert _agent_status(fleet, expired)["identity"]["state"] == "expired"
+    h1.run(["systemctl", "stop", "machine-id"])
+    h1.run(["sh", "-c", "rm -rf /var/lib/teleport/bot/* /var/lib/teleport/bot/.[!.]*"])
+    h1.run(["systemctl", "start", "--no-block", "machine-id"])  # it cannot join with the spent token
+    assert _agent_status(fleet, wiped)["identity"]["state"] == "none"
+
+    removals = {h: _bots_rm_count(fleet, h) for h in (wiped, expired)}
+    tokens, calls = fleet.token_creations(), len(fleet._calls())
+    token_files = {h: fleet.hosts[h].run(["cat", "/etc/machine-id-agent/token"]).stdout for h in (wiped, expired)}
     run = fleet.rollout(check=True, diff=True)
     _assert_ok(run)
     assert fleet.token_creations() == tokens
     assert not [c for c in fleet._calls()[calls:] if c[:2] in (["bots", "rm"], ["bots", "add"])]
-    assert h.run(["cat", "/etc/machine-id-agent/token"]).stdout == token_file
-    assert _agent_status(fleet, host)["identity"]["state"] == "none"
-    _back_in_one_rollout(fleet, host)
-    assert sum(1 for c in fleet._calls() if c[:3] == ["bots", "rm", f"{fleet.bot_name}-{host}"]) == removals + 1
+    for host in (wiped, expired):
+        assert fleet.hosts[host].run(["cat", "/etc/machine-id-agent/token"]).stdout == token_files[host]
+        assert run.result("lanyard.machine_id.machine_id : Report that a real run would join this host with a new "
+                          "token (check mode)", host), host
+    assert _agent_status(fleet, wiped)["identity"]["state"] == "none"
+    assert _agent_status(fleet, expired)["identity"]["state"] == "expired"
+
+    run = fleet.rollout(extra_args=["--tags", "machine_id_configure"])
+    _assert_ok(run)
+    assert run.batches(ROLLOUT_PLAY)[0] == [wiped, expired], run.batches(ROLLOUT_PLAY)
+    assert fleet.token_creations() - tokens == 2
+    for host in (wiped, expired):
+        assert _bots_rm_count(fleet, host) == removals[host] + 1, host
+    assert changed_by_host(run).get("app-3", 0) == 0, changed_by_host(run)
+    _assert_back(fleet, run, [wiped, expired])
 
 
-def test_2d_a_host_that_lost_a_renewal_is_back_in_one_rollout(fleet):
-    """A backup restored over the storage (an identity one renewal older than what Teleport counts): the agent
-    does not present it (no lock), status says lost-renewal, and one rollout re-enrols the host."""
-    host = "app-2"
-    h = fleet.hosts[host]
+def _stored_identity_expiry(host) -> str:
+    """The expiry of the identity stored on a powered-off host, read from its disk."""
+    doc = json.loads((host.root / "var/lib/teleport/bot/identity.json").read_text())
+    cert = x509.load_pem_x509_certificate(doc["tlscert"].encode())
+    return cert.not_valid_after_utc.isoformat()
+
+
+def test_2d_a_host_that_lost_a_renewal_and_a_locked_host_in_one_rollout(fleet):
+    """app-1: a backup restored over the storage (an identity one renewal older than what Teleport counts): the
+    agent does not present it (no lock), status says lost-renewal. app-3: Teleport locks the bot (here an admin's
+    `tctl lock`, as after a leaked copy; v13 answers the locked bot with a bare "access denied", so the host
+    cannot tell). One rollout re-enrols app-1 and stops on app-3 naming the lock; with machine_id_reenrol_locked
+    the next one removes the lock, recreates the bot and app-3 is back. One token per host."""
+    lost, locked = "app-1", "app-3"
+    h = fleet.hosts[lost]
     storage = "/var/lib/teleport/bot"
     h.run(["cp", "-p", f"{storage}/identity.json", "/root/identity.backup"])
-    gen = _agent_status(fleet, host)["identity"]["generation"]
+    gen = _agent_status(fleet, lost)["identity"]["generation"]
     h.run(["systemctl", "kill", "--kill-whom=main", "-s", "USR1", "machine-id"])
-    assert wait_for(lambda: _agent_status(fleet, host)["identity"]["generation"] == gen + 1, 60, 1)
+    assert wait_for(lambda: _agent_status(fleet, lost)["identity"]["generation"] == gen + 1, 60, 1)
     h.run(["systemctl", "stop", "machine-id"])
     h.run(["cp", "-p", "/root/identity.backup", f"{storage}/identity.json"])  # the restored backup
     h.run(["systemctl", "start", "machine-id"])
     h.run(["systemctl", "kill", "--kill-whom=main", "-s", "USR1", "machine-id"])  # a renewal: the agent must refuse to present it
-    assert wait_for(lambda: _agent_status(fleet, host)["identity"]["state"] == "lost-renewal", 60, 1), \
-        _agent_status(fleet, host)
-    assert not _locks_on(fleet, host)
-    _back_in_one_rollout(fleet, host)
-    assert not _locks_on(fleet, host)
-
-
-def test_2e_a_locked_host_is_named_then_re_enrolled_when_allowed(fleet):
-    """Teleport locks the bot (here an admin's `tctl lock`, as after a leaked copy; v13 answers the locked bot
-    with a bare "access denied", so the host cannot tell): the rollout names the lock and stops unless
-    machine_id_reenrol_locked is true; then one rollout removes the lock, recreates the bot and the host is back."""
-    host = "app-3"
-    fleet.teleport.tctl("lock", f"--user=bot-{fleet.bot_name}-{host}", "--message=suspected copy of the identity",
+    assert wait_for(lambda: _agent_status(fleet, lost)["identity"]["state"] == "lost-renewal", 60, 1), \
+        _agent_status(fleet, lost)
+    assert not _locks_on(fleet, lost)
+    fleet.teleport.tctl("lock", f"--user=bot-{fleet.bot_name}-{locked}", "--message=suspected copy of the identity",
                         check=True)
-    assert wait_for(lambda: _locks_on(fleet, host), 30, 1)
+    assert wait_for(lambda: _locks_on(fleet, locked), 30, 1)
+
     before = fleet.token_creations()
     run = fleet.rollout()
     assert run.rc != 0
-    assert f"bot {fleet.bot_name}-{host} is locked" in run.stdout and "machine_id_reenrol_locked" in run.stdout
+    assert f"bot {fleet.bot_name}-{locked} is locked" in run.stdout and "machine_id_reenrol_locked" in run.stdout
     assert "suspected copy of the identity" in run.stdout
-    assert fleet.token_creations() == before and _locks_on(fleet, host)
-    _back_in_one_rollout(fleet, host, extra_args=["-e", "machine_id_reenrol_locked=true"])
-    assert not _locks_on(fleet, host)
+    assert fleet.token_creations() - before == 1 and _locks_on(fleet, locked)
+    assert changed_by_host(run).get("app-2", 0) == 0, changed_by_host(run)
+    _assert_back(fleet, run, [lost])
+    assert not _locks_on(fleet, lost)
+
+    before = fleet.token_creations()
+    run = fleet.rollout(extra_args=["-e", "machine_id_reenrol_locked=true"])
+    _assert_ok(run)
+    assert fleet.token_creations() - before == 1
+    changed = changed_by_host(run)
+    assert all(changed.get(o, 0) == 0 for o in FIRST if o != locked), changed
+    _assert_back(fleet, run, [locked])
+    assert not _locks_on(fleet, locked)
 
 
 def test_3_a_fourth_host_gets_exactly_one_token(fleet):

@@ -298,10 +298,16 @@ def test_server_refusal_is_explained_without_the_token(tmp_path, proxy):
     msg = str(err.value)
     assert "used, expired or unknown" in msg and "tctl bots add" in msg
     assert "secret-token-value" not in msg and "<token>" in msg
+    assert err.value.needs_token  # the service exits 78 on it at start (only a new token helps)
     proxy.answer = (400, {"error": {"message": 'user "bot-unit" has already been issued a renewable certificate'}})
-    with pytest.raises(JoinError, match="already joined once"):
+    with pytest.raises(JoinError, match="already joined once") as err:
         join.join(cfg(tmp_path, proxy))
+    assert err.value.needs_token
     assert ident.load(tmp_path / "bot") is None
+    proxy.answer = (503, {"error": {"message": "auth server is starting"}})
+    with pytest.raises(JoinError, match="can be retried") as err:
+        join.join(cfg(tmp_path, proxy))
+    assert not err.value.needs_token  # may pass later: the service keeps trying
 
 
 def test_untrusted_proxy_is_a_join_error(tmp_path, proxy, host_ca):
@@ -313,8 +319,9 @@ def test_untrusted_proxy_is_a_join_error(tmp_path, proxy, host_ca):
 
 
 def test_config_mistakes_fail_before_the_network(tmp_path, proxy):
-    with pytest.raises(JoinError, match="no join token"):
+    with pytest.raises(JoinError, match="no join token") as err:
         join.join(cfg(tmp_path, proxy, token=None))
+    assert err.value.needs_token
     with pytest.raises(JoinError, match="not supported"):
         join.join(cfg(tmp_path, proxy, join_method="iam"))
     closed = "127.0.0.1:9"  # discard port, nothing listens

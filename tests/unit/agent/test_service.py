@@ -667,3 +667,72 @@ def test_a_ca_rotation_step_renews_identity_and_outputs_even_mid_cycle(tmp_path,
     log = logbuf[1].getvalue()
     assert "for a CA rotation: host CA rotation in phase init" in log
     assert "update_servers" in log
+
+
+@pytest.mark.parametrize("case", ["spent-token", "expired", "locked"])
+def test_start_that_only_a_new_token_can_fix_exits_78_at_once(tmp_path, logbuf, case):
+    """A service that never got ready and needs a new join token exits with status 78 on the first cycle (the
+    unit's RestartPreventExitStatus=): it does not sit in "activating", holding up boot, until TimeoutStartSec."""
+    be = FakeBackend()
+    if case == "spent-token":  # storage wiped, the token already used: the server refuses it
+        be.join_error = JoinError("the proxy p:443 refused the join token: it is used, expired or unknown (x); fix",
+                                  needs_token=True)
+    elif case == "expired":
+        be.stored, be.hash = FakeIdent(4, ttl=600), "h:" + TOKEN
+        be.fail = RenewError("the bot identity in /x expired at ... and cannot be renewed; a fresh join is needed",
+                             retryable=False, needs_token=True)
+    else:
+        be.stored, be.hash = FakeIdent(4, ttl=600), "h:" + TOKEN
+        be.fail = LockedError("bot example is locked: generation mismatch")
+    sock_path = str(tmp_path / "n.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    srv.bind(sock_path)
+    srv.settimeout(0.5)
+    agent = Agent(make_cfg(tmp_path), backend=be, notifier=Notifier({"NOTIFY_SOCKET": sock_path}), log=logbuf[0])
+    t0 = time.monotonic()
+    assert agent.run() == 78
+    assert time.monotonic() - t0 < 10
+    msgs = []
+    try:
+        while True:
+            msgs.append(srv.recv(4096).decode())
+    except socket.timeout:
+        pass
+    srv.close()
+    assert not any(m.startswith("READY=1") for m in msgs), msgs
+    assert any("needs a new join token" in m for m in msgs), msgs
+    assert "exiting with status 78" in logbuf[1].getvalue()
+    assert TOKEN not in logbuf[1].getvalue()
+
+
+def test_start_keeps_retrying_what_may_pass_and_a_ready_agent_never_exits(tmp_path, logbuf):
+    """Auth down at start: no exit (retried with back-off). A ready agent whose bot is then locked keeps running
+    (its status, metrics and last good outputs stay), only SIGTERM ends it."""
+    be = FakeBackend()
+    be.fail = RenewError("the auth server localhost:3025: connection refused")
+    be.stored, be.hash = FakeIdent(2, ttl=600), "h:" + TOKEN
+    agent = Agent(make_cfg(tmp_path, renewal_interval="50s"), backend=be, log=logbuf[0])
+    seen = {}
+
+    def driver():
+        try:
+            _wait_for(lambda: agent.failures >= 1, "first failure")
+            be.fail = None
+            os.kill(os.getpid(), signal.SIGUSR1)
+            _wait_for(lambda: agent.renewals >= 1, "renewal once auth is back")
+            be.fail = LockedError("bot example is locked: generation mismatch")
+            os.kill(os.getpid(), signal.SIGUSR1)
+            _wait_for(lambda: agent.failures >= 2, "locked")
+            time.sleep(0.3)
+            seen["alive"] = True
+        except BaseException as e:  # pragma: no cover - reported below
+            seen["error"] = repr(e)
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    t = threading.Thread(target=driver)
+    t.start()
+    rc = agent.run()
+    t.join()
+    assert "error" not in seen, seen.get("error")
+    assert rc == 0 and seen["alive"]
