@@ -45,6 +45,12 @@ HERE = Path(__file__).resolve().parent
 pytestmark = [pytest.mark.testbed]
 
 
+@pytest.fixture(scope="module")
+def teleport(teleport_multiplex):
+    """One listener mode: what a local user can reach (sockets, files, /proc) is on the host, not on the wire, the same in both modes (the transports are tested in both elsewhere)."""
+    return teleport_multiplex
+
+
 # --- helpers -------------------------------------------------------------------------------------------------
 def free_port() -> int:
     import socket

@@ -3,7 +3,7 @@
 """Issue 11 points 3 and 7 on the real bed, on a real systemd host rolled out with the role's defaults.
 
 * impersonated (Kubernetes) certificates do not advance the bot's generation, a forced renewal does;
-* 50 restarts with a fresh identity leave the generation unchanged;
+* 20 restarts with a fresh identity leave the generation unchanged;
 * the spent token file deleted + restart: the agent keeps renewing; a token written later is used without a
   restart;
 * a full storage filesystem (a small tmpfs): no renewal, outputs stay valid, the agent says unhealthy and why,
@@ -68,18 +68,18 @@ def test_1_kube_certificates_do_not_advance_the_generation_a_forced_renewal_does
     print(f"[crash] generation {gen} -> {gen + 1}: 5 reloads (kube certificates) 0, one SIGUSR1 +1")
 
 
-def test_2_fifty_restarts_with_a_fresh_identity_leave_the_generation_unchanged(rig):
+def test_2_twenty_restarts_with_a_fresh_identity_leave_the_generation_unchanged(rig):
     gen = rig.label_generation()
     pids = set()
-    for _n in range(50):
+    for _n in range(20):  # each restart is a full cycle (kube certificates from Teleport): ~2.5 s
         rig.sh(f"systemctl restart {SERVICE}")  # Type=notify: returns after READY=1 (a successful cycle)
         assert rig.active_state() == "active"
         pids.add(rig.main_pid())
-    assert len(pids) == 50
+    assert len(pids) == 20
     assert rig.label_generation() == gen, "a restart renewed a fresh identity"
     assert rig.disk_generation() == gen and not rig.locks()
     assert _reader_ok(rig)
-    print(f"[crash] 50 restarts: generation stayed {gen}")
+    print(f"[crash] 20 restarts: generation stayed {gen}")
 
 
 def test_3_spent_token_deleted_restart_keeps_renewing_new_token_used_without_restart(rig):

@@ -33,6 +33,12 @@ FILES = ("key", "tlscert", "teleport-host-ca.crt", "kubeconfig.yaml")
 pytestmark = [pytest.mark.testbed]
 
 
+@pytest.fixture(scope="module")
+def teleport(teleport_multiplex):
+    """One listener mode: symlink swaps, ownership, ACLs and unwritable directories are on the host's file system, the same in both modes (the transports are tested in both elsewhere)."""
+    return teleport_multiplex
+
+
 def _mkdir(path, uid, gid, mode):
     path.mkdir(mode=mode)
     os.chown(path, uid, gid)

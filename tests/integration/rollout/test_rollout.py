@@ -114,9 +114,11 @@ def test_2b_check_mode_and_each_tag_alone_on_a_converged_fleet(fleet):
                  ["--tags", "machine_id_service"], ["--tags", "machine_id_verify"],
                  ["--tags", "machine_id_final_check"], ["--skip-tags", "machine_id_control_plane"],
                  ["--skip-tags", "machine_id_final_check,machine_id_verify"]):
-        run = fleet.rollout(extra_args=tags)
+        # one host is enough to show what a tag runs (the whole fleet ran above), and 3x cheaper
+        run = fleet.rollout(extra_args=tags + ["--limit", FIRST[0]])
         assert run.rc == 0, (tags, run.stdout[-3000:])
         assert all(n == 0 for n in changed_by_host(run).values()), (tags, changed_by_host(run))
+        assert {r["host"] for r in run.results} & {FIRST[0], "localhost"}, (tags, run.stdout[-2000:])
     assert fleet.token_creations() == before_tokens
 
 
