@@ -26,8 +26,8 @@ testbed-up: testbed-build ## start the real test bed in the background and print
 testbed-down: ## stop the test bed
 	@$(PY) -m testbed down
 
-test: testbed-build ## run every test: unit, integration on the real test bed, molecule
-	@PATH=$(VENV)/bin:$$PATH $(PY) -m pytest tests $(PYTEST_ARGS)
+test: testbed-build ## run every test: unit, integration on the real test bed, molecule (two lanes: scripts/test.sh)
+	@PATH=$(VENV)/bin:$$PATH PYTHON=$(PY) scripts/test.sh $(PYTEST_ARGS)
 
 test-unit: ## unit tests only (no real components)
 	@PATH=$(VENV)/bin:$$PATH $(PY) -m pytest tests/unit $(PYTEST_ARGS)
