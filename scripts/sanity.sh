@@ -14,7 +14,13 @@
 # get-pip script that is already cached is left alone.
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
-venv=$("$top/scripts/bootstrap.sh" | tail -n1)
+# LANYARD_SANITY_VENV: another ansible-core's venv (the controller matrix, tests/helpers/matrix.py); its Python
+# runs the tests. Default: the project venv.
+if [ -n "${LANYARD_SANITY_VENV:-}" ]; then
+  venv=$LANYARD_SANITY_VENV
+else
+  venv=$("$top/scripts/bootstrap.sh" | tail -n1)
+fi
 py="$venv/bin/python"
 export PATH="$venv/bin:$PATH"
 export PYTHONDONTWRITEBYTECODE=1
@@ -96,4 +102,5 @@ git -C "$top" ls-files -z --cached --others --exclude-standard \
   | (cd "$top" && xargs -0 -r sh -c 'for f; do [ -e "$f" ] && printf "%s\0" "$f"; done' sh) \
   | tar -C "$top" --null -T - -cf - | tar -C "$coll" -xf -
 cd "$coll"
-"$venv/bin/ansible-test" sanity --venv --python 3.11 --color no "$@"
+pyver=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+"$venv/bin/ansible-test" sanity --venv --python "$pyver" --color no "$@"

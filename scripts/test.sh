@@ -4,7 +4,8 @@
 #
 # Every test (make test / .ci/run), in two pytest processes that run at the same time:
 #   lane A: the tests that spend their time waiting on Teleport (CA rotations step by step) and on systemd
-#           (crash and restart loops on a rolled-out host) -- about 20 minutes of mostly idle CPU;
+#           (crash and restart loops on a rolled-out host) -- about 20 minutes of mostly idle CPU -- and the
+#           controller matrix (unit tests, sanity and a rollout on other ansible-core versions);
 #   lane B: everything else (unit, real bed, molecule, rollouts, sanity, lint).
 # Each lane has its own test bed (free ports, own temp dirs) and its own test hosts (names differ per module).
 # Lane B prints as it goes; lane A's output follows at the end. Non-zero when either lane fails; a lane that
@@ -16,7 +17,8 @@ set -uo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
 py=${PYTHON:-python3}
-LANE_A=(tests/integration/agent/test_rotation_real.py tests/integration/agent/test_crash_real.py)
+LANE_A=(tests/integration/agent/test_rotation_real.py tests/integration/agent/test_crash_real.py
+        tests/integration/collection/test_controller_matrix.py)
 
 if [ "${LANYARD_TEST_LANES:-2}" = 1 ]; then
   exec "$py" -m pytest tests "$@"

@@ -9,6 +9,7 @@ each brings a fresh host up, the other one reruns it with no change (check mode 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 
 import pytest
@@ -41,6 +42,29 @@ def test_controller_unit_tests_on_each_ansible_core(minor):
     tail = proc.stdout[-4000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, f"ansible-core {version}:\n{tail}"
     assert " passed" in proc.stdout and " failed" not in proc.stdout, tail
+
+
+# The sanity tests whose verdict depends on the ansible-core version (module docs and argument specs, imports,
+# syntax, YAML, plugin docs). pep8, pylint and the rest run on the project venv's 2.19 (test_sanity.py).
+SANITY = ("validate-modules", "ansible-doc", "import", "compile", "yamllint", "action-plugin-docs")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("minor", sorted(MATRIX))
+def test_sanity_on_each_ansible_core(minor):
+    bin_dir = _bin(minor)
+    env = dict(os.environ, LANYARD_SANITY_VENV=str(bin_dir.parent),
+               PATH=str(bin_dir) + os.pathsep + os.environ.get("PATH", ""))
+    argv = [str(REPO / "scripts" / "sanity.sh")]
+    for name in SANITY:
+        argv += ["--test", name]
+    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200, check=False)
+    out = proc.stdout + proc.stderr
+    ran = set(re.findall(r'Running sanity test "([^"]+)"', out))
+    errors = [ln for ln in out.splitlines() if ln.startswith(("ERROR:", "FATAL:"))]
+    assert proc.returncode == 0 and ran == set(SANITY), (
+        f"ansible-core {MATRIX[minor][0]}: sanity exited {proc.returncode}, ran {sorted(ran)}\n"
+        + "\n".join(errors[:60]) + ("\n" + out[-2000:] if not errors else ""))
 
 
 @pytest.mark.testbed
