@@ -23,6 +23,13 @@ REPO = TESTS.parent
 COLLECTIONS = REPO / "build" / "collections"
 
 sys.path.insert(0, str(TESTS))
+# The agent from THIS checkout, in this process and in every process the tests start (the agent runs as
+# `python -m machine_id_agent`). The venv's editable install is shared by every clone that uses the same venv
+# and points at whichever clone ran scripts/bootstrap.sh last.
+AGENT_SRC = REPO / "agent" / "src"
+sys.path.insert(0, str(AGENT_SRC))
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(AGENT_SRC)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(AGENT_SRC)])
 # `ansible_collections.lanyard.machine_id` resolves through build/collections (made by scripts/bootstrap.sh).
 _link = COLLECTIONS / "ansible_collections" / "lanyard" / "machine_id"
 if not _link.exists():

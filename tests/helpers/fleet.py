@@ -130,15 +130,16 @@ class Fleet:
         return path
 
     def rollout(self, check: bool = False, verbosity: int = 0, timeout: float = 1800, diff: bool = False,
-                extra_args: list[str] | None = None) -> PlaybookRun:
+                extra_args: list[str] | None = None, playbook: str = "rollout") -> PlaybookRun:
+        """Run playbooks/<playbook>.yml (lanyard.machine_id.<playbook> from an installed collection)."""
         inv = self.write_inventory()
         env = {"ANSIBLE_CONNECTION_PLUGINS": str(CONNECTION_PLUGINS), "ANSIBLE_PIPELINING": "True",
                "SSL_CERT_FILE": str(self.teleport.web_ca_path)}
-        playbook = ROLLOUT
+        path = ROLLOUT.parent / f"{playbook}.yml"
         if self.collections_path is not None:
             env["ANSIBLE_COLLECTIONS_PATH"] = str(self.collections_path)
-            playbook = "lanyard.machine_id.rollout"
-        return run_playbook(self.workdir, playbook, inventory=inv, check=check, verbosity=verbosity,
+            path = f"lanyard.machine_id.{playbook}"
+        return run_playbook(self.workdir, path, inventory=inv, check=check, verbosity=verbosity,
                             env=env, timeout=timeout, diff=diff, extra_args=extra_args, bin_dir=self.ansible_bin_dir)
 
     # -- checks ------------------------------------------------------------------------------------------

@@ -169,6 +169,19 @@ class Host:
                 raise HostError(f"test host {self.name}: no container process after {timeout:.0f} s")
             time.sleep(0.05)
         self.save()
+        if self.forward_ports:
+            # The forwarded ports are there from early boot, as a real host's network is: services that start at
+            # boot (the agent) reach the proxy before systemd reports the boot finished. PID 1 brings the
+            # loopback interface up first thing; the forwarder binds on it.
+            while True:
+                lo = subprocess.run(["nsenter", f"--target={self.leader_pid}", "--net", "ip", "-4", "addr", "show",
+                                     "lo"], capture_output=True, text=True, check=False)
+                if "127.0.0.1" in lo.stdout:
+                    break
+                if time.monotonic() > deadline:
+                    raise HostError(f"test host {self.name}: loopback not up after {timeout:.0f} s")
+                time.sleep(0.05)
+            self._start_forwarder()
         state = ""
         while time.monotonic() < deadline:
             r = self.run(["systemctl", "is-system-running", "--wait"], check=False, timeout=max(1, deadline - time.monotonic()))
@@ -185,8 +198,6 @@ class Host:
             failed = self.run(["systemctl", "--failed", "--no-legend", "--plain"], check=False).stdout.strip()
             _log(f"{self.name}: systemd is degraded (failed units: {failed or '?'})")
         self.timings["boot"] = round(time.monotonic() - t0, 2)
-        if self.forward_ports:
-            self._start_forwarder()
 
     def _start_forwarder(self) -> None:
         log = open(self.run_dir / "forward.log", "ab")

@@ -207,6 +207,10 @@ def status_doc(cfg: configmod.Config, backend=None) -> Dict[str, Any]:
     bot = None
     if ident is not None:
         ident_doc.update(present=True, valid=bool(ident.valid()), expires=ident.not_after.isoformat(), state="ok")
+        try:  # when the identity on disk was issued: the last join or renewal
+            ident_doc["issued"] = ident.not_before.isoformat()
+        except Exception:
+            ident_doc["issued"] = None
         try:
             bot = ident_doc["bot"] = ident.bot_name
         except Exception:
@@ -269,7 +273,7 @@ def status_doc(cfg: configmod.Config, backend=None) -> Dict[str, Any]:
         d = outputs.inspect(o.destination, now)
         d["kubernetes_cluster"] = o.kubernetes_cluster
         outs.append(d)
-    return {"identity": ident_doc, "outputs": outs}
+    return {"identity": ident_doc, "outputs": outs, "agent_version": __version__}
 
 
 def cmd_status(args) -> int:

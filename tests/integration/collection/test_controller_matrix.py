@@ -55,6 +55,7 @@ def test_sanity_on_each_ansible_core(minor):
     bin_dir = _bin(minor)
     env = dict(os.environ, LANYARD_SANITY_VENV=str(bin_dir.parent),
                PATH=str(bin_dir) + os.pathsep + os.environ.get("PATH", ""))
+    env.pop("PYTHONPATH", None)  # ansible-test's import test must see the collection alone
     argv = [str(REPO / "scripts" / "sanity.sh")]
     for name in SANITY:
         argv += ["--test", name]

@@ -104,6 +104,43 @@ def test_2_rerun_changes_nothing_and_mints_no_token(fleet):
     fleet.calls_no_change_3 = fleet.tctl_calls() - before_calls
 
 
+def test_2a_status_playbook_prints_one_row_per_host_and_changes_nothing(fleet):
+    """lanyard.machine_id.status: one table of every host, read-only (a real run and --check change nothing and
+    call nothing on the control plane); a host that does not answer is listed as such."""
+    for check in (False, True):
+        calls = fleet.tctl_calls()
+        run = fleet.rollout(playbook="status", check=check)
+        _assert_ok(run)
+        assert all(n == 0 for n in changed_by_host(run).values()), changed_by_host(run)
+        assert fleet.tctl_calls() == calls
+        table = run.result("Machine ID status")["msg"]
+        assert table[0].split()[:2] == ["host", "state"], table
+        rows = {line.split()[0]: line.split() for line in table[1:]}
+        assert sorted(rows) == FIRST, table
+        for host in FIRST:
+            st = _agent_status(fleet, host)
+            row = rows[host]
+            # state, reader, agent version; expiry and generation exactly for the hosts at the default TTL
+            assert (row[1], row[5], row[6]) == ("ok", "ok", st["agent_version"]), (host, row, st)
+            if host != "app-2":  # app-2 renews every 20 s
+                assert (row[2], row[3], row[4], row[7]) == (
+                    st["identity"]["expires"], str(st["identity"]["generation"]), st["identity"]["issued"],
+                    st["outputs"][0]["expires"]), (host, row, st)
+            else:
+                assert all(_dt.datetime.fromisoformat(row[i]) for i in (2, 4, 7)), row
+    off = fleet.hosts["app-3"]
+    off.power_off()
+    try:
+        run = fleet.rollout(playbook="status")
+    finally:
+        off.power_on()
+    assert run.rc != 0
+    table = run.result("Machine ID status")["msg"]
+    assert [line.split()[:2] for line in table if line.startswith("app-3")] == [["app-3", "NO"]], table
+    assert wait_for(lambda: _agent_status(fleet, "app-3").get("identity", {}).get("state") == "ok", 60, 1)
+    assert wait_for(lambda: fleet.reader_get_pods("app-3").returncode == 0, 60, 1)
+
+
 def test_2b_check_mode_and_each_tag_alone_on_a_converged_fleet(fleet):
     before_tokens = fleet.token_creations()
     run = fleet.rollout(check=True, diff=True)

@@ -56,6 +56,7 @@ def test_status_json_shape(tmp_path, monkeypatch, capsys):
     assert doc["identity"] == {"present": False, "valid": False, "expires": None, "bot": None,
                                "token_hash_matches": None, "state": "none", "problem": None, "fix": None}
     assert doc["outputs"][0]["present"] is False
+    assert doc["agent_version"] == cli.__version__
     service.Agent(cfg, backend=be).attempt()
     assert cli.main(["status", "-c", str(cfg.source), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
