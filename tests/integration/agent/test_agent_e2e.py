@@ -271,7 +271,11 @@ def test_kill9_never_tears_outputs_nor_locks_the_bot(teleport_multiplex, make_ho
             except AssertionError as e:
                 raise AssertionError("%s\n--- agent log:\n%s\n--- previous:\n%s" % (
                     e, h.log(log_name)[-3000:], h.log("agent-%03d.log" % (kills - 1))[-1500:])) from None
-            assert p.poll() is None, h.log(log_name)[-2000:]
+            if p.poll() is not None:
+                # only a renewal lost by the previous kill may end an incarnation: it is found at start, and an
+                # agent that never got ready and needs a new token exits 78 (handled as a loss below)
+                assert p.returncode == 78 and "lost a renewal" in h.log(log_name), (p.returncode,
+                                                                                    h.log(log_name)[-2000:])
             end = time.monotonic() + rnd.uniform(0.2, 3.0)
             while time.monotonic() < end and p.poll() is None:
                 p.send_signal(signal.SIGUSR1)
