@@ -47,7 +47,8 @@ pytestmark = [pytest.mark.testbed]
 
 @pytest.fixture(scope="module")
 def teleport(teleport_multiplex):
-    """One listener mode: what a local user can reach (sockets, files, /proc) is on the host, not on the wire, the same in both modes (the transports are tested in both elsewhere)."""
+    """One listener mode: what a local user can reach (sockets, files, /proc) is on the host, not on the wire, the
+    same in both modes (the transports are tested in both elsewhere)."""
     return teleport_multiplex
 
 

@@ -35,7 +35,8 @@ pytestmark = [pytest.mark.testbed]
 
 @pytest.fixture(scope="module")
 def teleport(teleport_multiplex):
-    """One listener mode: symlink swaps, ownership, ACLs and unwritable directories are on the host's file system, the same in both modes (the transports are tested in both elsewhere)."""
+    """One listener mode: symlink swaps, ownership, ACLs and unwritable directories are on the host's file system,
+    the same in both modes (the transports are tested in both elsewhere)."""
     return teleport_multiplex
 
 
