@@ -44,9 +44,10 @@ def test_controller_unit_tests_on_each_ansible_core(minor):
     assert " passed" in proc.stdout and " failed" not in proc.stdout, tail
 
 
-# The sanity tests whose verdict depends on the ansible-core version (module docs and argument specs, imports,
-# syntax, YAML, plugin docs). pep8, pylint and the rest run on the project venv's 2.19 (test_sanity.py).
-SANITY = ("validate-modules", "ansible-doc", "import", "compile", "yamllint", "action-plugin-docs")
+# Every sanity test ansible-test has on that version, with the empty ignore files (as test_sanity.py on 2.19);
+# these must have run, so a run that skipped everything cannot pass.
+MUST_RUN = ("validate-modules", "ansible-doc", "import", "compile", "yamllint", "action-plugin-docs", "pep8",
+            "pylint", "shebang")
 
 
 @pytest.mark.slow
@@ -56,14 +57,12 @@ def test_sanity_on_each_ansible_core(minor):
     env = dict(os.environ, LANYARD_SANITY_VENV=str(bin_dir.parent),
                PATH=str(bin_dir) + os.pathsep + os.environ.get("PATH", ""))
     env.pop("PYTHONPATH", None)  # ansible-test's import test must see the collection alone
-    argv = [str(REPO / "scripts" / "sanity.sh")]
-    for name in SANITY:
-        argv += ["--test", name]
-    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200, check=False)
+    proc = subprocess.run([str(REPO / "scripts" / "sanity.sh")], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=1500, check=False)
     out = proc.stdout + proc.stderr
     ran = set(re.findall(r'Running sanity test "([^"]+)"', out))
     errors = [ln for ln in out.splitlines() if ln.startswith(("ERROR:", "FATAL:"))]
-    assert proc.returncode == 0 and ran == set(SANITY), (
+    assert proc.returncode == 0 and set(MUST_RUN) <= ran, (
         f"ansible-core {MATRIX[minor][0]}: sanity exited {proc.returncode}, ran {sorted(ran)}\n"
         + "\n".join(errors[:60]) + ("\n" + out[-2000:] if not errors else ""))
 
