@@ -302,6 +302,39 @@ def _wait_for(pred, what, t=10):
     raise AssertionError("timed out waiting for " + what)
 
 
+def _run_beside(agent, steps, seen=None):
+    """The agent's real loop in this (main) thread while ``steps(seen)`` runs in a driver thread, which ends the
+    loop with SIGTERM whatever happens. Returns (exit code, seen); a driver failure is in ``seen["error"]``."""
+    seen = {} if seen is None else seen
+
+    def driver():
+        try:
+            steps(seen)
+        except BaseException as e:  # pragma: no cover - reported by the caller's assertion
+            seen["error"] = repr(e)
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    t = threading.Thread(target=driver)
+    t.start()
+    rc = agent.run()
+    t.join()
+    return rc, seen
+
+
+def _datagrams(srv):
+    """Every notification queued on ``srv`` (the $NOTIFY_SOCKET stand-in), decoded; closes it."""
+    msgs = []
+    try:
+        while True:
+            msgs.append(srv.recv(4096).decode())
+            srv.settimeout(0.2)
+    except socket.timeout:
+        pass
+    srv.close()
+    return msgs
+
+
 def test_service_loop_signals_notify_and_diag(tmp_path, logbuf):
     """The real loop in the main thread: READY/WATCHDOG over $NOTIFY_SOCKET, SIGUSR1 renews now, SIGHUP
     reloads (new token => re-join), /readyz and /metrics track it, SIGTERM exits 0."""
@@ -314,43 +347,27 @@ def test_service_loop_signals_notify_and_diag(tmp_path, logbuf):
     srv.settimeout(10)
     notifier = Notifier({"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "400000"})
     agent = Agent(cfg, backend=be, notifier=notifier, log=logbuf[0])
-    seen = {}
 
-    def driver():
-        try:
-            wait_for = _wait_for
-            wait_for(lambda: agent.renewals == 1, "first renewal")
-            seen["ready1"] = _get("http://127.0.0.1:%d/readyz" % port)
-            os.kill(os.getpid(), signal.SIGUSR1)
-            wait_for(lambda: agent.renewals == 2, "SIGUSR1 renewal")
-            doc = yaml.safe_load(open(cfg.source))
-            doc["onboarding"]["token"] = "second-token-7890"
-            open(cfg.source, "w").write(yaml.safe_dump(doc))
-            os.kill(os.getpid(), signal.SIGHUP)
-            wait_for(lambda: agent.renewals == 3, "SIGHUP renewal")
-            be.fail = RenewError("auth down")
-            os.kill(os.getpid(), signal.SIGUSR1)
-            wait_for(lambda: agent.failures >= 1, "failure")
-            seen["notready"] = _get("http://127.0.0.1:%d/readyz" % port)
-            seen["metrics"] = _get("http://127.0.0.1:%d/metrics" % port)
-            seen["livez"] = _get("http://127.0.0.1:%d/livez" % port)
-        except BaseException as e:  # pragma: no cover - reported below
-            seen["error"] = repr(e)
-        finally:
-            os.kill(os.getpid(), signal.SIGTERM)
+    def steps(seen):
+        wait_for = _wait_for
+        wait_for(lambda: agent.renewals == 1, "first renewal")
+        seen["ready1"] = _get("http://127.0.0.1:%d/readyz" % port)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        wait_for(lambda: agent.renewals == 2, "SIGUSR1 renewal")
+        doc = yaml.safe_load(open(cfg.source))
+        doc["onboarding"]["token"] = "second-token-7890"
+        open(cfg.source, "w").write(yaml.safe_dump(doc))
+        os.kill(os.getpid(), signal.SIGHUP)
+        wait_for(lambda: agent.renewals == 3, "SIGHUP renewal")
+        be.fail = RenewError("auth down")
+        os.kill(os.getpid(), signal.SIGUSR1)
+        wait_for(lambda: agent.failures >= 1, "failure")
+        seen["notready"] = _get("http://127.0.0.1:%d/readyz" % port)
+        seen["metrics"] = _get("http://127.0.0.1:%d/metrics" % port)
+        seen["livez"] = _get("http://127.0.0.1:%d/livez" % port)
 
-    t = threading.Thread(target=driver)
-    t.start()
-    rc = agent.run()
-    t.join()
-    msgs = []
-    try:
-        while True:
-            msgs.append(srv.recv(4096).decode())
-            srv.settimeout(0.2)
-    except socket.timeout:
-        pass
-    srv.close()
+    rc, seen = _run_beside(agent, steps)
+    msgs = _datagrams(srv)
     assert "error" not in seen, seen.get("error")
     assert rc == 0
     assert seen["ready1"][0] == 200
@@ -632,33 +649,25 @@ def test_a_ca_rotation_step_renews_identity_and_outputs_even_mid_cycle(tmp_path,
             gate.wait(10)
         return orig_kube(self, cluster, roles, ttl)
 
-    def driver():
-        try:
-            wait_for = _wait_for
-            wait_for(lambda: agent.renewals == 1, "first cycle")
-            renews = len([c for c in be.calls if c[0] == "renew"])
-            agent.request_renewal("host CA rotation in phase init")
-            wait_for(lambda: agent.renewals == 2, "the rotation cycle")
-            seen["renewed"] = len([c for c in be.calls if c[0] == "renew"]) - renews
-            seen["hold"] = True
-            agent.request_renewal("user CA rotation in phase update_clients")  # cycle 3, held in its outputs
-            wait_for(lambda: seen.get("held"), "cycle 3 running")
-            seen["hold"] = False
-            agent.request_renewal("user CA rotation in phase update_servers")  # arrives mid-cycle
-            gate.set()
-            wait_for(lambda: agent.renewals == 4, "the request that came mid-cycle")
-            seen["renewed_after"] = len([c for c in be.calls if c[0] == "renew"]) - renews
-        except BaseException as e:  # pragma: no cover - reported below
-            seen["error"] = repr(e)
-        finally:
-            os.kill(os.getpid(), signal.SIGTERM)
+    def steps(seen):
+        wait_for = _wait_for
+        wait_for(lambda: agent.renewals == 1, "first cycle")
+        renews = len([c for c in be.calls if c[0] == "renew"])
+        agent.request_renewal("host CA rotation in phase init")
+        wait_for(lambda: agent.renewals == 2, "the rotation cycle")
+        seen["renewed"] = len([c for c in be.calls if c[0] == "renew"]) - renews
+        seen["hold"] = True
+        agent.request_renewal("user CA rotation in phase update_clients")  # cycle 3, held in its outputs
+        wait_for(lambda: seen.get("held"), "cycle 3 running")
+        seen["hold"] = False
+        agent.request_renewal("user CA rotation in phase update_servers")  # arrives mid-cycle
+        gate.set()
+        wait_for(lambda: agent.renewals == 4, "the request that came mid-cycle")
+        seen["renewed_after"] = len([c for c in be.calls if c[0] == "renew"]) - renews
 
     FakeClient.kube_credentials = slow_kube
     try:
-        t = threading.Thread(target=driver)
-        t.start()
-        rc = agent.run()
-        t.join()
+        rc, seen = _run_beside(agent, steps, seen)
     finally:
         FakeClient.kube_credentials = orig_kube
     assert "error" not in seen, seen.get("error")
@@ -692,13 +701,7 @@ def test_start_that_only_a_new_token_can_fix_exits_78_at_once(tmp_path, logbuf, 
     t0 = time.monotonic()
     assert agent.run() == 78
     assert time.monotonic() - t0 < 10
-    msgs = []
-    try:
-        while True:
-            msgs.append(srv.recv(4096).decode())
-    except socket.timeout:
-        pass
-    srv.close()
+    msgs = _datagrams(srv)
     assert not any(m.startswith("READY=1") for m in msgs), msgs
     assert any("needs a new join token" in m for m in msgs), msgs
     assert "exiting with status 78" in logbuf[1].getvalue()
@@ -712,27 +715,18 @@ def test_start_keeps_retrying_what_may_pass_and_a_ready_agent_never_exits(tmp_pa
     be.fail = RenewError("the auth server localhost:3025: connection refused")
     be.stored, be.hash = FakeIdent(2, ttl=600), "h:" + TOKEN
     agent = Agent(make_cfg(tmp_path, renewal_interval="50s"), backend=be, log=logbuf[0])
-    seen = {}
 
-    def driver():
-        try:
-            _wait_for(lambda: agent.failures >= 1, "first failure")
-            be.fail = None
-            os.kill(os.getpid(), signal.SIGUSR1)
-            _wait_for(lambda: agent.renewals >= 1, "renewal once auth is back")
-            be.fail = LockedError("bot example is locked: generation mismatch")
-            os.kill(os.getpid(), signal.SIGUSR1)
-            _wait_for(lambda: agent.failures >= 2, "locked")
-            time.sleep(0.3)
-            seen["alive"] = True
-        except BaseException as e:  # pragma: no cover - reported below
-            seen["error"] = repr(e)
-        finally:
-            os.kill(os.getpid(), signal.SIGTERM)
+    def steps(seen):
+        _wait_for(lambda: agent.failures >= 1, "first failure")
+        be.fail = None
+        os.kill(os.getpid(), signal.SIGUSR1)
+        _wait_for(lambda: agent.renewals >= 1, "renewal once auth is back")
+        be.fail = LockedError("bot example is locked: generation mismatch")
+        os.kill(os.getpid(), signal.SIGUSR1)
+        _wait_for(lambda: agent.failures >= 2, "locked")
+        time.sleep(0.3)
+        seen["alive"] = True
 
-    t = threading.Thread(target=driver)
-    t.start()
-    rc = agent.run()
-    t.join()
+    rc, seen = _run_beside(agent, steps)
     assert "error" not in seen, seen.get("error")
     assert rc == 0 and seen["alive"]
