@@ -244,6 +244,9 @@ def test_2c_unreachable_then_expired_and_wiped_hosts_are_back_in_one_batch_under
     _wait_until_expired(_stored_identity_expiry(h2))
     h2.power_on()
     assert _agent_status(fleet, expired)["identity"]["state"] == "expired"
+    # the agent gave up at boot with status 78 (only a new token helps) instead of holding boot up; not restarted
+    unit = h2.run(["systemctl", "show", "machine-id", "-p", "ActiveState", "-p", "ExecMainStatus"]).stdout.split()
+    assert sorted(unit) == ["ActiveState=failed", "ExecMainStatus=78"], unit
     h1.run(["systemctl", "stop", "machine-id"])
     h1.run(["sh", "-c", "rm -rf /var/lib/teleport/bot/* /var/lib/teleport/bot/.[!.]*"])
     h1.run(["systemctl", "start", "--no-block", "machine-id"])  # it cannot join with the spent token
