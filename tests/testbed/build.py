@@ -19,6 +19,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -207,8 +208,19 @@ def ensure_all(force: bool = False, only: str | None = None) -> dict[str, Path]:
     """Find every binary; build what is missing. Teleport and Kubernetes build at the same time:
     their module downloads and compiles overlap, which is measurably faster on 2 cores than in turn."""
     versions = load_versions()
-    found = {} if force else find_binaries()
     bin_dir = cached_bin_dir(versions)
+    # One build at a time per cache (the CI lanes, several checkouts): a second builder waits, then finds the
+    # binaries the first one made. A build in the same tree at the same time would delete the other's sources.
+    bin_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(bin_dir.parent / "build.lock", "w") as lock:
+        if not force and any(v is None for v in find_binaries().values()):
+            _log(f"waiting for any other build of {bin_dir.parent.name} to finish")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _ensure_all_locked(versions, bin_dir, force, only)
+
+
+def _ensure_all_locked(versions: dict[str, str], bin_dir: Path, force: bool, only: str | None) -> dict[str, Path]:
+    found = {} if force else find_binaries()
     t0 = time.monotonic()
     jobs = {}
     if only in (None, "teleport") and (force or any(found.get(b) is None for b in TELEPORT_BINARIES)):
