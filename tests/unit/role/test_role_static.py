@@ -131,3 +131,14 @@ def test_wheel_download_asks_for_the_hosts_tags_not_the_controllers():
     assert "manylinux2014_aarch64" in platforms
     assert "manylinux_2_37_aarch64" not in platforms
     assert all(p.endswith("_aarch64") for p in platforms)
+
+
+def test_agent_version_is_one_number():
+    """The no-change path compares the version the installed agent reports (``__version__``) with the version in
+    the agent wheel's name (pyproject): they must be the same number, or every run would reinstall."""
+    import re
+    agent = ROLE.parents[1] / "agent"
+    pyproject = re.search(r'^version = "([^"]+)"', (agent / "pyproject.toml").read_text(), re.M).group(1)
+    init = re.search(r'^__version__ = "([^"]+)"', (agent / "src" / "machine_id_agent" / "__init__.py").read_text(),
+                     re.M).group(1)
+    assert pyproject == init

@@ -17,16 +17,18 @@ VERIFY = Path(__file__).resolve().parents[3] / "roles" / "machine_id" / "tasks" 
 
 
 def _assert_task() -> dict:
-    def walk(tasks):
+    """The task, with the variables of the blocks around it (they define what it reads)."""
+    def walk(tasks, scope):
         for t in tasks:
             if t.get("name") == "Assert the agent works":
-                return t
-            found = walk(t.get("block", []) + t.get("rescue", []) + t.get("always", []))
+                return dict(t, vars=dict(scope, **t.get("vars", {})))
+            found = walk(t.get("block", []) + t.get("rescue", []) + t.get("always", []),
+                         dict(scope, **t.get("vars", {})))
             if found:
                 return found
         return None
 
-    task = walk(yaml.safe_load(VERIFY.read_text()))
+    task = walk(yaml.safe_load(VERIFY.read_text()), {})
     assert task, "verify.yml has no task 'Assert the agent works'"
     return task
 
@@ -38,6 +40,13 @@ CASES = {
     "inactive": ({"__machine_id_active": {"stdout": "activating"}, "__machine_id_can_i": SKIPPED,
                   "__machine_id_journal": {"stdout_lines": ["joining the cluster", "join failed: token expired"]}},
                  ["machine-id.service is activating", "Journal: joining the cluster | join failed: token expired"]),
+    # the no-change path: agent_state saw the unit active, verify waited for nothing
+    "converged": ({"_machine_id_converged": True, "__machine_id_active": SKIPPED, "__machine_id_journal": SKIPPED,
+                   "__machine_id_can_i": {"results": [{"stdout": "yes", "stderr": ""}]}}, None),
+    "converged-refused": ({"_machine_id_converged": True, "__machine_id_active": SKIPPED,
+                           "__machine_id_journal": SKIPPED,
+                           "__machine_id_can_i": {"results": [{"stdout": "no", "stderr": "Forbidden"}]}},
+                          ["machine-id.service is active; kubectl auth can-i list pods -n demo answered no"]),
     "refused": ({"__machine_id_active": {"stdout": "active"}, "__machine_id_journal": SKIPPED,
                  "__machine_id_can_i": {"results": [{"stdout": "no", "stderr": "Forbidden"}]}},
                 ["kubectl auth can-i list pods -n demo answered no (Forbidden)"]),

@@ -1,0 +1,86 @@
+# -*- coding: utf-8 -*-
+# Copyright: lanyard.machine_id contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""PRIVATE to this collection: ``agent_state`` -- read the host (``_host_state``), judge it (``_host_drift``)."""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+from ansible_collections.lanyard.machine_id.plugins.module_utils import _host_drift as drift
+from ansible_collections.lanyard.machine_id.plugins.module_utils import _host_state as host
+
+ARGSPEC = dict(
+    agent_bin=dict(type="path", required=True),
+    agent_python=dict(type="path", required=True),
+    config_path=dict(type="path", required=True),
+    bot_user=dict(type="str", required=True),
+    bot_group=dict(type="str", required=True),
+    reader_user=dict(type="str", default=""),
+    destinations=dict(type="list", elements="path", default=[]),
+    acls=dict(type="str", default="try"),
+    service_name=dict(type="str", required=True),
+    service_enabled=dict(type="bool"),
+    service_active=dict(type="bool"),
+    files=dict(type="list", elements="dict", default=[]),
+    users=dict(type="list", elements="str", default=[]),
+    groups=dict(type="list", elements="str", default=[]),
+    wheels_marker=dict(type="path"),
+    wheels_key=dict(type="str", no_log=False),
+    agent_version=dict(type="str"),
+    kubectl=dict(type="str", default="kubectl"),
+)
+
+
+def agent_state(module):
+    p = module.params
+    result = {"ansible_facts": host.os_facts(module), "agent_python": host.agent_python(module, p["agent_python"]),
+              "systemd_version": host.systemd_version(module), "unit": {}, "status": {}, "drift": []}
+    found = []
+    paths = result["paths"] = {}
+    for spec in p["files"]:
+        if not spec.get("path"):
+            continue
+        paths[spec["path"]] = host.path_state(spec["path"], checksum="sha256" in spec or bool(spec.get("checksum")))
+        found += drift.path_drift(spec, paths[spec["path"]])
+    found += drift.named_drift("group", host.groups_exist(p["groups"]))
+    found += drift.named_drift("user", host.users_exist(p["users"]))
+
+    agent = host.path_state(p["agent_bin"])
+    config = host.path_state(p["config_path"])
+    result["agent_found"] = bool(agent.get("exists"))
+    result["installed"] = bool(agent.get("exists") and config.get("exists"))
+    if result["installed"]:
+        result["status"], error = host.agent_status(module, p["agent_bin"], p["bot_user"], p["config_path"])
+        if error:
+            result["status_error"] = error
+    elif not agent.get("exists"):
+        found.append("%s: missing" % p["agent_bin"])
+
+    marker = host.read_text(p["wheels_marker"]) if p["wheels_marker"] else None
+    result["wheels_installed"] = marker
+    if p["wheels_key"] is not None or p["agent_version"] is not None:
+        found += drift.install_drift(marker, p["wheels_key"], result["status"], p["agent_version"])
+
+    if systemd_present(result):
+        result["unit"] = host.unit_state(module, p["service_name"])
+        found += drift.service_drift(p["service_name"], result["unit"], p["service_enabled"], p["service_active"])
+
+    if agent.get("exists"):
+        for directory in p["destinations"]:
+            acl = host.destination_acls(module, p["agent_bin"], directory, p["acls"], p["bot_user"],
+                                        p["bot_group"], p["reader_user"])
+            if acl:
+                found.append("%s: %s" % (directory, acl))
+            elif p["reader_user"]:
+                denied = host.reader_reads(module, p["reader_user"], directory.rstrip("/") + "/kubeconfig.yaml")
+                if denied:
+                    found.append("%s/kubeconfig.yaml: %s cannot read it (%s)" % (directory.rstrip("/"),
+                                                                                 p["reader_user"], denied))
+    result["kubectl_path"] = module.get_bin_path(p["kubectl"]) if p["kubectl"] else None
+    result["drift"] = found
+    return result
+
+
+def systemd_present(result):
+    return result["systemd_version"] is not None

@@ -1,0 +1,81 @@
+# -*- coding: utf-8 -*-
+# Copyright: lanyard.machine_id contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""PRIVATE to this collection: the decision half of ``agent_state`` -- compare what a host holds with what the
+role would write, and name every difference. No I/O here; ``_host_state`` reads, this judges.
+
+Each difference is one line that names the object and what differs (never a file's content), e.g.
+``/etc/tbot.yaml: content differs`` or ``machine-id.service: inactive, expected active``. An empty list means
+the role's install, configure and service phases would change nothing on the host."""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+ATTRS = ("type", "owner", "group", "mode", "sha256")
+
+
+def _mode(value):
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return value
+    return int(str(value), 8)
+
+
+def path_drift(expected, observed):
+    """Differences of one path. ``expected`` holds ``path`` and any of type/owner/group/mode/sha256."""
+    path = expected["path"]
+    if not observed.get("exists"):
+        return ["%s: missing" % path]
+    out = []
+    for attr in ATTRS:
+        want = expected.get(attr)
+        if want is None:
+            continue
+        have = observed.get(attr)
+        if attr == "mode":
+            if _mode(want) != _mode(have):
+                out.append("%s: mode %s, expected %04o" % (path, have, _mode(want)))
+        elif attr == "sha256":
+            if want != have:
+                out.append("%s: content differs" % path)
+        elif want != have:
+            out.append("%s: %s %s, expected %s" % (path, attr, have, want))
+    return out
+
+
+def service_drift(name, props, enabled, active):
+    out = []
+    unit = name + ".service"
+    if enabled is None and active is None:
+        return out
+    if props.get("LoadState") != "loaded":
+        return ["%s: not loaded (%s)" % (unit, props.get("LoadState") or "unknown")]
+    if props.get("NeedDaemonReload") == "yes":
+        out.append("%s: changed on disk, systemd not reloaded" % unit)
+    if enabled is not None:
+        is_enabled = props.get("UnitFileState") in ("enabled", "enabled-runtime")
+        if bool(enabled) != is_enabled:
+            out.append("%s: %s, expected %s" % (unit, props.get("UnitFileState"), "enabled" if enabled else "disabled"))
+    if active is not None:
+        is_active = props.get("ActiveState") == "active"
+        if bool(active) != is_active:
+            out.append("%s: %s, expected %s" % (unit, props.get("ActiveState"), "active" if active else "stopped"))
+    return out
+
+
+def named_drift(kind, present):
+    """``present`` maps names of users or groups to whether the host has them."""
+    return ["%s %s: missing" % (kind, name) for name, ok in sorted(present.items()) if not ok]
+
+
+def install_drift(marker, wheels_key, status, agent_version):
+    """The installed wheel set (the marker the role writes after installing) and the running agent's version."""
+    out = []
+    if wheels_key and marker != wheels_key:
+        out.append("agent wheels: %s, expected %s" % (marker or "no record of the installed set", wheels_key))
+    have = (status or {}).get("agent_version")
+    if agent_version and have != agent_version:
+        out.append("agent version: %s, expected %s" % (have or "unknown", agent_version))
+    return out

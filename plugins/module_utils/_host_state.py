@@ -1,0 +1,174 @@
+# -*- coding: utf-8 -*-
+# Copyright: lanyard.machine_id contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""PRIVATE to this collection: the I/O half of ``agent_state`` -- read, on a host, everything the role would
+otherwise find out with one task each (its OS facts, the agent's Python, systemd, the agent's own status, the
+files and directories the role writes, the unit's state, the destinations' ACLs, the reader's access).
+
+Nothing here writes. Commands run with a fixed argv (no shell) and never see a secret: the token file is only
+stat()ed. What is compared with what the role would write is in ``_host_drift``."""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import grp
+import hashlib
+import json
+import os
+import pwd
+import stat
+import sys
+
+# The same probe preflight ran as a command task: version, wheel platform machine and libc of a Python.
+PYTHON_PROBE = (
+    "import json, platform, struct, sys, sysconfig;"
+    "m = sysconfig.get_platform().split('-', 1)[-1].replace('-', '_').replace('.', '_');"
+    "m = {'x86_64': 'i686', 'aarch64': 'armv7l'}.get(m, m) if struct.calcsize('P') == 4 else m;"
+    "print(json.dumps({'python': '%d.%d' % sys.version_info[:2], 'machine': m, 'libc': platform.libc_ver()}))"
+)
+
+
+def os_facts(module):
+    """The few facts preflight asserts on, gathered by ansible-core's own collectors under the names and with
+    the values ``setup`` gives them (so the asserts read the same whether setup or this module ran)."""
+    from ansible.module_utils.facts.system.distribution import DistributionFactCollector
+    from ansible.module_utils.facts.system.service_mgr import ServiceMgrFactCollector
+    from ansible.module_utils.facts.system.platform import PlatformFactCollector
+
+    facts = {}
+    for collector in (PlatformFactCollector(), DistributionFactCollector(), ServiceMgrFactCollector()):
+        # the collectors read earlier facts under their ansible_ names, as setup passes them
+        seen = dict(("ansible_" + k, v) for k, v in facts.items())
+        facts.update(collector.collect(module=module, collected_facts=seen))
+    facts["python"] = {"version": {"major": sys.version_info[0], "minor": sys.version_info[1],
+                                   "micro": sys.version_info[2]}, "executable": sys.executable}
+    keep = ("service_mgr", "distribution", "distribution_version", "distribution_major_version",
+            "distribution_release", "os_family", "system", "python")
+    return dict((k, facts[k]) for k in keep if k in facts)
+
+
+def agent_python(module, python):
+    rc, out, err = module.run_command([python, "-c", PYTHON_PROBE])
+    result = {"rc": rc, "stdout": out.strip(), "stderr": err.strip()[-500:]}
+    if rc != 0 and not err:
+        result["stderr"] = "%s did not run" % python
+    return result
+
+
+def systemd_version(module):
+    rc, out, _err = module.run_command(["systemctl", "--version"])
+    if rc != 0 or not out.strip():
+        return None
+    word = out.splitlines()[0].split()[1]
+    digits = ""
+    for ch in word:
+        if not ch.isdigit():
+            break
+        digits += ch
+    return int(digits) if digits else None
+
+
+def _owner(uid):
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group(gid):
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def path_state(path, checksum=False):
+    """``{"exists", "type", "owner", "group", "mode", "sha256"}`` of a path (lstat: a symlink is reported as one)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return {"exists": False}
+    kind = "file" if stat.S_ISREG(st.st_mode) else "directory" if stat.S_ISDIR(st.st_mode) else \
+        "link" if stat.S_ISLNK(st.st_mode) else "other"
+    result = {"exists": True, "type": kind, "owner": _owner(st.st_uid), "group": _group(st.st_gid),
+              "mode": "%04o" % stat.S_IMODE(st.st_mode)}
+    if checksum and kind == "file":
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(65536), b""):
+                digest.update(block)
+        result["sha256"] = digest.hexdigest()
+    return result
+
+
+def users_exist(names):
+    result = {}
+    for name in names:
+        try:
+            pwd.getpwnam(name)
+            result[name] = True
+        except KeyError:
+            result[name] = False
+    return result
+
+
+def groups_exist(names):
+    result = {}
+    for name in names:
+        try:
+            grp.getgrnam(name)
+            result[name] = True
+        except KeyError:
+            result[name] = False
+    return result
+
+
+def unit_state(module, name):
+    rc, out, _err = module.run_command(["systemctl", "show", name + ".service",
+                                        "-p", "LoadState", "-p", "ActiveState", "-p", "UnitFileState",
+                                        "-p", "NeedDaemonReload"])
+    props = {}
+    for line in out.splitlines() if rc == 0 else []:
+        key, _sep, value = line.partition("=")
+        props[key] = value
+    return props
+
+
+def agent_status(module, agent_bin, bot_user, config_path):
+    """The agent's own ``status --json`` as the bot user (the same call preflight made as a task)."""
+    rc, out, err = module.run_command(["runuser", "-u", bot_user, "--", agent_bin, "status", "-c", config_path,
+                                       "--json"])
+    text = out.strip()
+    if rc == 0 and text.startswith("{"):
+        try:
+            return json.loads(text), None
+        except ValueError:
+            pass
+    return {}, (err.strip() or text)[-500:] or "status exited %d" % rc
+
+
+def destination_acls(module, agent_bin, directory, acls, bot_user, bot_group, reader_user):
+    """``init --check`` on one destination: None when nothing would change, else what would."""
+    argv = [agent_bin, "init", "--check", "--acls", acls, "--init-dir", directory, "--bot-user", bot_user,
+            "--owner", "%s:%s" % (bot_user, bot_group)]
+    if reader_user:
+        argv += ["--reader-user", reader_user]
+    rc, out, err = module.run_command(argv)
+    if rc == 0 and "unchanged" in out:
+        return None
+    return (out.strip() or err.strip() or "init --check exited %d" % rc)[-500:]
+
+
+def reader_reads(module, reader_user, path):
+    """Whether the reader user can open and read ``path`` (what verify checked with ``runuser ... head``)."""
+    rc, _out, err = module.run_command(["runuser", "-u", reader_user, "--", "head", "-c", "64", path])
+    return None if rc == 0 else (err.strip() or "exit %d" % rc)[-300:]
+
+
+def read_text(path, limit=4096):
+    try:
+        with open(path, "r") as f:
+            return f.read(limit).strip()
+    except (IOError, OSError):
+        return None

@@ -1,0 +1,211 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: lanyard.machine_id contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+DOCUMENTATION = r"""
+module: agent_state
+short_description: Read a host's Machine ID agent install in one call and name what differs from the wanted state
+version_added: 0.2.0
+description:
+  - Reads on the host, in one module run, what the C(lanyard.machine_id.machine_id) role would otherwise find out
+    with a task each - the OS facts its preflight asserts on, the agent's Python, the systemd version, the agent's
+    own C(status --json), the files and directories the role writes (owner, group, mode, SHA-256 of content), the
+    users and groups, the unit's state, the destinations' owner and ACLs (C(machine-id-agent init --check)), and
+    whether the reader user can read each kubeconfig.
+  - Compares them with what the role would write and returns every difference in RV(drift). The role runs its
+    install, configure and service phases only when something differs, so a converged host costs one round trip.
+  - Read-only. The join token file is only looked at with C(stat), never read.
+requirements:
+  - Runs on the host, as root (the role's C(become)), with systemd's C(systemctl) and util-linux's C(runuser).
+author:
+  - Lanyard contributors (@lanyard)
+attributes:
+  check_mode:
+    support: full
+    description: Read-only; runs the same in check mode.
+  diff_mode:
+    support: none
+    description: Read-only.
+options:
+  agent_bin:
+    description: Path of the installed C(machine-id-agent) console script.
+    type: path
+    required: true
+  agent_python:
+    description: The Python the agent's virtualenv is made from; its version, machine and libc go to RV(agent_python).
+    type: path
+    required: true
+  config_path:
+    description: The agent's config file (the guide's C(/etc/tbot.yaml)).
+    type: path
+    required: true
+  bot_user:
+    description: User the agent runs as; C(status) runs as this user.
+    type: str
+    required: true
+  bot_group:
+    description: Group of the bot user.
+    type: str
+    required: true
+  reader_user:
+    description: User that reads the outputs; empty for none.
+    type: str
+    default: ""
+  destinations:
+    description: Destination directories; each is checked with C(init --check) and read as O(reader_user).
+    type: list
+    elements: path
+    default: []
+  acls:
+    description: The role's C(machine_id_acls) (C(try), C(required) or C(off)), passed to C(init --check).
+    type: str
+    default: try
+  service_name:
+    description: Name of the agent's systemd unit, without C(.service).
+    type: str
+    required: true
+  service_enabled:
+    description: Whether the unit should be enabled; null to not compare.
+    type: bool
+  service_active:
+    description: Whether the unit should be active; null to not compare.
+    type: bool
+  files:
+    description:
+      - Paths to compare, each with C(path) and any of C(type), C(owner), C(group), C(mode) (octal string) and
+        C(sha256) (of the content the role would write); C(checksum=true) returns the SHA-256 in RV(paths) without
+        comparing it.
+    type: list
+    elements: dict
+    default: []
+  users:
+    description: Users that must exist.
+    type: list
+    elements: str
+    default: []
+  groups:
+    description: Groups that must exist.
+    type: list
+    elements: str
+    default: []
+  wheels_marker:
+    description: File in which the role records the key of the wheel set it installed.
+    type: path
+  wheels_key:
+    description: Key of the wheel set the controller built for this host; compared with O(wheels_marker).
+    type: str
+  agent_version:
+    description: Version the installed agent should report.
+    type: str
+  kubectl:
+    description: Name or path of C(kubectl); where it is found goes to RV(kubectl_path). Empty to not look.
+    type: str
+    default: kubectl
+notes:
+  - Differences are named by path, unit or user and never include a file's content.
+seealso:
+  - module: lanyard.machine_id.teleport_cluster_info
+"""
+
+EXAMPLES = r"""
+- name: Read the agent's install and compare it with the wanted state
+  lanyard.machine_id.agent_state:
+    agent_bin: /opt/machine-id-agent/bin/machine-id-agent
+    agent_python: /usr/bin/python3
+    config_path: /etc/tbot.yaml
+    bot_user: teleport
+    bot_group: teleport
+    reader_user: app
+    destinations: [/opt/machine-id]
+    service_name: machine-id
+    service_enabled: true
+    service_active: true
+    files:
+      - path: /etc/tbot.yaml
+        owner: teleport
+        group: teleport
+        mode: "0600"
+        sha256: "{{ lookup('ansible.builtin.template', 'tbot.yaml.j2') | hash('sha256') }}"
+  register: agent
+
+- name: Show what differs
+  ansible.builtin.debug:
+    var: agent.drift
+"""
+
+RETURN = r"""
+drift:
+  description: One line per difference from the wanted state (path, unit, user or install); empty when none.
+  returned: always
+  type: list
+  elements: str
+  sample: ["/etc/tbot.yaml: content differs", "machine-id.service: inactive, expected active"]
+status:
+  description: The agent's C(status --json) (no secrets); empty when the agent or its config is missing.
+  returned: always
+  type: dict
+status_error:
+  description: Why C(status) gave no answer, when it did not.
+  returned: when the agent is installed and C(status) failed
+  type: str
+kubectl_path:
+  description: Absolute path of O(kubectl) on the host, or null when it is not there.
+  returned: always
+  type: str
+agent_found:
+  description: Whether the agent's console script exists.
+  returned: always
+  type: bool
+installed:
+  description: Whether the agent's console script and its config both exist.
+  returned: always
+  type: bool
+wheels_kubectl_path:
+  description: Absolute path of O(kubectl) on the host, or null when it is not there.
+  returned: always
+  type: str
+agent_found:
+  description: Whether the agent's console script exists.
+  returned: always
+  type: bool
+installed:
+  description: Content of O(wheels_marker) (the key of the installed wheel set), or null.
+  returned: always
+  type: str
+agent_python:
+  description: rc, stdout (a JSON object with C(python), C(machine), C(libc)) and stderr of the probe of O(agent_python).
+  returned: always
+  type: dict
+systemd_version:
+  description: The systemd version (an integer), or null without systemd.
+  returned: always
+  type: int
+unit:
+  description: C(LoadState), C(ActiveState), C(UnitFileState) and C(NeedDaemonReload) of the unit.
+  returned: always
+  type: dict
+ansible_facts:
+  description: C(service_mgr), C(distribution), C(distribution_major_version) and the other facts preflight asserts
+    on, with the names and values C(ansible.builtin.setup) gives them.
+  returned: always
+  type: dict
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.lanyard.machine_id.plugins.module_utils._agent_state import ARGSPEC, agent_state
+from ansible_collections.lanyard.machine_id.plugins.module_utils._runner import run_module
+
+
+def main():
+    module = AnsibleModule(argument_spec=ARGSPEC, supports_check_mode=True)
+    run_module(module, agent_state)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+# Copyright: lanyard.machine_id contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The role's no-change path (issue: fleet scale, point 1) on a real systemd host and the real bed.
+
+A converged, healthy host is confirmed with one agent_state run instead of the install, configure and service
+phases; and each kind of drift a host can have -- its config, its unit, a mode, the reader's ACL, the agent's
+version, a stopped service -- is still found (named in the output), sends the host down the full path, is fixed
+on the host, and the run after that is back on the no-change path. Everything at the role's defaults.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import testbed as tb
+from helpers.fleet import Fleet, changed_by_host
+
+pytestmark = [pytest.mark.testbed, pytest.mark.slow]
+
+HOST = "nc-1"
+ROLE_TASKS = "Roll out the agent, in batches"
+# tasks of the install, configure and service phases: none may run on the no-change path
+FULL_PATH_TASKS = ("Create the bot group", "Copy the agent's wheels to the host", "Write the agent config",
+                   "Create the storage directory (0700, bot user)", "Install the systemd unit",
+                   "Enable and start the service (systemd reloaded first when the unit changed)",
+                   "Wait until the service is active (with Type=notify that means ready)")
+
+
+@pytest.fixture(scope="module")
+def fleet(testbed_bins, tmp_path_factory):
+    try:
+        bed = tb.Testbed.start(modes=("multiplex",))
+    except (tb.TestbedError, tb.BuildError) as exc:
+        pytest.fail(f"the real test bed failed to start: {exc}", pytrace=False)
+    f = Fleet(tmp_path_factory.mktemp("fleet"), teleport=bed.teleport["multiplex"], kube=bed.kube)
+    try:
+        f.add_hosts([HOST])
+        yield f
+    finally:
+        f.stop()
+        bed.stop()
+
+
+def _ran(run, host=HOST):
+    """Names of the tasks that ran (not skipped) on the host."""
+    return [r["task"].split(" : ", 1)[-1] for r in run.results
+            if r["host"] == host and r["status"] != "skipped" and not r["result"].get("skipped")]
+
+
+def _sh(fleet, script):
+    return fleet.hosts[HOST].run(["sh", "-c", script], check=False)
+
+
+def _assert_no_change_path(fleet):
+    calls = fleet.tctl_calls()
+    run = fleet.rollout()
+    assert run.rc == 0, run.stdout[-6000:]
+    assert changed_by_host(run)[HOST] == 0, run.stdout[-4000:]
+    ran = _ran(run)
+    drift = [r["result"].get("msg") for r in run.results if r["task"].endswith("Report what differs from this role's settings")]
+    assert not set(ran) & set(FULL_PATH_TASKS), (drift, set(ran) & set(FULL_PATH_TASKS))
+    assert ran.count("Read the agent's install, identity and unit, and what differs from this role's settings") == 2
+    # only the control plane's own reads (cluster, locks, role): nothing per host, no bot, no token
+    new_calls = fleet._calls()[calls:]
+    assert new_calls and not [c for c in new_calls if c[:1] in (["bots"], ["tokens"])], new_calls
+    return run, ran
+
+
+def test_1_first_rollout_then_a_rerun_on_the_no_change_path(fleet):
+    run = fleet.rollout()
+    assert run.rc == 0, run.stdout[-6000:]
+    assert "Write the agent config" in _ran(run)
+    _run, ran = _assert_no_change_path(fleet)
+    # the reader still gets checked against the cluster on the no-change path when kubectl is on the host
+    assert "Ask the cluster, as the reader, whether it may list pods" in ran
+    assert fleet.reader_get_pods(HOST).returncode == 0
+
+
+DRIFTS = {
+    # what the drift does on the host, what the run must name, and how to see it is fixed
+    "config": ("echo '# edited by hand' >> /etc/tbot.yaml", "/etc/tbot.yaml: content differs",
+               "! grep -q 'edited by hand' /etc/tbot.yaml"),
+    "unit": ("sed -i 's/^RestartSec=.*/RestartSec=1/' /etc/systemd/system/machine-id.service",
+             "/etc/systemd/system/machine-id.service: content differs",
+             "systemctl show machine-id -p RestartUSec | grep -qx 'RestartUSec=5s' && "
+             "systemctl show machine-id -p NeedDaemonReload | grep -qx 'NeedDaemonReload=no'"),
+    # (not the storage directory: a storage mode that lets others read, the agent tightens to 0700 by itself)
+    "mode": ("chmod 0750 /etc/machine-id-agent", "/etc/machine-id-agent: mode 0750, expected 0755",
+             "[ \"$(stat -c %a /etc/machine-id-agent)\" = 755 ]"),
+    "acl": ("setfacl -x u:app /opt/machine-id /opt/machine-id/kubeconfig.yaml", "/opt/machine-id: ",
+            "runuser -u app -- head -c 10 /opt/machine-id/kubeconfig.yaml >/dev/null"),
+    "agent-version": ("sed -i 's/^__version__ = .*/__version__ = \"0.0.1\"/' "
+                      "/opt/machine-id-agent/lib/python3*/site-packages/machine_id_agent/__init__.py",
+                      "agent version: 0.0.1, expected ",
+                      "/opt/machine-id-agent/bin/machine-id-agent --version | grep -vq 0.0.1"),
+    "stopped": ("systemctl stop machine-id", "machine-id.service: inactive, expected active",
+                "systemctl is-active -q machine-id"),
+}
+
+
+@pytest.mark.parametrize("kind", list(DRIFTS))
+def test_2_each_drift_is_found_fixed_and_then_the_no_change_path_is_back(fleet, kind):
+    do, named, fixed = DRIFTS[kind]
+    r = _sh(fleet, do)
+    assert r.returncode == 0, r.stderr
+    assert _sh(fleet, fixed).returncode != 0, f"the {kind} drift did not take on the host"
+    run = fleet.rollout()
+    assert run.rc == 0, run.stdout[-6000:]
+    assert named in run.stdout, run.stdout[-4000:]
+    assert changed_by_host(run)[HOST] > 0
+    assert _sh(fleet, fixed).returncode == 0, f"the {kind} drift is still there after the rollout"
+    assert fleet.reader_get_pods(HOST).returncode == 0
+    _assert_no_change_path(fleet)

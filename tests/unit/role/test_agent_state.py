@@ -1,0 +1,126 @@
+# Copyright: lanyard.machine_id contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""agent_state, the one module run behind the role's no-change path: its decisions (what differs from the wanted
+state) on their own, and the module itself run by real Ansible on this machine against files it made, with a
+stand-in agent (the real agent and the real host are in tests/integration/rollout/test_rollout.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import textwrap
+
+import pytest
+import yaml
+
+from ansible_collections.lanyard.machine_id.plugins.module_utils import _host_drift as drift
+from ansible_collections.lanyard.machine_id.plugins.module_utils import _host_state as host
+from helpers.playbook import run_playbook
+
+
+def test_path_drift_names_each_difference_and_never_the_content(tmp_path):
+    f = tmp_path / "tbot.yaml"
+    f.write_text("secret-looking: value\n")
+    os.chmod(f, 0o644)
+    seen = host.path_state(str(f), checksum=True)
+    assert seen["sha256"] == hashlib.sha256(b"secret-looking: value\n").hexdigest()
+    want = {"path": str(f), "type": "file", "owner": "root", "mode": "0600", "sha256": "0" * 64}
+    out = drift.path_drift(want, seen)
+    assert out == ["%s: mode 0644, expected 0600" % f, "%s: content differs" % f]
+    assert not any("secret-looking" in line for line in out)
+    assert drift.path_drift(dict(want, mode="0644", sha256=seen["sha256"]), seen) == []
+    assert drift.path_drift({"path": str(tmp_path / "nope")}, host.path_state(str(tmp_path / "nope"))) == \
+        ["%s: missing" % (tmp_path / "nope")]
+    assert drift.path_drift({"path": str(f), "type": "directory"}, seen) == \
+        ["%s: type file, expected directory" % f]
+    assert drift.path_drift({"path": str(f), "owner": "teleport"}, seen) == ["%s: owner root, expected teleport" % f]
+
+
+@pytest.mark.parametrize("props, enabled, active, expect", [
+    ({"LoadState": "loaded", "ActiveState": "active", "UnitFileState": "enabled", "NeedDaemonReload": "no"},
+     True, True, []),
+    ({"LoadState": "loaded", "ActiveState": "inactive", "UnitFileState": "enabled", "NeedDaemonReload": "no"},
+     True, True, ["machine-id.service: inactive, expected active"]),
+    ({"LoadState": "loaded", "ActiveState": "failed", "UnitFileState": "disabled", "NeedDaemonReload": "yes"},
+     True, True, ["machine-id.service: changed on disk, systemd not reloaded",
+                  "machine-id.service: disabled, expected enabled", "machine-id.service: failed, expected active"]),
+    ({"LoadState": "not-found"}, True, True, ["machine-id.service: not loaded (not-found)"]),
+    ({"LoadState": "loaded", "ActiveState": "inactive", "UnitFileState": "disabled"}, False, False, []),
+    ({}, None, None, []),
+])
+def test_service_drift(props, enabled, active, expect):
+    assert drift.service_drift("machine-id", props, enabled, active) == expect
+
+
+def test_install_drift_wheels_and_version():
+    assert drift.install_drift("abc", "abc", {"agent_version": "0.3.0"}, "0.3.0") == []
+    assert drift.install_drift(None, "abc", {}, None) == ["agent wheels: no record of the installed set, expected abc"]
+    assert drift.install_drift("abc", "abc", {"agent_version": "0.2.0"}, "0.3.0") == \
+        ["agent version: 0.2.0, expected 0.3.0"]
+
+
+def _fake_agent(path, status, init_out="unchanged: /x"):
+    path.write_text(textwrap.dedent("""\
+        #!/bin/sh
+        case "$1" in
+          status) echo '%s' ;;
+          init) echo '%s' ;;
+        esac
+        """ % (status, init_out)))
+    path.chmod(0o755)
+
+
+def _module_play(tmp_path, **params):
+    task = {"lanyard.machine_id.agent_state": params, "register": "state"}
+    play = [{"hosts": "localhost", "gather_facts": False, "tasks": [task]}]
+    return run_playbook(tmp_path, yaml.safe_dump(play, sort_keys=False))
+
+
+def test_module_on_a_converged_tree_reports_no_drift_and_one_for_each_change(tmp_path):
+    conf = tmp_path / "tbot.yaml"
+    conf.write_text("storage: {}\n")
+    conf.chmod(0o600)
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "kubeconfig.yaml").write_text("apiVersion: v1\n")
+    agent = tmp_path / "machine-id-agent"
+    _fake_agent(agent, '{"identity": {"valid": true}, "agent_version": "9.9.9"}')
+    (tmp_path / "marker").write_text("key1\n")
+    params = {"agent_bin": str(agent), "agent_python": "python3", "config_path": str(conf), "bot_user": "root",
+              "bot_group": "root", "reader_user": "root", "destinations": [str(dest)], "service_name": "nothere",
+              "files": [{"path": str(conf), "type": "file", "owner": "root", "mode": "0600",
+                         "sha256": hashlib.sha256(b"storage: {}\n").hexdigest()}],
+              "users": ["root"], "groups": ["root"], "wheels_marker": str(tmp_path / "marker"),
+              "wheels_key": "key1", "agent_version": "9.9.9"}
+    run = _module_play(tmp_path, **params)
+    assert run.rc == 0, run.stdout[-3000:]
+    res = run.result("lanyard.machine_id.agent_state")
+    assert res["drift"] == [], res["drift"]
+    assert res["installed"] is True and res["status"]["agent_version"] == "9.9.9"
+    assert res["wheels_installed"] == "key1"
+    assert res["ansible_facts"]["service_mgr"] and res["ansible_facts"]["distribution"]
+    assert '"python"' in res["agent_python"]["stdout"]
+    assert res["changed"] is False
+
+    # every kind of difference is named, each by its object
+    conf.write_text("storage: {changed: 1}\n")
+    conf.chmod(0o640)
+    _fake_agent(agent, '{"identity": {"valid": true}, "agent_version": "9.9.8"}', init_out="would set ACL on /x")
+    params.update(wheels_key="key2", users=["root", "no-such-user-xyz"])
+    run = _module_play(tmp_path, **params)
+    res = run.result("lanyard.machine_id.agent_state")
+    assert res["drift"] == [
+        "%s: mode 0640, expected 0600" % conf, "%s: content differs" % conf,
+        "user no-such-user-xyz: missing",
+        "agent wheels: key1, expected key2", "agent version: 9.9.8, expected 9.9.9",
+        "%s: would set ACL on /x" % dest], res["drift"]
+
+
+def test_module_on_a_fresh_host_reports_the_agent_missing_and_runs_no_agent_command(tmp_path):
+    run = _module_play(tmp_path, agent_bin=str(tmp_path / "nope" / "machine-id-agent"), agent_python="python3",
+                       config_path=str(tmp_path / "tbot.yaml"), bot_user="root", bot_group="root",
+                       destinations=[str(tmp_path / "out")], service_name="nothere")
+    assert run.rc == 0, run.stdout[-3000:]
+    res = run.result("lanyard.machine_id.agent_state")
+    assert res["installed"] is False and res["agent_found"] is False and res["status"] == {}
+    assert res["drift"] == ["%s: missing" % (tmp_path / "nope" / "machine-id-agent")]
