@@ -106,6 +106,20 @@ def labels_of(sample: Sample) -> Dict[str, str]:
     return dict(sample[1])
 
 
+def point_at(h, addr: str) -> None:
+    """The host's config with the proxy at ``addr`` (as proxy_server: a proxy that does not answer fails the
+    cycle at once, without falling back to what an earlier ping learned)."""
+    doc = yaml.safe_load(h.config_path.read_text())
+    doc.pop("auth_server", None)
+    doc["proxy_server"] = addr
+    tmp = h.config_path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
+    st = h.config_path.stat()
+    os.chown(tmp, st.st_uid, st.st_gid)
+    os.chmod(tmp, 0o640)
+    os.replace(tmp, h.config_path)
+
+
 def run_rules(tmp_path: Path, name: str, tests: List[dict]) -> None:
     doc = pt.test_file(tests)
     path = tmp_path / ("%s-test.yml" % name)
@@ -140,7 +154,7 @@ def test_real_metrics_pass_promtool_and_drive_the_alert_rules(teleport, make_hos
 
     # Teleport unreachable: the same agent, reloaded with an address where nothing listens, forced to renew
     closed = "127.0.0.1:%d" % free_port()
-    h.write_config(auth_server=closed, certificate_ttl="1h", renewal_interval="20m", diag_addr=diag)
+    point_at(h, closed)
     os.kill(p.pid, signal.SIGHUP)
     wait_for(lambda: "configuration reloaded" in h.log(), 30, "the reload")
     os.kill(p.pid, signal.SIGUSR1)
@@ -166,6 +180,11 @@ def test_real_metrics_pass_promtool_and_drive_the_alert_rules(teleport, make_hos
 
     failed_tasks = [labels_of(s) for s in find(bad, "machine_id_agent_task_iterations_failed_total")]
     assert {t["service"] for t in failed_tasks} == {"identity", "kubernetes-output"}
+    before = {tuple(sorted(s[1].items())): s[2] for s in find(ok, "machine_id_agent_task_iterations_failed_total")}
+    for s in find(bad, "machine_id_agent_task_iterations_failed_total"):  # the identity failed, the output not reached
+        assert s[2] >= before[tuple(sorted(s[1].items()))] + 2, s
+    for s in find(bad, "machine_id_agent_task_iterations_successful_count"):
+        assert s[2] == 1, s  # the first cycle only
     (bad_expiry,) = find(bad, "machine_id_agent_seconds_to_expiry")
     (bad_ident,) = find(bad, "machine_id_agent_identity_seconds_to_expiry")
     host = {"job": JOB, "instance": diag}
