@@ -63,8 +63,19 @@ def expected(alertname: str, labels: Dict[str, str]) -> dict:
 
 
 def series(name: str, labels: Dict[str, str], values: str) -> dict:
-    lab = ",".join('%s="%s"' % (k, str(v).replace("\\", "\\\\").replace('"', '\\"')) for k, v in labels.items())
+    lab = ", ".join('%s="%s"' % (k, str(v).replace("\\", "\\\\").replace('"', '\\"')) for k, v in labels.items())
     return {"series": "%s{%s}" % (name, lab), "values": values}
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block sequences indented under their key, as the collection's yamllint (ansible-lint) wants them."""
+
+    def increase_indent(self, flow=False, indentless=False):
+        return super().increase_indent(flow, False)
+
+
+def dump(doc: dict) -> str:
+    return yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=100, explicit_start=True)
 
 
 def test_file(tests: List[dict], rules_path: Path = RULES) -> dict:

@@ -123,7 +123,7 @@ def point_at(h, addr: str) -> None:
 def run_rules(tmp_path: Path, name: str, tests: List[dict]) -> None:
     doc = pt.test_file(tests)
     path = tmp_path / ("%s-test.yml" % name)
-    path.write_text(yaml.safe_dump(doc, sort_keys=False, width=200))
+    path.write_text(pt.dump(doc))
     r = pt.test_rules(path)
     assert r.returncode == 0 and "SUCCESS" in r.stdout, "promtool test rules (%s):\n%s%s" % (path, r.stdout, r.stderr)
 
