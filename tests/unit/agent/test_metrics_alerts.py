@@ -21,7 +21,7 @@ from helpers import promtool as pt
 from test_service import FakeBackend, FakeIdent, logbuf, make_cfg  # noqa: F401  (logbuf is a fixture)
 
 sys.path.insert(0, str(pt.REPO / "tests" / "prometheus"))
-import make_rules_test  # noqa: E402
+import write_rules_test_file  # noqa: E402
 
 TEST_FILE = pt.REPO / "tests" / "prometheus" / "machine-id-agent.rules-test.yml"
 
@@ -107,8 +107,8 @@ def test_promtool_check_metrics_flags_what_the_agent_avoids():
 
 
 def test_rules_test_file_is_current():
-    assert TEST_FILE.read_text() == make_rules_test.document(), \
-        "run: python tests/prometheus/make_rules_test.py (the rules or the scenarios changed)"
+    assert TEST_FILE.read_text() == write_rules_test_file.document(), \
+        "run: python tests/prometheus/write_rules_test_file.py (the rules or the scenarios changed)"
 
 
 def test_every_alert_is_tested_firing_and_quiet():
