@@ -2,7 +2,7 @@
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Writes machine-id-agent.rules-test.yml, the ``promtool test rules`` file for the shipped alert rules:
 ``python tests/prometheus/write_rules_test_file.py`` after changing the rules or the scenarios below
-(tests/unit/test_prometheus_rules.py fails while the file is stale). The expected annotations are the rules'
+(tests/unit/agent/test_metrics_alerts.py fails while the file is stale). The expected annotations are the rules'
 own templates filled in with the alert's labels, so a scenario names only which alert fires with which labels.
 
 Every scenario is one agent at the role's defaults (certificate_ttl 1h, renewal_interval 20m), sampled each
