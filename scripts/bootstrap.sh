@@ -10,13 +10,15 @@ key=$( (cat "$req"; python3 --version) | sha256sum | cut -c1-12)
 venv="$cache/venv/$key"
 
 # Debian packages the test suite needs (etcd for the bed, acl tools, systemd-nspawn and debootstrap
-# for test hosts, strace for the agent's socket boundary test). Installed only when missing.
+# for test hosts, strace for the agent's socket boundary test, promtool from prometheus for the metrics
+# and alert rule tests). Installed only when missing.
 pkgs=()
 command -v setfacl >/dev/null || pkgs+=(acl)
 command -v etcd >/dev/null || [ -x /usr/bin/etcd ] || pkgs+=(etcd-server)
 command -v systemd-nspawn >/dev/null || pkgs+=(systemd-container)
 command -v debootstrap >/dev/null || pkgs+=(debootstrap)
 command -v strace >/dev/null || pkgs+=(strace)  # the agent boundary test traces bind()
+command -v promtool >/dev/null || pkgs+=(prometheus)  # promtool check metrics / test rules
 if [ ${#pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "[bootstrap] apt-get install ${pkgs[*]}" >&2
@@ -29,6 +31,10 @@ if [ ${#pkgs[@]} -gt 0 ]; then
       # A dpkg run cut short earlier leaves packages half-configured; finish it before installing.
       dpkg --configure -a >&2 || apt-get -f install -y -qq >&2 || true
       apt-get install -y -qq --no-install-recommends -o DPkg::Lock::Timeout=300 "${pkgs[@]}" >&2
+      # Only promtool is wanted: the Prometheus server this package enables would hold port 9090 for nothing.
+      if [[ " ${pkgs[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null; then
+        systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+      fi
     ) 9>"$cache/apt.lock"
   else
     echo "[bootstrap] missing Debian packages: ${pkgs[*]} -- run as root: apt-get install ${pkgs[*]}" >&2

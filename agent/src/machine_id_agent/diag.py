@@ -13,11 +13,70 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 from machine_id_agent.errors import ConfigError
 
 PREFIX = "machine_id_agent_"
+
+# The task labels follow tbot's (lib/tbot/internal/loop.go: service and name), with the values tbot gives the
+# same tasks; an output's series also carry destination and kubernetes_cluster, as seconds_to_expiry does.
+IDENTITY_TASK = {"service": "identity", "name": "bot-identity-renewal"}
+OUTPUT_TASK = {"service": "kubernetes-output", "name": "output-renewal"}
+# tbot buckets its successful iterations by the retries before the success (0..5); ours by the failed
+# iterations of the task directly before it (the agent retries a failed cycle as a new one).
+RETRY_BUCKETS: Tuple[float, ...] = (0, 1, 2, 3, 4, 5)
+# one task of one cycle: a renewal takes about a second; a server that does not answer takes tens of seconds
+DURATION_BUCKETS: Tuple[float, ...] = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Histogram:
+    """Cumulative bucket counts, sum and count: what the text format needs and nothing else."""
+
+    def __init__(self, bounds: Sequence[float]):
+        self.bounds = tuple(bounds)
+        self.buckets = [0] * len(self.bounds)
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, v: float) -> None:
+        for i, le in enumerate(self.bounds):
+            if v <= le:
+                self.buckets[i] += 1
+        self.count += 1
+        self.sum += v
+
+    def view(self) -> Dict:
+        return {"bounds": list(self.bounds), "buckets": list(self.buckets), "count": self.count, "sum": self.sum}
+
+
+class TaskStats:
+    """Iterations of one task (the bot identity, or one output): one per renewal cycle that ran it or should have."""
+
+    def __init__(self, labels: Dict[str, str]):
+        self.labels = dict(labels)
+        self.iterations = 0
+        self.failed = 0
+        self.failed_in_a_row = 0
+        self.successful = Histogram(RETRY_BUCKETS)
+        self.duration = Histogram(DURATION_BUCKETS)
+
+    def record(self, ok: bool, seconds: Optional[float]) -> None:
+        """``seconds`` is None for an output the cycle never reached (the identity step failed): it counts as a
+        failed iteration, but took no time."""
+        self.iterations += 1
+        if ok:
+            self.successful.observe(self.failed_in_a_row)
+            self.failed_in_a_row = 0
+        else:
+            self.failed += 1
+            self.failed_in_a_row += 1
+        if seconds is not None:
+            self.duration.observe(max(0.0, seconds))
+
+    def view(self) -> Dict:
+        return {"labels": dict(self.labels), "iterations": self.iterations, "failed": self.failed,
+                "successful": self.successful.view(), "duration": self.duration.view()}
 
 
 def _esc(v: str) -> str:
@@ -28,12 +87,25 @@ def render_metrics(snap: Dict) -> str:
     """Prometheus text exposition (version 0.0.4) from a service snapshot."""
     lines = []
 
+    def sample(name, labels, value):
+        lab = ",".join('%s="%s"' % (k, _esc(v)) for k, v in labels.items())
+        lines.append("%s%s%s %s" % (PREFIX, name, ("{%s}" % lab) if lab else "", _num(value)))
+
     def metric(name, kind, help_, samples):
         lines.append("# HELP %s%s %s" % (PREFIX, name, help_))
         lines.append("# TYPE %s%s %s" % (PREFIX, name, kind))
         for labels, value in samples:
-            lab = ",".join('%s="%s"' % (k, _esc(v)) for k, v in labels.items())
-            lines.append("%s%s%s %s" % (PREFIX, name, ("{%s}" % lab) if lab else "", _num(value)))
+            sample(name, labels, value)
+
+    def histogram(name, help_, series):
+        lines.append("# HELP %s%s %s" % (PREFIX, name, help_))
+        lines.append("# TYPE %s%s histogram" % (PREFIX, name))
+        for labels, h in series:
+            for le, n in zip(h["bounds"], h["buckets"]):
+                sample(name + "_bucket", dict(labels, le=_num(float(le))), n)
+            sample(name + "_bucket", dict(labels, le="+Inf"), h["count"])
+            sample(name + "_sum", labels, float(h["sum"]))
+            sample(name + "_count", labels, h["count"])
 
     metric("renewals_total", "counter", "Successful renewal cycles (identity and all outputs).",
            [({}, snap.get("renewals", 0))])
@@ -56,6 +128,21 @@ def render_metrics(snap: Dict) -> str:
                [({}, 1 if watch.get("watching") else 0)])
         metric("ca_rotation_renewals_total", "counter", "Renewals of the identity and outputs for a CA rotation step.",
                [({}, watch.get("rotation_renewals", 0))])
+    tasks = snap.get("tasks") or []
+    if tasks:
+        metric("task_iterations_total", "counter",
+               "Iterations of each task (bot identity renewal, each output), one per renewal cycle; as tbot's.",
+               [(t["labels"], t["iterations"]) for t in tasks])
+        metric("task_iterations_failed_total", "counter",
+               "Iterations of each task that failed (an output a failed cycle did not reach counts); "
+               "tbot_task_iterations_failed.",
+               [(t["labels"], t["failed"]) for t in tasks])
+        histogram("task_iterations_successful",
+                  "Successful iterations of each task, bucketed by the failed iterations right before; as tbot's.",
+                  [(t["labels"], t["successful"]) for t in tasks])
+        histogram("task_iteration_duration_seconds",
+                  "Time one iteration of each task took, whatever its outcome; as tbot's.",
+                  [(t["labels"], t["duration"]) for t in tasks])
     return "\n".join(lines) + "\n"
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from machine_id_agent import acl as aclmod
+from machine_id_agent import diag as diagmod
 from machine_id_agent import config as configmod
 from machine_id_agent import logs, outputs
 from machine_id_agent.errors import (EXIT_NEEDS_TOKEN, AgentError, ConfigError, JoinError, LockedError, OutputError,
@@ -135,6 +136,9 @@ class Agent:
         self.cycle_started: Optional[float] = None
         self.facts = None
         self.outputs: Dict[str, OutputState] = {}
+        self.identity_task = diagmod.TaskStats(diagmod.IDENTITY_TASK)
+        self.output_tasks: Dict[str, diagmod.TaskStats] = {}
+        self._marks: Dict[str, Any] = {}  # what the running cycle got done, for the task metrics
         self._reset_outputs()
         self._stop = False
         self._renew_now = False
@@ -176,6 +180,14 @@ class Agent:
                 if found.get("valid") and found.get("expires"):
                     st.not_after = _dt.datetime.fromisoformat(found["expires"])
             self.outputs[key] = st
+        # an output that is no longer configured loses its task series, like its seconds_to_expiry
+        tasks = {}
+        for o in self.cfg.outputs:
+            key = str(o.destination)
+            labels = dict(diagmod.OUTPUT_TASK, destination=key, kubernetes_cluster=o.kubernetes_cluster)
+            old_task = self.output_tasks.get(key)
+            tasks[key] = old_task if old_task is not None and old_task.labels == labels else diagmod.TaskStats(labels)
+        self.output_tasks = tasks
 
     def snapshot(self) -> Dict[str, Any]:
         now = _utcnow()
@@ -199,6 +211,7 @@ class Agent:
                                                if self.identity_not_after else None),
                 "last_success_unix": self.last_success,
                 "ca_watch": self.watcher.view() if self.watcher is not None else None,
+                "tasks": [self.identity_task.view()] + [t.view() for t in self.output_tasks.values()],
             }
 
     # ----- one renewal cycle
@@ -280,6 +293,7 @@ class Agent:
         cfg = self.cfg
         be = self.backend
         self._deferred = None
+        marks = self._marks = {"start": time.monotonic(), "identity_done": None, "outputs": {}, "outputs_error": None}
         ident, stored_hash = self._identity_now()
         try:
             token = configmod.read_token(cfg)  # the token file now (a new one is picked up without a restart)
@@ -338,6 +352,7 @@ class Agent:
             with self.lock:
                 self.identity_not_after = ident.not_after
                 self._current_ident = ident
+            marks["identity_done"] = time.monotonic()
             if facts is None:
                 facts = self._endpoint_facts(client)
             endpoint = outputs.kube_endpoint(facts, cfg.proxy_server or cfg.auth_server)
@@ -349,6 +364,7 @@ class Agent:
             revoked = getattr(self, "_revoked", {})
             for out in cfg.outputs:
                 key = str(out.destination)
+                out_start = time.monotonic()
                 try:
                     # the credentials carry the host CA re-read in this cycle (picks up rotations)
                     creds = client.kube_credentials(out.kubernetes_cluster, out.roles or None, cfg.credential_ttl)
@@ -364,7 +380,9 @@ class Agent:
                         self.outputs[key].last_error = str(e)
                     self.log.error("output %s (%s) failed: %s", key, out.kubernetes_cluster, e)
                     failed.append((key, e))
+                    marks["outputs"][key] = (False, time.monotonic() - out_start)
                     continue
+                marks["outputs"][key] = (True, time.monotonic() - out_start)
                 revoked.pop(key, None)
                 written.append(key)
                 with self.lock:
@@ -379,6 +397,7 @@ class Agent:
             if failed:
                 err = _outputs_failed(failed, written, len(cfg.outputs))
                 if self._deferred is None:
+                    marks["outputs_error"] = err
                     raise err
                 self.log.error("%s", err)  # the deferred problem is reported as the cycle's error
             from machine_id_agent import rotation
@@ -434,6 +453,7 @@ class Agent:
         err = self._threaded_cycle() if self.isolate else self._cycle_error()
         with self.lock:
             self.cycle_started = None
+            self._record_tasks(err)
             if err is None:
                 self.renewals += 1
                 self.consecutive_failures = 0
@@ -444,6 +464,21 @@ class Agent:
                 self.consecutive_failures += 1
                 self.last_ok, self.last_error = False, str(err)
         return err
+
+    def _record_tasks(self, err: Optional[AgentError]) -> None:
+        """One iteration for the identity task and for every output (held under self.lock). The identity task
+        succeeded when the cycle got past it and the cycle's error, if any, is only about outputs; an output
+        succeeded when this cycle wrote it, and failed when it failed or was not reached."""
+        marks, self._marks = self._marks, {}
+        start = marks.get("start")
+        if start is None:  # the cycle never began (cannot happen: cycle() sets the marks first)
+            return
+        done = marks.get("identity_done")
+        ident_ok = done is not None and (err is None or err is marks.get("outputs_error"))
+        self.identity_task.record(ident_ok, (done if done is not None else time.monotonic()) - start)
+        for key, task in self.output_tasks.items():
+            ok, secs = marks["outputs"].get(key, (False, None))
+            task.record(ok, secs)
 
     def _threaded_cycle(self) -> Optional[AgentError]:
         """One cycle in a thread of this process; the main thread waits for it and keeps systemd's watchdog

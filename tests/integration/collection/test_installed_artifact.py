@@ -85,7 +85,8 @@ def test_artifact_holds_the_collection_only(artifact):
     assert not junk, junk
     for need in ("README.md", "COPYING", "CHANGELOG.rst", "changelogs/changelog.yaml", "meta/runtime.yml",
                  "playbooks/rollout.yml", "roles/machine_id/meta/argument_specs.yml",
-                 "roles/machine_id/files/build_wheels.py", "plugins/doc_fragments/kube_auth.py",
+                 "roles/machine_id/files/build_wheels.py", "roles/machine_id/files/prometheus/machine-id-agent.rules.yml",
+                 "plugins/doc_fragments/kube_auth.py",
                  "agent/pyproject.toml", "agent/README.md"):
         assert need in names, need
     for module in sorted((REPO / "plugins" / "modules").glob("*.py")):
