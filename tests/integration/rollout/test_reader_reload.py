@@ -124,6 +124,7 @@ def test_1_rollout_wires_the_reader_and_each_renewal_reloads_it_exactly_once(fle
     gen0 = agent_status(h)["identity"]["generation"]
     writes, reloads, starts, lines = _measure(fleet, 4)
     gen1 = agent_status(h)["identity"]["generation"]
+    print(f"reload: writes={writes} reloads={reloads} starts={starts} generation {gen0}->{gen1}")
     assert writes >= 4 and gen1 > gen0, (writes, gen0, gen1)
     assert (reloads, starts) == (writes, 0), (writes, reloads, starts)
     # every reload read a kubeconfig no earlier reload had seen (it ran after the new one was in place), the last
@@ -153,6 +154,7 @@ def test_3_restart_action_restarts_the_reader_once_per_renewal(fleet):
         "demo-reader.service restart"
     pid0 = _sh(fleet, "systemctl show -p MainPID --value demo-reader.service").strip()
     writes, reloads, starts, _lines_ = _measure(fleet, 3)
+    print(f"restart: writes={writes} reloads={reloads} starts={starts}")
     assert writes >= 3 and (starts, reloads) == (writes, 0), (writes, reloads, starts)
     assert _sh(fleet, "systemctl show -p MainPID --value demo-reader.service").strip() != pid0
     assert _sh(fleet, "systemctl is-active demo-reader.service").strip() == "active"
@@ -168,6 +170,7 @@ def test_4_removing_the_entry_removes_the_units_and_stops_the_reloads(fleet):
         "not-found", "not-found"]
     assert _sh(fleet, "ls /etc/systemd/system/paths.target.wants 2>/dev/null | grep machine-id-reload").strip() == ""
     writes, reloads, starts, _lines_ = _measure(fleet, 2)
+    print(f"removed: writes={writes} reloads={reloads} starts={starts}")
     assert writes >= 2 and (reloads, starts) == (0, 0), (writes, reloads, starts)
     run = fleet.rollout()
     _assert_ok(run)
