@@ -29,6 +29,8 @@ ARGSPEC = dict(
     wheels_key=dict(type="str", no_log=False),
     agent_version=dict(type="str"),
     kubectl=dict(type="str", default="kubectl"),
+    units=dict(type="list", elements="dict", default=[]),
+    exclusive=dict(type="dict"),
 )
 
 
@@ -63,8 +65,14 @@ def agent_state(module):
         found += drift.install_drift(marker, p["wheels_key"], result["status"], p["agent_version"])
 
     if systemd_present(result):
-        result["unit"] = host.unit_state(module, p["service_name"])
-        found += drift.service_drift(p["service_name"], result["unit"], p["service_enabled"], p["service_active"])
+        result["unit"] = host.unit_state(module, p["service_name"] + ".service")
+        found += drift.service_drift(p["service_name"] + ".service", result["unit"], p["service_enabled"],
+                                     p["service_active"])
+        for unit in p["units"]:
+            found += drift.service_drift(unit["name"], host.unit_state(module, unit["name"]), unit.get("enabled"),
+                                         unit.get("active"))
+    if p["exclusive"]:
+        found += drift.stray_drift(host.glob_paths(p["exclusive"].get("glob") or ""), p["exclusive"].get("paths") or [])
 
     if agent.get("exists"):
         for directory in p["destinations"]:

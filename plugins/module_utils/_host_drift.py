@@ -47,7 +47,7 @@ def path_drift(expected, observed):
 
 def service_drift(name, props, enabled, active):
     out = []
-    unit = name + ".service"
+    unit = name
     if enabled is None and active is None:
         return out
     if props.get("LoadState") != "loaded":
@@ -79,3 +79,8 @@ def install_drift(marker, wheels_key, status, agent_version):
     if agent_version and have != agent_version:
         out.append("agent version: %s, expected %s" % (have or "unknown", agent_version))
     return out
+
+
+def stray_drift(found, wanted):
+    """Paths the role owns by name (a glob) that its settings no longer list, e.g. a removed reload unit."""
+    return ["%s: not in the role's settings any more (left over)" % path for path in found if path not in wanted]

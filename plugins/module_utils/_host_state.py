@@ -12,6 +12,7 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import glob
 import grp
 import hashlib
 import json
@@ -125,7 +126,7 @@ def groups_exist(names):
 
 
 def unit_state(module, name):
-    rc, out, _err = module.run_command(["systemctl", "show", name + ".service",
+    rc, out, _err = module.run_command(["systemctl", "show", name,
                                         "-p", "LoadState", "-p", "ActiveState", "-p", "UnitFileState",
                                         "-p", "NeedDaemonReload"])
     props = {}
@@ -172,3 +173,7 @@ def read_text(path, limit=4096):
             return f.read(limit).strip()
     except (IOError, OSError):
         return None
+
+
+def glob_paths(pattern):
+    return sorted(glob.glob(pattern)) if pattern else []

@@ -102,6 +102,18 @@ options:
   agent_version:
     description: Version the installed agent should report.
     type: str
+  units:
+    description:
+      - More systemd units to compare, each with C(name) (with its suffix, for example C(x.path)) and any of
+        C(enabled) and C(active) (booleans).
+    type: list
+    elements: dict
+    default: []
+  exclusive:
+    description:
+      - C(glob) (a path pattern) and C(paths) (a list) - every path matching C(glob) that is not in C(paths) is a
+        difference (something the settings no longer list, left over on the host).
+    type: dict
   kubectl:
     description: Name or path of C(kubectl); where it is found goes to RV(kubectl_path). Empty to not look.
     type: str
@@ -186,7 +198,7 @@ systemd_version:
   returned: always
   type: int
 unit:
-  description: C(LoadState), C(ActiveState), C(UnitFileState) and C(NeedDaemonReload) of the unit.
+  description: C(LoadState), C(ActiveState), C(UnitFileState) and C(NeedDaemonReload) of the agent's unit.
   returned: always
   type: dict
 ansible_facts:

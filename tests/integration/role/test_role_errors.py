@@ -61,6 +61,16 @@ def _exists(host, path: str) -> bool:
     (dict(GOOD, machine_id_ca_pins=["sha256:nothex"]), ["CA pins look like sha256:"]),
     (dict(GOOD, machine_id_reader_user="teleport"), ["reader user must differ"]),
     (dict(GOOD, machine_id_acls="sometimes"), ["machine_id_acls", "try, required, off"]),
+    (dict(GOOD, machine_id_reload_units=[{"unit": "myapp"}]),
+     ["machine_id_reload_units is wrong", 'entry 1 (unit myapp): unit must be a systemd service name ending in .service',
+      "Fix: give each entry unit:"]),
+    (dict(GOOD, machine_id_reload_units=[{"unit": "myapp.service", "action": "bounce"}]),
+     ["machine_id_reload_units", "reload, restart, reload-or-restart", "bounce"]),
+    (dict(GOOD, machine_id_reload_units=[{"unit": "myapp.service", "destination": "/opt/elsewhere"}]),
+     ["machine_id_reload_units is wrong", 'destination /opt/elsewhere is not one of the outputs',
+      "one of the output directories (/opt/machine-id"]),
+    (dict(GOOD, machine_id_reload_units=[{"unit": "myapp.service"}, {"unit": "myapp.service", "action": "restart"}]),
+     ["machine_id_reload_units is wrong", 'entry 2 (unit myapp.service): name myapp is used by another entry', "distinct name:"]),
 ])
 def test_bad_input_fails_in_preflight_and_changes_nothing(tmp_path, host, extra, words):
     run = play(tmp_path, host, extra)

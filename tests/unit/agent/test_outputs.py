@@ -222,3 +222,36 @@ def test_switching_off_exec_plugin_removes_the_identity_file(tmp_path):
     assert (dest / outputs.IDENTITY).exists()
     outputs.write_kube(KubeOutput(destination=dest, kubernetes_cluster="k"), make_creds(), "tc", ep, acls="off")
     assert not (dest / outputs.IDENTITY).exists()
+
+
+@pytest.mark.parametrize("exec_plugin", [False, True])
+def test_every_renewal_replaces_kubeconfig_last_even_when_its_text_is_the_same(tmp_path, monkeypatch, exec_plugin):
+    """The role's reader reload wiring (machine_id_reload_units) has systemd watch kubeconfig.yaml: it must be
+    replaced (a new inode by rename) once per renewal and after every other file, in both output modes, also when
+    its text does not change (exec-plugin mode). Skipping an unchanged kubeconfig would stop those reloads."""
+    order = []
+    real = fsutil.Dir.write
+
+    def spy(self, name, *a, **kw):
+        order.append(name)
+        return real(self, name, *a, **kw)
+
+    monkeypatch.setattr(fsutil.Dir, "write", spy)
+    dest = tmp_path / "out"
+    out = KubeOutput(destination=dest, kubernetes_cluster="k", exec_plugin=exec_plugin)
+    ep = outputs.KubeEndpoint("https://k.example.com:3026")
+    c1, c2 = make_creds(), make_creds()
+    c2.host_ca_pems = c1.host_ca_pems  # a renewal under the same host CA: new key and certificate only
+    outputs.write_kube(out, c1, "tc", ep, acls="off")
+    first = dest / "kubeconfig.yaml"
+    ino, text = first.stat().st_ino, first.read_bytes()
+    keep = open(first, "rb")  # holds the old inode, so its number cannot be reused by the next file
+    try:
+        order.clear()
+        outputs.write_kube(out, c2, "tc", ep, acls="off")
+        assert order[-1] == "kubeconfig.yaml" and order.count("kubeconfig.yaml") == 1, order
+        assert {"key", "tlscert", "teleport-host-ca.crt"} <= set(order[:-1]), order
+        assert (dest / "kubeconfig.yaml").stat().st_ino != ino
+        assert ((dest / "kubeconfig.yaml").read_bytes() == text) is exec_plugin
+    finally:
+        keep.close()

@@ -49,7 +49,13 @@ def test_path_drift_names_each_difference_and_never_the_content(tmp_path):
     ({}, None, None, []),
 ])
 def test_service_drift(props, enabled, active, expect):
-    assert drift.service_drift("machine-id", props, enabled, active) == expect
+    assert drift.service_drift("machine-id.service", props, enabled, active) == expect
+
+
+def test_stray_drift_names_what_is_left_over():
+    assert drift.stray_drift(["/etc/systemd/system/machine-id-reload-a.path", "/etc/systemd/system/x"],
+                             ["/etc/systemd/system/x"]) == [
+        "/etc/systemd/system/machine-id-reload-a.path: not in the role's settings any more (left over)"]
 
 
 def test_install_drift_wheels_and_version():

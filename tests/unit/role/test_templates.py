@@ -118,3 +118,65 @@ def test_unit_security_exposure_at_most_2(tmp_path):
                        capture_output=True, text=True, check=False)
     gm = re.search(r"Overall exposure level for machine-id.service: ([0-9.]+)", g.stdout)
     assert gm and float(gm.group(1)) > 8.0
+
+
+def test_reload_units_defaults_names_and_what_they_run(tmp_path):
+    """machine_id_reload_units: defaults filled in (action reload, the first output, name from the unit), the .path
+    unit watches the kubeconfig of its destination, the oneshot runs `systemctl <action> <unit>` only for an active
+    unit, with no start limit (a limit hit would fail the .path unit for good)."""
+    render(tmp_path, machine_id_proxy_server="localhost:3080",
+           machine_id_destinations=[{"directory": "/opt/a", "kubernetes_cluster": "a"},
+                                    {"directory": "/opt/b", "kubernetes_cluster": "b"}],
+           machine_id_reload_units=[{"unit": "myapp.service"},
+                                    {"unit": "worker@1.service", "action": "restart", "destination": "/opt/b"},
+                                    {"unit": "myapp.service", "action": "reload-or-restart", "destination": "/opt/b",
+                                     "name": "myapp-b"}])
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("machine-id-reload-*")) == [
+        "machine-id-reload-myapp-b.path", "machine-id-reload-myapp-b.service", "machine-id-reload-myapp.path",
+        "machine-id-reload-myapp.service", "machine-id-reload-worker_1.path", "machine-id-reload-worker_1.service"]
+    cases = [("myapp", "/opt/a", "myapp.service", "reload"), ("worker_1", "/opt/b", "worker@1.service", "restart"),
+             ("myapp-b", "/opt/b", "myapp.service", "reload-or-restart")]
+    for name, dest, unit, action in cases:
+        p = _unit_settings((out / f"machine-id-reload-{name}.path").read_text())
+        assert p["PathChanged"] == [f"{dest}/kubeconfig.yaml"] and p["Unit"] == [f"machine-id-reload-{name}.service"]
+        assert p["WantedBy"] == ["paths.target"]
+        s = _unit_settings((out / f"machine-id-reload-{name}.service").read_text())
+        assert s["Type"] == ["oneshot"] and s["StartLimitIntervalSec"] == ["0"]
+        assert s["ExecCondition"] == [f"/bin/systemctl is-active --quiet {unit}"]
+        (start,) = s["ExecStart"]
+        assert start.endswith(f"' machine-id-reload-{name} {dest}/kubeconfig.yaml {unit} {action}"), start
+        assert "User" not in s and s["CapabilityBoundingSet"] == ["CAP_DAC_READ_SEARCH"]
+        # what sh gets once systemd has undone its escapes ($$ -> $, %% -> %) parses
+        script = start.split("'")[1].replace("$$", "$").replace("%%", "%")
+        assert "systemctl \"$3\" -- \"$2\"" in script
+        assert subprocess.run(["sh", "-n", "-c", script], check=False).returncode == 0
+
+
+def test_reload_script_acts_again_only_when_the_kubeconfig_was_replaced_meanwhile(tmp_path):
+    """The oneshot's loop, run by sh with a stand-in for systemctl: one action when nothing changes during it, a
+    second one when a renewal replaced the kubeconfig while the first ran (systemd does not watch then), and it
+    stops after 5 when renewals keep coming."""
+    render(tmp_path, machine_id_proxy_server="localhost:3080", machine_id_reload_units=[{"unit": "myapp.service"}])
+    start = _unit_settings((tmp_path / "out" / "machine-id-reload-myapp.service").read_text())["ExecStart"][0]
+    script = start.split("'")[1].replace("$$", "$").replace("%%", "%")
+    fake = tmp_path / "systemctl"
+    kc = tmp_path / "kubeconfig.yaml"
+    log = tmp_path / "calls"
+    script = script.replace("/bin/systemctl", str(fake))
+
+    def run(replacements: int) -> list[str]:
+        kc.write_text("v0\n")
+        log.write_text("")
+        # each call logs its argv and, while replacements are left, replaces the kubeconfig by a rename like the agent
+        fake.write_text("#!/bin/sh\necho \"$*\" >> %s\nn=$(wc -l < %s)\nif [ \"$n\" -le %d ]; then\n"
+                        "  echo v$n > %s.tmp && mv %s.tmp %s\nfi\n" % (log, log, replacements, kc, kc, kc))
+        fake.chmod(0o755)
+        r = subprocess.run(["sh", "-c", script, "x", str(kc), "myapp.service", "reload"], capture_output=True,
+                           text=True, check=False)
+        assert r.returncode == 0, r.stderr
+        return log.read_text().splitlines()
+
+    assert run(0) == ["reload -- myapp.service"]
+    assert run(1) == ["reload -- myapp.service"] * 2
+    assert len(run(100)) == 5
