@@ -255,8 +255,8 @@ def test_expiration_timestamp_is_before_not_after_by_a_tenth_of_the_lifetime_at_
                                                                                              margin):
     c = _short_cert(lifetime, 1)
     dest = tmp_path / "out"
-    outputs.write_kube(KubeOutput(destination=dest, kubernetes_cluster="k"), c, "tc", outputs.KubeEndpoint("https://x:1"),
-                       acls="off")
+    outputs.write_kube(KubeOutput(destination=dest, kubernetes_cluster="k"), c, "tc",
+                       outputs.KubeEndpoint("https://x:1"), acls="off")
     cred = outputs.exec_credential(dest)
     exp = dt.datetime.strptime(cred["status"]["expirationTimestamp"], "%Y-%m-%dT%H:%M:%SZ").replace(
         tzinfo=dt.timezone.utc)
