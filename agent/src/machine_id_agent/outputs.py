@@ -376,7 +376,7 @@ def inspect(destination: Path, now: Optional[_dt.datetime] = None) -> Dict[str, 
         except OutputError:
             creds = None
         if creds is None:
-            out["error"] = "%s holds no credentials" % KUBECONFIG
+            out["error"] = "no %s (what the exec plugin reads) and no inline credentials in %s" % (IDENTITY, KUBECONFIG)
             return out
         na = cert_not_after(creds["cert"])
         out["expires"] = na.isoformat()

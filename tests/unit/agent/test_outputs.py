@@ -270,6 +270,9 @@ def test_exec_credential_errors_name_destination_cause_and_fix(tmp_path, monkeyp
         outputs.exec_credential(dest)
     outputs.write_kube(KubeOutput(destination=dest, kubernetes_cluster="k"), make_creds(), "tc", ep, acls="off")
     (dest / "identity").unlink()  # exec kubeconfig, identity gone
+    st = outputs.inspect(dest)
+    assert st["present"] and not st["valid"]
+    assert st["error"] == "no identity (what the exec plugin reads) and no inline credentials in kubeconfig.yaml"
     with pytest.raises(OutputError, match=r"out: no key and certificate in identity .*let the agent finish"):
         outputs.exec_credential(dest)
     a, b = make_creds(), make_creds()
