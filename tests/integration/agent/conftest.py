@@ -190,14 +190,14 @@ class AgentHost:
     ``machine-id-agent init``. Commands run as the bot user."""
 
     def __init__(self, tp, kube, root: Path, users: Dict[str, int], kubectl: Path, bot: Optional[str] = None,
-                 agent_bin: Optional[Path] = None, bot_roles: Optional[List[str]] = None, **cfg_extra):
+                 agent_bin: Optional[Path] = None, **cfg_extra):
         self.tp, self.kube, self.users, self.kubectl_bin = tp, kube, users, kubectl
         # the console script of agent_venv; None: the test venv's interpreter (`python -m machine_id_agent`)
         self.agent_bin = agent_bin
         self.root = root
         root.mkdir(mode=0o755, parents=True, exist_ok=True)
         self.bot = bot or "agent-%s-%s" % (tp.mode[:3], uuid.uuid4().hex[:8])
-        self.token = tp.bot_add(self.bot, bot_roles or [AGENT_ROLE])
+        self.token = tp.bot_add(self.bot, [AGENT_ROLE])
         self.pin = tp.status_ca_pin()
         self.storage = root / "bot"
         self.dest = root / "machine-id"
