@@ -81,10 +81,10 @@ def agent_state(module):
             if acl:
                 found.append("%s: %s" % (directory, acl))
             elif p["reader_user"]:
-                denied = host.reader_reads(module, p["reader_user"], directory.rstrip("/") + "/kubeconfig.yaml")
+                denied = host.reader_reads(module, p["reader_user"], p["agent_bin"], directory)
                 if denied:
-                    found.append("%s/kubeconfig.yaml: %s cannot read it (%s)" % (directory.rstrip("/"),
-                                                                                 p["reader_user"], denied))
+                    found.append("%s: %s cannot read valid credentials there (%s)" % (directory, p["reader_user"],
+                                                                                      denied))
     result["kubectl_path"] = module.get_bin_path(p["kubectl"]) if p["kubectl"] else None
     result["drift"] = found
     return result

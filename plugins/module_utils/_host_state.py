@@ -161,10 +161,12 @@ def destination_acls(module, agent_bin, directory, acls, bot_user, bot_group, re
     return (out.strip() or err.strip() or "init --check exited %d" % rc)[-500:]
 
 
-def reader_reads(module, reader_user, path):
-    """Whether the reader user can open and read ``path`` (what verify checked with ``runuser ... head``)."""
-    rc, _out, err = module.run_command(["runuser", "-u", reader_user, "--", "head", "-c", "64", path])
-    return None if rc == 0 else (err.strip() or "exit %d" % rc)[-300:]
+def reader_reads(module, reader_user, agent_bin, directory):
+    """Whether the reader user, running the agent's own program (the one the kubeconfig's exec plugin is), reads a
+    matching, valid key and certificate in ``directory`` -- what the verify phase checks. Prints no secret."""
+    rc, out, err = module.run_command(["runuser", "-u", reader_user, "--", agent_bin, "wait", "--destination-dir",
+                                       directory, "--timeout", "5"])
+    return None if rc == 0 else (err.strip() or out.strip() or "exit %d" % rc)[-300:]
 
 
 def read_text(path, limit=4096):

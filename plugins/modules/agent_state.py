@@ -16,7 +16,8 @@ description:
     with a task each - the OS facts its preflight asserts on, the agent's Python, the systemd version, the agent's
     own C(status --json), the files and directories the role writes (owner, group, mode, SHA-256 of content), the
     users and groups, the unit's state, the destinations' owner and ACLs (C(machine-id-agent init --check)), and
-    whether the reader user can read each kubeconfig.
+    whether the reader user, running the agent's program (C(machine-id-agent wait)), reads valid credentials in
+    each destination.
   - Compares them with what the role would write and returns every difference in RV(drift). The role runs its
     install, configure and service phases only when something differs, so a converged host costs one round trip.
   - Read-only. The join token file is only looked at with C(stat), never read.
@@ -57,7 +58,7 @@ options:
     type: str
     default: ""
   destinations:
-    description: Destination directories; each is checked with C(init --check) and read as O(reader_user).
+    description: Destination directories; each is checked with C(init --check) and with C(wait) as O(reader_user).
     type: list
     elements: path
     default: []

@@ -47,7 +47,10 @@ class KubeOutput:
     kubernetes_cluster: str
     roles: List[str] = field(default_factory=list)
     reload_command: Optional[List[str]] = None
-    exec_plugin: bool = False
+    # True (the default, like tbot): kubeconfig.yaml calls `machine-id-agent kube credentials`, which reads the
+    # ``identity`` file at each (re)authentication, so a long-running client picks up renewed certificates.
+    # False: inline credentials, loaded once by a client (it fails after credential_ttl).
+    exec_plugin: bool = True
     readers: List[str] = field(default_factory=list)
     # tbot's per-directory keys: how to open the path and whether to use ACLs (None: the top-level acls)
     symlinks: str = DEFAULT_SYMLINKS
@@ -322,7 +325,7 @@ def _output(r: _Reader, dest: str, key_dest: str, cluster_key: str, base: Path,
                for i, u in enumerate(r.str_list("readers", "readers: [app]"))]
     symlinks, acls = _dir_opts(dir_reader)
     return KubeOutput(destination=Path(os.path.normpath(dest)), kubernetes_cluster=cluster, roles=roles,
-                      reload_command=reload_cmd, exec_plugin=r.get("exec_plugin", bool, False), readers=readers,
+                      reload_command=reload_cmd, exec_plugin=r.get("exec_plugin", bool, True), readers=readers,
                       symlinks=symlinks, acls=acls, readers_managed=r.has("readers"))
 
 

@@ -5,8 +5,8 @@
 
 Files in each destination directory (each written atomically, ACL set before it appears):
 ``key`` (PEM private key), ``tlscert`` (PEM certificate routed to the Kubernetes cluster),
-``teleport-host-ca.crt`` (PEM host CA bundle), ``identity`` (exec mode only: key + certificate in one file,
-so the exec plugin reads a matching pair) and, last, ``kubeconfig.yaml``.
+``teleport-host-ca.crt`` (PEM host CA bundle), ``identity`` (exec-plugin mode, the default: key + certificate in
+one file, so the exec plugin reads a matching pair) and, last, ``kubeconfig.yaml``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import datetime as _dt
 import ipaddress
 import os
 import re
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,20 +108,36 @@ def kube_endpoint(facts: Any, proxy_addr: Optional[str] = None) -> KubeEndpoint:
     return KubeEndpoint("https://" + _join_hostport(host, lport or DEFAULT_KUBE_PORT))
 
 
-def exec_command(destination: Path) -> Dict[str, Any]:
-    """The exec stanza that calls ``machine-id-agent kube credentials --destination-dir D``."""
-    args = ["kube", "credentials", "--destination-dir", str(destination)]
-    prog = None
+INSTALL_HINT = ("machine-id-agent writes this kubeconfig and renews its certificate; the command above is the agent's "
+                "own console script (installed by the lanyard.machine_id.machine_id role in its virtualenv). If it is "
+                "missing, re-run the role, or set exec_plugin: false on this output for inline credentials.")
+
+
+def plugin_program() -> List[str]:
+    """The absolute command that runs this very installation of the agent (never one found on PATH).
+
+    The console script this process was started as; else the console script of the environment this
+    interpreter belongs to (a virtualenv's ``bin/machine-id-agent``); else this interpreter with
+    ``-m machine_id_agent``."""
     argv0 = sys.argv[0] if sys.argv else ""
-    if os.path.basename(argv0) == "machine-id-agent" and os.path.exists(argv0):
-        prog = os.path.abspath(argv0)
-    else:
-        found = shutil.which("machine-id-agent")
-        prog = os.path.abspath(found) if found else None
-    if prog is None:
-        prog, args = sys.executable, ["-m", "machine_id_agent"] + args
-    return {"apiVersion": EXEC_API_VERSION, "command": prog, "args": args, "interactiveMode": "Never",
-            "provideClusterInfo": False}
+    if os.path.basename(argv0) == "machine-id-agent" and os.path.isfile(argv0):
+        return [os.path.abspath(argv0)]
+    script = os.path.join(sys.prefix, "bin", "machine-id-agent")
+    if os.path.isfile(script) and os.access(script, os.X_OK):
+        return [os.path.abspath(script)]
+    return [os.path.abspath(sys.executable), "-m", "machine_id_agent"]
+
+
+def exec_command(destination: Path) -> Dict[str, Any]:
+    """The exec stanza that calls ``machine-id-agent kube credentials --destination-dir D``.
+
+    The plugin needs no network, no privileges and no write access: it reads the ``identity`` file (key and
+    certificate in one atomically replaced file) and prints an ExecCredential whose expirationTimestamp makes
+    client-go run it again before the certificate expires."""
+    prog = plugin_program()
+    args = prog[1:] + ["kube", "credentials", "--destination-dir", str(destination)]
+    return {"apiVersion": EXEC_API_VERSION, "command": prog[0], "args": args,
+            "installHint": INSTALL_HINT, "interactiveMode": "Never", "provideClusterInfo": False}
 
 
 def render_kubeconfig(teleport_cluster: str, kube_cluster: str, endpoint: KubeEndpoint, host_ca_pems: Sequence[bytes],
@@ -272,7 +287,8 @@ def read_credentials(destination: Path) -> Dict[str, bytes]:
     user = ((doc or {}).get("users") or [{}])[0].get("user") or {}
     if "client-certificate-data" in user:
         return {"key": base64.b64decode(user["client-key-data"]), "cert": base64.b64decode(user["client-certificate-data"])}
-    raise OutputError("%s: %s holds no key and certificate; let the agent finish a renewal" % (dest, IDENTITY))
+    raise OutputError("%s: no key and certificate in %s and none inline in %s; let the agent finish a renewal "
+                      "(machine-id-agent status)" % (dest, IDENTITY, KUBECONFIG))
 
 
 _PEM_RE = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----", re.S)
@@ -289,13 +305,55 @@ def _split_bundle(data: bytes):
     return key, cert
 
 
-def exec_credential(destination: Path) -> Dict[str, Any]:
-    creds = read_credentials(destination)
-    not_after = cert_not_after(creds["cert"])
-    if not_after <= _dt.datetime.now(_dt.timezone.utc):
+def _user() -> str:
+    try:
+        import pwd
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except (KeyError, ImportError):
+        return "uid %d" % os.geteuid()
+
+
+def refresh_at(cert_pem: bytes) -> _dt.datetime:
+    """When a client should ask the plugin again: shortly before the certificate's notAfter (a tenth of its
+    lifetime, at most a minute), so that a request never leaves with a certificate about to expire."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    na = cert_not_after(cert_pem)
+    nb = getattr(cert, "not_valid_before_utc", None)
+    if nb is None:
+        nb = cert.not_valid_before.replace(tzinfo=_dt.timezone.utc)
+    margin = min(_dt.timedelta(minutes=1), (na - nb) / 10)
+    return na - max(margin, _dt.timedelta(0))
+
+
+def exec_credential(destination: Path, now: Optional[_dt.datetime] = None) -> Dict[str, Any]:
+    """The ExecCredential for ``kube credentials``: the key and certificate from one read of ``identity``.
+
+    Raises OutputError (the message names the destination, the cause and the fix) when the files are
+    missing, unreadable for this user, damaged, mismatched or expired: kubectl shows that line."""
+    dest = Path(destination)
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    try:
+        creds = read_credentials(dest)
+    except PermissionError as e:
+        raise OutputError("%s: %s may not read %s; add it to the output's readers (readers: in the agent's "
+                          "config, or machine_id_reader_user in the role) and let the agent renew once"
+                          % (dest, _user(), e.filename or dest)) from None
+    except OSError as e:
+        raise OutputError("%s: cannot read the credentials (%s); check that the destination exists and the agent "
+                          "is running (machine-id-agent status)" % (dest, e.strerror or e)) from None
+    try:
+        not_after = cert_not_after(creds["cert"])
+        matches = key_matches_cert(creds["key"], creds["cert"])
+    except (ValueError, TypeError) as e:
+        raise OutputError("%s: %s is damaged (%s); restart the agent so that it writes it again"
+                          % (dest, IDENTITY, str(e).splitlines()[0] if str(e) else type(e).__name__)) from None
+    if not matches:
+        raise OutputError("%s: the key and the certificate do not match; restart the agent so that it writes "
+                          "them again" % dest)
+    if not_after <= now:
         raise OutputError("%s: the certificate expired at %s; check that the agent is running and renewing "
-                          "(machine-id-agent status)" % (destination, not_after.isoformat()))
-    exp = not_after - _dt.timedelta(minutes=1)
+                          "(machine-id-agent status, journalctl -u machine-id)" % (dest, not_after.isoformat()))
+    exp = refresh_at(creds["cert"])
     return {"apiVersion": EXEC_API_VERSION, "kind": "ExecCredential", "spec": {"interactive": False},
             "status": {"clientCertificateData": creds["cert"].decode(), "clientKeyData": creds["key"].decode(),
                        "expirationTimestamp": exp.strftime("%Y-%m-%dT%H:%M:%SZ")}}
@@ -318,7 +376,7 @@ def inspect(destination: Path, now: Optional[_dt.datetime] = None) -> Dict[str, 
         except OutputError:
             creds = None
         if creds is None:
-            out["error"] = "%s holds no credentials" % KUBECONFIG
+            out["error"] = "no %s (what the exec plugin reads) and no inline credentials in %s" % (IDENTITY, KUBECONFIG)
             return out
         na = cert_not_after(creds["cert"])
         out["expires"] = na.isoformat()

@@ -3,17 +3,22 @@
 """Fixtures for machine-id-agent on the real bed: real local users, a world-traversable work directory,
 and an ``AgentHost`` that lays out one host the way the guide does (config, storage, destination).
 
-The agent runs as the unprivileged user ``lanyardtest-bot``. The test venv lives under /root (mode 0700),
-so the bot process gets the one ambient capability CAP_DAC_READ_SEARCH, which lets it read the venv. It
-cannot write, chown or set ACLs on anything it does not own. The reader (``lanyardtest-app``) and the
-other user (``lanyardtest-other``) get no capabilities; they read with ``cat`` and with a copy of kubectl
-in a 0755 directory.
+The agent runs as the unprivileged user ``lanyardtest-bot``, from ``agent_venv``: a virtualenv in a 0755
+directory, made with the system's /usr/bin/python3 like the role's /opt/machine-id-agent, holding the agent's
+dependencies (copied from the test venv, same versions) and this checkout's agent, with the console script
+``bin/machine-id-agent``. So the kubeconfig's exec plugin (the default) is a program the reader can run, as on
+a real host. The bot process still gets the one ambient capability CAP_DAC_READ_SEARCH (it used to need it for
+the venv under /root, mode 0700). It cannot write, chown or set ACLs on anything it does not own. The reader
+(``lanyardtest-app``) and the other user (``lanyardtest-other``) get no capabilities; they read with ``cat``
+and with a copy of kubectl in a 0755 directory.
 """
 
 from __future__ import annotations
 
+import importlib.metadata as _md
 import json
 import os
+import re
 import pwd
 import shutil
 import signal
@@ -78,6 +83,83 @@ def user_kubectl(testbed_bins, public_root) -> Path:
     return dst
 
 
+def _requirements(dist_name: str, seen: set) -> None:
+    """``dist_name`` and every distribution it needs (for this interpreter and platform), recursively."""
+    key = re.sub(r"[-_.]+", "-", dist_name).lower()
+    if key in seen:
+        return
+    seen.add(key)
+    dist = _md.distribution(dist_name)
+    for req in dist.requires or []:
+        name, _sep, marker = req.partition(";")
+        if marker:
+            try:
+                from packaging.markers import Marker
+                if not Marker(marker).evaluate({"extra": ""}):
+                    continue
+            except Exception:
+                continue
+        name = re.split(r"[\s\[<>=!~(]", name.strip(), maxsplit=1)[0]
+        _requirements(name, seen)
+
+
+@pytest.fixture(scope="session")
+def agent_venv(public_root, agent_users) -> Path:
+    """The agent installed where every user can run it, like the role's /opt/machine-id-agent: a venv of the
+    system Python (0755), the agent's dependencies copied from the test venv (same versions, same cp311 ABI),
+    this checkout's agent (agent/src) and the console script ``bin/machine-id-agent``."""
+    system_py = "/usr/bin/python3"
+    if not os.access(system_py, os.X_OK):
+        pytest.fail("%s is missing; the agent e2e tests install the agent for the system Python" % system_py,
+                    pytrace=False)
+    venv = public_root / "agent-venv"
+    r = subprocess.run([system_py, "-m", "venv", "--without-pip", str(venv)], capture_output=True, text=True,
+                       check=False)
+    if r.returncode != 0:
+        pytest.fail("cannot make the agent's venv with %s: %s" % (system_py, r.stderr.strip()), pytrace=False)
+    site = Path(subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()"
+                                "['purelib'])"], capture_output=True, text=True, check=True).stdout.strip())
+    here = "%d.%d" % sys.version_info[:2]
+    there = subprocess.run([str(venv / "bin" / "python"), "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    if here != there:
+        pytest.fail("the system Python is %s and the test venv's %s: the copied dependencies need the same version"
+                    % (there, here), pytrace=False)
+    deps: set = set()
+    _requirements("machine-id-agent", deps)
+    deps.discard("machine-id-agent")
+    for name in sorted(deps):
+        dist = _md.distribution(name)
+        base = Path(str(dist.locate_file("")))
+        for f in dist.files or []:
+            src = Path(str(dist.locate_file(f)))
+            try:
+                rel = src.resolve().relative_to(base.resolve())
+            except ValueError:
+                continue  # console scripts in bin/ and the like
+            dst = site / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if src.is_file():
+                shutil.copy2(src, dst)
+    agent_src = Path(__file__).resolve().parents[3] / "agent" / "src"
+    (site / "lanyard_agent_checkout.pth").write_text(str(agent_src) + "\n")
+    script = venv / "bin" / "machine-id-agent"
+    script.write_text("#!%s\nimport sys\n\nfrom machine_id_agent.cli import main\n\nsys.exit(main())\n"
+                      % (venv / "bin" / "python"))
+    for root, dirs, files in os.walk(venv):
+        os.chmod(root, 0o755)
+        for f in files:
+            p = os.path.join(root, f)
+            if not os.path.islink(p):
+                os.chmod(p, 0o755 if f == "machine-id-agent" or os.access(p, os.X_OK) else 0o644)
+    runuser = shutil.which("runuser") or "/usr/sbin/runuser"
+    r = subprocess.run([runuser, "-u", APP_USER, "--", str(script), "version"], capture_output=True, text=True,
+                       check=False, env={"PATH": "/usr/bin:/bin"}, cwd="/")
+    if r.returncode != 0:
+        pytest.fail("the agent's venv does not run for %s: %s" % (APP_USER, r.stderr.strip()[-500:]), pytrace=False)
+    return venv
+
+
 def setup_rbac(tp, kube) -> None:
     """A Teleport role that maps to Kubernetes group ``lanyard-agent``, and read access to pods in ``demo``
     for that group (idempotent)."""
@@ -108,8 +190,10 @@ class AgentHost:
     ``machine-id-agent init``. Commands run as the bot user."""
 
     def __init__(self, tp, kube, root: Path, users: Dict[str, int], kubectl: Path, bot: Optional[str] = None,
-                 **cfg_extra):
+                 agent_bin: Optional[Path] = None, **cfg_extra):
         self.tp, self.kube, self.users, self.kubectl_bin = tp, kube, users, kubectl
+        # the console script of agent_venv; None: the test venv's interpreter (`python -m machine_id_agent`)
+        self.agent_bin = agent_bin
         self.root = root
         root.mkdir(mode=0o755, parents=True, exist_ok=True)
         self.bot = bot or "agent-%s-%s" % (tp.mode[:3], uuid.uuid4().hex[:8])
@@ -146,7 +230,7 @@ class AgentHost:
         return env
 
     def argv(self, *args: str, as_bot: bool = True) -> List[str]:
-        py = [sys.executable, "-m", "machine_id_agent", *args]
+        py = ([str(self.agent_bin)] if self.agent_bin else [sys.executable, "-m", "machine_id_agent"]) + list(args)
         if not as_bot:
             return py
         return ["setpriv", "--reuid=%s" % BOT_USER, "--regid=%s" % BOT_USER, "--init-groups",
@@ -221,7 +305,7 @@ def own_bed(testbed_bins):
 
 
 @pytest.fixture
-def make_host(agent_users, public_root, user_kubectl, request):
+def make_host(agent_users, public_root, user_kubectl, agent_venv, request):
     hosts: List[AgentHost] = []
     rbac_done = set()
 
@@ -231,6 +315,7 @@ def make_host(agent_users, public_root, user_kubectl, request):
             setup_rbac(tp, k)
             rbac_done.add(id(tp))
         root = public_root / ("h-" + uuid.uuid4().hex[:10])
+        cfg_extra.setdefault("agent_bin", agent_venv / "bin" / "machine-id-agent")
         h = AgentHost(tp, k, root, agent_users, user_kubectl, **cfg_extra)
         hosts.append(h)
         return h

@@ -29,13 +29,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 import testbed as tb
+from machine_id_agent import outputs
 
 BOT_USER, APP_USER, OTHER_USER = "lanyardtest-bot", "lanyardtest-app", "lanyardtest-other"  # see conftest.py
 AGENT_ROLE = "lanyard-agent-kube"  # see conftest.py
 
 pytestmark = [pytest.mark.testbed]
 
-FILES = ("key", "tlscert", "teleport-host-ca.crt", "kubeconfig.yaml")
+FILES = ("key", "tlscert", "teleport-host-ca.crt", "identity", "kubeconfig.yaml")
 
 
 def wait_for(pred, timeout: float, what: str, interval: float = 0.2):
@@ -77,11 +78,17 @@ def metric(diag: str, name: str) -> float:
 
 
 def kubeconfig_pair(path):
-    """(cert, key) from one read of kubeconfig.yaml; raises if it does not parse or they do not match."""
+    """(cert, doc): the certificate a client of kubeconfig.yaml gets, from ONE read of the file that holds the
+    pair: the ``identity`` file beside it when the kubeconfig calls the exec plugin (the default), else the
+    kubeconfig's inline data. Raises if it does not parse or the key and certificate do not match."""
     doc = yaml.safe_load(path.read_bytes())
     user = doc["users"][0]["user"]
-    cert = x509.load_pem_x509_certificate(base64.b64decode(user["client-certificate-data"]))
-    key = serialization.load_pem_private_key(base64.b64decode(user["client-key-data"]), None)
+    if "exec" in user:
+        key_pem, cert_pem = outputs._split_bundle((path.parent / outputs.IDENTITY).read_bytes())
+    else:
+        key_pem, cert_pem = base64.b64decode(user["client-key-data"]), base64.b64decode(user["client-certificate-data"])
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    key = serialization.load_pem_private_key(key_pem, None)
     fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     if cert.public_key().public_bytes(*fmt) != key.public_key().public_bytes(*fmt):
         raise AssertionError("certificate does not match key")
@@ -320,7 +327,7 @@ def test_teleport_down_outputs_stay_then_recover(own_bed, mode, make_host):
     assert h.init().returncode == 0
     p = h.start()
     wait_for(lambda: http_get("http://%s/readyz" % diag)[0] == 200, 60, "first outputs")
-    before = (h.dest / "kubeconfig.yaml").read_bytes()
+    before = (h.dest / "identity").read_bytes()
     tp.stop_process()
     try:
         def not_ready():
@@ -330,7 +337,7 @@ def test_teleport_down_outputs_stay_then_recover(own_bed, mode, make_host):
         assert "renewal failed" in json.loads(body)["reason"]
         time.sleep(6)  # longer than one renewal interval
         assert metric(diag, "renewal_failures_total") >= 2
-        assert (h.dest / "kubeconfig.yaml").read_bytes() == before, "the last good outputs stay"
+        assert (h.dest / "identity").read_bytes() == before, "the last good outputs stay"
         st = h.status()
         assert st["outputs"][0]["valid"] and st["identity"]["valid"]
     finally:
@@ -339,26 +346,59 @@ def test_teleport_down_outputs_stay_then_recover(own_bed, mode, make_host):
     wait_for(lambda: http_get("http://%s/readyz" % diag)[0] == 200, 90, "recovery without restart")
     assert metric(diag, "renewals_total") > renewals
     assert p.poll() is None, "the same process recovered"
-    assert (h.dest / "kubeconfig.yaml").read_bytes() != before
+    assert (h.dest / "identity").read_bytes() != before
     wait_for(lambda: h.pods_as(APP_USER).returncode == 0, 60, "kubectl after recovery")
 
 
-# --- exec-plugin output: kubectl calls `machine-id-agent kube credentials` -----------------------------------
+# --- exec-plugin output (the default): kubectl calls `machine-id-agent kube credentials` -------------------------
 def test_exec_plugin_output(teleport_multiplex, make_host, kube):
-    h = make_host(teleport_multiplex)
-    h.write_config(destinations=[{"directory": str(h.dest), "kubernetes_cluster": tb.KUBE_CLUSTER_NAME,
-                                  "exec_plugin": True}])
+    h = make_host(teleport_multiplex)  # the guide's config: no exec_plugin key
     assert h.init().returncode == 0
     r = h.oneshot()
     assert r.returncode == 0, r.stderr
     doc = yaml.safe_load((h.dest / "kubeconfig.yaml").read_text())
     ex = doc["users"][0]["user"]["exec"]
-    assert ex["args"][-4:] == ["kube", "credentials", "--destination-dir", str(h.dest)]
-    assert "client-key-data" not in doc["users"][0]["user"]
-    # kubectl (as root: the test venv is not reachable for other users) runs the plugin
+    # the agent's own console script, by absolute path (the one it runs as), never a python found on PATH
+    assert ex["command"] == str(h.agent_bin) and ex["args"] == ["kube", "credentials", "--destination-dir",
+                                                                str(h.dest)]
+    assert ex["interactiveMode"] == "Never" and "client-key-data" not in doc["users"][0]["user"]
+    # the reader runs the plugin (no capability, no PYTHONPATH, no write access to anything of the agent) ...
+    pods = h.pods_as(APP_USER)
+    assert pods.returncode == 0 and "pod/%s" % tb.DEMO_POD in pods.stdout, pods.stderr
+    cred = h.as_user(APP_USER, ex["command"], *ex["args"])
+    assert cred.returncode == 0, cred.stderr
+    assert json.loads(cred.stdout)["kind"] == "ExecCredential" and cred.stderr == ""
+    # ... and so does root (the test venv's kubectl as root)
     get = kube.kubectl("get", "pods", "-n", tb.DEMO_NAMESPACE, "-o", "name", kubeconfig=h.dest / "kubeconfig.yaml")
     assert get.returncode == 0, get.stderr
     assert "pod/%s" % tb.DEMO_POD in get.stdout
+    # the other user (not a reader) runs the plugin: one line naming destination, cause and fix
+    denied = h.as_user(OTHER_USER, ex["command"], *ex["args"])
+    assert (denied.returncode, denied.stdout) == (6, "")
+    assert denied.stderr == "machine-id-agent: %s: %s may not read %s/identity; add it to the output's readers" \
+        " (readers: in the agent's config, or machine_id_reader_user in the role) and let the agent renew once\n" % (
+            h.dest, OTHER_USER, h.dest), denied.stderr
+    assert "Traceback" not in denied.stderr and "PRIVATE" not in denied.stderr
+    # the identity gone: kubectl says so and what to do
+    (h.dest / "identity").unlink()
+    gone = h.pods_as(APP_USER)
+    assert gone.returncode != 0 and "no key and certificate in identity" in gone.stderr, gone.stderr
+    assert "let the agent finish a renewal" in gone.stderr
+
+
+# --- opt-out: exec_plugin: false writes inline credentials and no identity file -----------------------------------
+def test_exec_plugin_false_writes_inline_credentials(teleport_multiplex, make_host):
+    h = make_host(teleport_multiplex)
+    h.write_config(destinations=[{"directory": str(h.dest), "kubernetes_cluster": tb.KUBE_CLUSTER_NAME,
+                                  "exec_plugin": False}])
+    assert h.init().returncode == 0
+    r = h.oneshot()
+    assert r.returncode == 0, r.stderr
+    user = yaml.safe_load((h.dest / "kubeconfig.yaml").read_text())["users"][0]["user"]
+    assert "exec" not in user and "client-key-data" in user
+    assert not (h.dest / "identity").exists()
+    pods = h.pods_as(APP_USER)
+    assert pods.returncode == 0 and "pod/%s" % tb.DEMO_POD in pods.stdout, pods.stderr
 
 
 # --- direct to auth (CA pins checked), kubeconfig pointed at the proxy the auth server names ---------------------

@@ -28,7 +28,7 @@ from machine_id_agent import identity as identmod
 from test_agent_e2e import free_port, getfacl, http_get, kubeconfig_pair, metric, wait_for  # noqa: E402
 
 BOT_USER, APP_USER, OTHER_USER = "lanyardtest-bot", "lanyardtest-app", "lanyardtest-other"  # see conftest.py
-FILES = ("key", "tlscert", "teleport-host-ca.crt", "kubeconfig.yaml")
+FILES = ("key", "tlscert", "teleport-host-ca.crt", "identity", "kubeconfig.yaml")
 
 pytestmark = [pytest.mark.testbed]
 
@@ -358,7 +358,7 @@ def test_one_unwritable_destination_the_other_keeps_renewing(teleport, make_host
     # b becomes unwritable for the bot: root-owned 0755
     os.chown(b, 0, 0)
     os.chmod(b, 0o755)
-    b_before = (b / "kubeconfig.yaml").read_bytes()
+    b_before = (b / "identity").read_bytes()  # the kubeconfig itself (exec plugin) does not change
     wait_for(lambda: "output %s" % b in h.log(), 30, "the first failure of b")
     gen0 = identmod.load(h.storage).generation
     renewed0 = h.log().count("renewed the bot identity")
@@ -380,7 +380,7 @@ def test_one_unwritable_destination_the_other_keeps_renewing(teleport, make_host
     assert window / (2 * interval) <= rises <= window / (0.9 * interval) + 1, (rises, window)
     assert renewed_a <= rises <= renewed_b + 1, (rises, renewed_a, renewed_b)  # stored before it is logged
     assert len(serials) >= rises - 1, "dest-a gets new credentials every cycle"
-    assert (b / "kubeconfig.yaml").read_bytes() == b_before
+    assert (b / "identity").read_bytes() == b_before
     kc = subprocess.run(["runuser", "-u", APP_USER, "--", str(h.kubectl_bin),
                          "--kubeconfig=%s" % (a / "kubeconfig.yaml"), "--request-timeout=20s", "get", "pods", "-n", tb.DEMO_NAMESPACE, "-o", "name"],
                         capture_output=True, text=True, cwd="/", check=False)
@@ -392,6 +392,6 @@ def test_one_unwritable_destination_the_other_keeps_renewing(teleport, make_host
     # b writable again: it is written by the next cycle
     os.chown(b, h.users[BOT_USER], h.users[BOT_USER])
     os.chmod(b, 0o700)
-    wait_for(lambda: (b / "kubeconfig.yaml").read_bytes() != b_before, 3 * interval, "dest-b written again")
+    wait_for(lambda: (b / "identity").read_bytes() != b_before, 3 * interval, "dest-b written again")
     wait_for(lambda: http_get("http://%s/readyz" % diag)[0] == 200, 3 * interval, "ready again")
     assert p.poll() is None and "Traceback" not in h.log()

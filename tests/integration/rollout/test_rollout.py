@@ -15,14 +15,17 @@ the variable.
 
 from __future__ import annotations
 
+import base64
 import datetime as _dt
 import json
 import time
 
 import pytest
+import yaml
 from cryptography import x509
 
 import testbed as tb
+from machine_id_agent import outputs
 from helpers.fleet import Fleet, agent_status, changed_by_host, wait_for
 
 pytestmark = [pytest.mark.testbed, pytest.mark.slow]
@@ -348,9 +351,15 @@ def test_3_a_fourth_host_gets_exactly_one_token(fleet):
 def test_4_removed_host_loses_agent_files_and_identity(fleet):
     gone = "app-3"
     assert _bot_exists(fleet, gone)
-    # Keep the host's kubeconfig (inline credentials) to show afterwards that its identity is dead.
+    # Keep the host's credentials, as an inline kubeconfig the controller's kubectl can use (the host's own calls
+    # the exec plugin installed there), to show afterwards that its identity is dead.
     saved = fleet.workdir / f"{gone}.kubeconfig"
-    saved.write_bytes(fleet.hosts[gone].run(["cat", "/opt/machine-id/kubeconfig.yaml"]).stdout.encode())
+    doc = yaml.safe_load(fleet.hosts[gone].run(["cat", "/opt/machine-id/kubeconfig.yaml"]).stdout)
+    key, cert = outputs._split_bundle(fleet.hosts[gone].run(["cat", "/opt/machine-id/identity"]).stdout.encode())
+    doc["users"][0]["user"] = {"client-certificate-data": base64.b64encode(cert).decode(),
+                               "client-key-data": base64.b64encode(key).decode()}
+    saved.write_text(yaml.safe_dump(doc))
+    saved.chmod(0o600)
     assert fleet.kube.kubectl("get", "pods", "-n", "demo", kubeconfig=saved).returncode == 0
     fleet.remove_host(gone)
     run = fleet.rollout()

@@ -96,6 +96,18 @@ def test_kube_credentials_command(tmp_path):
     assert r.returncode == 6 and "start the agent" in r.stderr
 
 
+def test_kube_credentials_expired_is_one_clear_line_without_secrets(tmp_path):
+    d = tmp_path / "out"
+    c = make_creds(days_valid=-0.01)
+    outputs.write_kube(KubeOutput(destination=d, kubernetes_cluster="k"), c, "tc",
+                       outputs.KubeEndpoint("https://x:1"), acls="off")
+    r = run_cli("kube", "credentials", "--destination-dir", str(d))
+    assert (r.returncode, r.stdout) == (6, "")
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("machine-id-agent: %s: the certificate expired at " % d), r.stderr
+    assert "machine-id-agent status" in lines[0] and "PRIVATE" not in r.stderr and "Traceback" not in r.stderr
+
+
 @pytest.mark.parametrize("argv,code", [([], 2), (["nope"], 2), (["version"], 0), (["start", "-c", "/nonexistent"], 2)])
 def test_exit_codes(argv, code):
     r = run_cli(*argv)

@@ -41,7 +41,7 @@ V2 = {
                  "destination": {"type": "directory", "path": "/opt/k1"}, "roles": ["kube-reader"],
                  "reload_command": ["systemctl", "reload", "app"], "readers": ["root"]}],
     "services": [{"type": "kubernetes", "kubernetes_cluster": "k2",
-                  "destination": {"type": "directory", "path": "/opt/k2"}, "exec_plugin": True}],
+                  "destination": {"type": "directory", "path": "/opt/k2"}, "exec_plugin": False}],
     "credential_ttl": "30m",
     "renewal_interval": "10m",
     "acls": "required",
@@ -60,6 +60,7 @@ def test_guide_file_loads_with_tbot_defaults(tmp_path):
     want = [("/opt/machine-id", "example-k8s-cluster")]
     assert [(str(o.destination), o.kubernetes_cluster) for o in cfg.outputs] == want
     assert (cfg.credential_ttl, cfg.renewal_interval, cfg.acls) == (3600, 1200, "try")
+    assert cfg.outputs[0].exec_plugin, "the guide's config gets the exec-plugin kubeconfig by default"
     assert "abcd123" not in repr(cfg), "the token must not show in repr (logs)"
 
 
@@ -69,7 +70,8 @@ def test_v2_outputs_and_services(tmp_path):
     assert [o.kubernetes_cluster for o in cfg.outputs] == ["k1", "k2"]
     k1, k2 = cfg.outputs
     assert k1.roles == ["kube-reader"] and k1.reload_command == ["systemctl", "reload", "app"]
-    assert k1.readers == ["root"] and not k1.exec_plugin and k2.exec_plugin
+    # exec_plugin defaults to true (like tbot); false opts an output out (inline credentials)
+    assert k1.readers == ["root"] and k1.exec_plugin and not k2.exec_plugin
     want = (1800, 600, "required", "127.0.0.1:9191")
     assert (cfg.credential_ttl, cfg.renewal_interval, cfg.acls, cfg.diag_addr) == want
 

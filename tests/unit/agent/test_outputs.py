@@ -82,7 +82,7 @@ def test_kube_endpoint_without_facts_is_explained():
 def test_write_kube_inline(tmp_path):
     c = make_creds()
     dest = tmp_path / "out"
-    out = KubeOutput(destination=dest, kubernetes_cluster="example-k8s-cluster")
+    out = KubeOutput(destination=dest, kubernetes_cluster="example-k8s-cluster", exec_plugin=False)
     ep = outputs.KubeEndpoint("https://proxy.example.com:3080", "kube-teleport-proxy-alpn.proxy.example.com")
     res = outputs.write_kube(out, c, "lanyard-testbed", ep, acls="off")
     assert res.not_after == c.not_after
@@ -109,12 +109,20 @@ def test_write_kube_inline(tmp_path):
 def test_exec_plugin_mode_and_credentials(tmp_path):
     c = make_creds()
     dest = tmp_path / "out"
-    out = KubeOutput(destination=dest, kubernetes_cluster="k", exec_plugin=True)
+    out = KubeOutput(destination=dest, kubernetes_cluster="k")  # the default: exec plugin
     outputs.write_kube(out, c, "tc", outputs.KubeEndpoint("https://k.example.com:3026"), acls="off")
+    assert sorted(p.name for p in dest.iterdir()) == ["identity", "key", "kubeconfig.yaml", "teleport-host-ca.crt",
+                                                      "tlscert"]
+    assert (dest / "identity").read_bytes() == c.key_pem + c.cert_pem
     doc = yaml.safe_load((dest / "kubeconfig.yaml").read_text())
-    ex = doc["users"][0]["user"]["exec"]
+    user = doc["users"][0]["user"]
+    assert list(user) == ["exec"], "no inline key or certificate in the kubeconfig"
+    ex = user["exec"]
     assert ex["apiVersion"] == "client.authentication.k8s.io/v1beta1"
     assert ex["args"][-4:] == ["kube", "credentials", "--destination-dir", str(dest)]
+    assert os.path.isabs(ex["command"]) and os.access(ex["command"], os.X_OK)
+    assert ex["interactiveMode"] == "Never" and ex["provideClusterInfo"] is False
+    assert "exec_plugin: false" in ex["installHint"]
     assert "tls-server-name" not in doc["clusters"][0]["cluster"]
     cred = outputs.exec_credential(dest)
     assert cred["kind"] == "ExecCredential"
@@ -180,7 +188,7 @@ def test_reader_never_sees_a_torn_kubeconfig(tmp_path):
 def test_inspect_reports_mismatch_and_garbage(tmp_path):
     a, b = make_creds(), make_creds()
     dest = tmp_path / "out"
-    outputs.write_kube(KubeOutput(destination=dest, kubernetes_cluster="k"),
+    outputs.write_kube(KubeOutput(destination=dest, kubernetes_cluster="k", exec_plugin=False),
                        Creds(a.key_pem, b.cert_pem, a.host_ca_pems, b.not_after), "tc",
                        outputs.KubeEndpoint("https://x:1"), acls="off")
     assert outputs.inspect(dest)["error"] == "certificate does not match key"
@@ -220,7 +228,8 @@ def test_switching_off_exec_plugin_removes_the_identity_file(tmp_path):
     outputs.write_kube(KubeOutput(destination=dest, kubernetes_cluster="k", exec_plugin=True), make_creds(), "tc",
                        ep, acls="off")
     assert (dest / outputs.IDENTITY).exists()
-    outputs.write_kube(KubeOutput(destination=dest, kubernetes_cluster="k"), make_creds(), "tc", ep, acls="off")
+    outputs.write_kube(KubeOutput(destination=dest, kubernetes_cluster="k", exec_plugin=False), make_creds(), "tc",
+                       ep, acls="off")
     assert not (dest / outputs.IDENTITY).exists()
 
 
@@ -255,3 +264,86 @@ def test_every_renewal_replaces_kubeconfig_last_even_when_its_text_is_the_same(t
         assert ((dest / "kubeconfig.yaml").read_bytes() == text) is exec_plugin
     finally:
         keep.close()
+
+# ----- issue 16: the exec plugin is the default, so long-running clients pick up renewed certificates ------------
+
+def _short_cert(lifetime_s: float, elapsed_s: float):
+    """A key and a certificate issued ``elapsed_s`` ago, valid for ``lifetime_s`` in all."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.timezone.utc)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bot-short")])
+    nb = now - dt.timedelta(seconds=elapsed_s)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(nb)
+            .not_valid_after(nb + dt.timedelta(seconds=lifetime_s)).sign(key, hashes.SHA256()))
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    kpem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                             serialization.NoEncryption())
+    return Creds(kpem, pem, [pem], outputs.cert_not_after(pem))
+
+
+@pytest.mark.parametrize("lifetime,margin", [(3660, 60), (86400, 60), (120, 12), (70, 7)])
+def test_expiration_timestamp_is_before_not_after_by_a_tenth_of_the_lifetime_at_most_a_minute(tmp_path, lifetime,
+                                                                                             margin):
+    c = _short_cert(lifetime, 1)
+    dest = tmp_path / "out"
+    outputs.write_kube(KubeOutput(destination=dest, kubernetes_cluster="k"), c, "tc",
+                       outputs.KubeEndpoint("https://x:1"), acls="off")
+    cred = outputs.exec_credential(dest)
+    exp = dt.datetime.strptime(cred["status"]["expirationTimestamp"], "%Y-%m-%dT%H:%M:%SZ").replace(
+        tzinfo=dt.timezone.utc)
+    assert margin <= (c.not_after - exp).total_seconds() < margin + 1
+
+
+def test_exec_credential_errors_name_destination_cause_and_fix(tmp_path, monkeypatch):
+    ep = outputs.KubeEndpoint("https://x:1")
+    dest = tmp_path / "out"
+    with pytest.raises(OutputError, match=r"out: no identity or kubeconfig.yaml yet; start the agent"):
+        outputs.exec_credential(dest)
+    outputs.write_kube(KubeOutput(destination=dest, kubernetes_cluster="k"), make_creds(), "tc", ep, acls="off")
+    (dest / "identity").unlink()  # exec kubeconfig, identity gone
+    st = outputs.inspect(dest)
+    assert st["present"] and not st["valid"]
+    assert st["error"] == "no identity (what the exec plugin reads) and no inline credentials in kubeconfig.yaml"
+    with pytest.raises(OutputError, match=r"out: no key and certificate in identity .*let the agent finish"):
+        outputs.exec_credential(dest)
+    a, b = make_creds(), make_creds()
+    (dest / "identity").write_bytes(a.key_pem + b.cert_pem)
+    with pytest.raises(OutputError, match=r"out: the key and the certificate do not match; restart the agent"):
+        outputs.exec_credential(dest)
+    (dest / "identity").write_bytes(a.key_pem + b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    with pytest.raises(OutputError, match=r"out: identity is damaged .*restart the agent"):
+        outputs.exec_credential(dest)
+    expired = make_creds(days_valid=-0.01)
+    (dest / "identity").write_bytes(expired.key_pem + expired.cert_pem)
+    with pytest.raises(OutputError, match=r"out: the certificate expired at .*check that the agent is running"):
+        outputs.exec_credential(dest)
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(fsutil, "read_bytes", denied)
+    with pytest.raises(OutputError, match=r"out: \S+ may not read .*identity; add it to the output's readers"):
+        outputs.exec_credential(dest)
+
+
+def test_plugin_program_is_this_installation_never_path(tmp_path, monkeypatch):
+    # the console script the agent was started as
+    script = tmp_path / "venv" / "bin" / "machine-id-agent"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    monkeypatch.setattr("sys.argv", [str(script), "start"])
+    assert outputs.plugin_program() == [str(script)]
+    # started as `python -m machine_id_agent`: the console script of the interpreter's environment ...
+    monkeypatch.setattr("sys.argv", ["/somewhere/machine_id_agent/__main__.py", "start"])
+    monkeypatch.setattr("sys.prefix", str(tmp_path / "venv"))
+    other = tmp_path / "path" / "machine-id-agent"  # ... never one found on PATH
+    other.parent.mkdir()
+    other.write_text("#!/bin/sh\n")
+    other.chmod(0o755)
+    monkeypatch.setenv("PATH", str(other.parent))
+    assert outputs.plugin_program() == [str(script)]
+    # no console script there: this interpreter with -m
+    monkeypatch.setattr("sys.prefix", str(tmp_path / "nothing"))
+    import sys
+    assert outputs.plugin_program() == [sys.executable, "-m", "machine_id_agent"]

@@ -54,6 +54,7 @@ def test_tbot_yaml_guide_shape_loads_in_the_agent(tmp_path):
     assert [(str(o.destination), o.kubernetes_cluster, o.readers) for o in cfg.outputs] == [
         ("/opt/machine-id", "example-k8s-cluster", ["app"])]
     assert (cfg.credential_ttl, cfg.renewal_interval, cfg.acls, cfg.insecure) == (3600, 1200, "try", False)
+    assert "exec_plugin: true" in text and cfg.outputs[0].exec_plugin, "the exec-plugin kubeconfig by default"
 
 
 def test_tbot_yaml_proxy_several_destinations_and_odd_values(tmp_path):
@@ -62,12 +63,15 @@ def test_tbot_yaml_proxy_several_destinations_and_odd_values(tmp_path):
         tmp_path, machine_id_proxy_server="localhost:3080", machine_id_reader_user="",
         machine_id_certificate_ttl="2h", machine_id_renewal_interval="30m", machine_id_acls="required",
         machine_id_diag_addr="127.0.0.1:9191",
+        machine_id_kubeconfig_exec_plugin=False,
         machine_id_destinations=[{"directory": "/opt/a", "kubernetes_cluster": odd, "roles": ["kube-a"]},
-                                 {"directory": "/opt/b", "kubernetes_cluster": "b"}])
+                                 {"directory": "/opt/b", "kubernetes_cluster": "b", "exec_plugin": True}])
     cfg = agent_config(text, tmp_path, "/etc/machine-id-agent/token")
     assert cfg.proxy_server == "localhost:3080" and cfg.auth_server is None
     assert [(str(o.destination), o.kubernetes_cluster, o.roles, o.readers) for o in cfg.outputs] == [
         ("/opt/a", odd, ["kube-a"], []), ("/opt/b", "b", [], [])]
+    # the role-wide opt-out, and a destination's own key over it
+    assert [o.exec_plugin for o in cfg.outputs] == [False, True]
     assert (cfg.credential_ttl, cfg.renewal_interval, cfg.acls, cfg.diag_addr) == (7200, 1800, "required", "127.0.0.1:9191")
     assert "ReadWritePaths=/var/lib/teleport/bot /opt/a /opt/b\n" in unit
 
