@@ -10,7 +10,7 @@ __metaclass__ = type
 DOCUMENTATION = r"""
 module: agent_state
 short_description: Read a host's Machine ID agent install in one call and name what differs from the wanted state
-version_added: 0.2.0
+version_added: 0.1.0
 description:
   - Reads on the host, in one module run, what the C(lanyard.machine_id.machine_id) role would otherwise find out
     with a task each - the OS facts its preflight asserts on, the agent's Python, the systemd version, the agent's
@@ -166,10 +166,6 @@ status_error:
   description: Why C(status) gave no answer, when it did not.
   returned: when the agent is installed and C(status) failed
   type: str
-kubectl_path:
-  description: Absolute path of O(kubectl) on the host, or null when it is not there.
-  returned: always
-  type: str
 agent_found:
   description: Whether the agent's console script exists.
   returned: always
@@ -178,16 +174,17 @@ installed:
   description: Whether the agent's console script and its config both exist.
   returned: always
   type: bool
-wheels_kubectl_path:
-  description: Absolute path of O(kubectl) on the host, or null when it is not there.
+paths:
+  description: What was found at each path of O(files) - C(exists), and C(type), C(owner), C(group), C(mode) and
+    C(sha256) (when asked for) when it exists.
+  returned: always
+  type: dict
+wheels_installed:
+  description: Content of O(wheels_marker) (the key of the installed wheel set), or null.
   returned: always
   type: str
-agent_found:
-  description: Whether the agent's console script exists.
-  returned: always
-  type: bool
-installed:
-  description: Content of O(wheels_marker) (the key of the installed wheel set), or null.
+kubectl_path:
+  description: Absolute path of O(kubectl) on the host, or null when it is not there.
   returned: always
   type: str
 agent_python:

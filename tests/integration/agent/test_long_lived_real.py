@@ -125,8 +125,8 @@ def first_answer(h, port: int, proxy):
     return outputs.cert_not_after(identity_cert(h.dest))
 
 
-def test_kubectl_proxy_started_once_keeps_answering_past_expiry_and_reads_always_match(teleport_multiplex,
-                                                                                     make_host):
+def test_kubectl_proxy_started_once_keeps_answering_past_expiry_and_reads_always_match(
+        teleport_multiplex, make_host):
     h, diag, agent = setup(make_host, teleport_multiplex)
     doc = yaml.safe_load((h.dest / "kubeconfig.yaml").read_text())
     ex = doc["users"][0]["user"]["exec"]  # the default output: the exec plugin, no inline key

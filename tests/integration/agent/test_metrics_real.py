@@ -37,7 +37,7 @@ def parse(text: str) -> List[Sample]:
         if not line or line.startswith("#"):
             continue
         head, value = line.rsplit(" ", 1)
-        name, _, rest = head.partition("{")
+        name, _brace, rest = head.partition("{")
         labels = {}
         for part in filter(None, rest.rstrip("}").split(",")):
             k, v = part.split("=", 1)

@@ -177,4 +177,3 @@ def test_4_removing_the_entry_removes_the_units_and_stops_the_reloads(fleet):
     assert changed_by_host(run).get(HOST) == 0, changed_by_host(run)
     r = fleet.reader_get_pods(HOST)
     assert r.returncode == 0 and f"pod/{tb.DEMO_POD}" in r.stdout, r.stderr
-

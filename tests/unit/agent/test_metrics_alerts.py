@@ -18,7 +18,9 @@ from machine_id_agent.errors import RenewError
 from machine_id_agent.service import Agent
 
 from helpers import promtool as pt
-from test_service import FakeBackend, FakeIdent, logbuf, make_cfg  # noqa: F401  (logbuf is a fixture)
+from test_service import FakeBackend, FakeIdent, make_cfg
+# logbuf is a fixture the tests take by name
+from test_service import logbuf  # noqa: F401  pylint: disable=unused-import
 
 sys.path.insert(0, str(pt.REPO / "tests" / "prometheus"))
 import write_rules_test_file  # noqa: E402

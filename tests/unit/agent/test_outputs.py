@@ -265,6 +265,7 @@ def test_every_renewal_replaces_kubeconfig_last_even_when_its_text_is_the_same(t
     finally:
         keep.close()
 
+
 # ----- issue 16: the exec plugin is the default, so long-running clients pick up renewed certificates ------------
 
 def _short_cert(lifetime_s: float, elapsed_s: float):
@@ -283,8 +284,8 @@ def _short_cert(lifetime_s: float, elapsed_s: float):
 
 
 @pytest.mark.parametrize("lifetime,margin", [(3660, 60), (86400, 60), (120, 12), (70, 7)])
-def test_expiration_timestamp_is_before_not_after_by_a_tenth_of_the_lifetime_at_most_a_minute(tmp_path, lifetime,
-                                                                                             margin):
+def test_expiration_timestamp_is_before_not_after_by_a_tenth_of_the_lifetime_at_most_a_minute(
+        tmp_path, lifetime, margin):
     c = _short_cert(lifetime, 1)
     dest = tmp_path / "out"
     outputs.write_kube(KubeOutput(destination=dest, kubernetes_cluster="k"), c, "tc",
