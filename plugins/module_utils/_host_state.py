@@ -30,6 +30,16 @@ PYTHON_PROBE = (
 )
 
 
+def run(module, argv):
+    """``module.run_command`` for a probe: a program that is not there is an answer (rc 127), not a module failure
+    (run_command fails the module when it cannot execute argv[0])."""
+    prog = argv[0]
+    path = prog if os.path.isabs(prog) else module.get_bin_path(prog)
+    if not path or not os.access(path, os.X_OK):
+        return 127, "", "%s: not found or not executable" % prog
+    return module.run_command([path] + list(argv[1:]))
+
+
 def os_facts(module):
     """The few facts preflight asserts on, gathered by ansible-core's own collectors under the names and with
     the values ``setup`` gives them (so the asserts read the same whether setup or this module ran)."""
@@ -50,7 +60,7 @@ def os_facts(module):
 
 
 def agent_python(module, python):
-    rc, out, err = module.run_command([python, "-c", PYTHON_PROBE])
+    rc, out, err = run(module, [python, "-c", PYTHON_PROBE])
     result = {"rc": rc, "stdout": out.strip(), "stderr": err.strip()[-500:]}
     if rc != 0 and not err:
         result["stderr"] = "%s did not run" % python
@@ -58,7 +68,7 @@ def agent_python(module, python):
 
 
 def systemd_version(module):
-    rc, out, _err = module.run_command(["systemctl", "--version"])
+    rc, out, _err = run(module, ["systemctl", "--version"])
     if rc != 0 or not out.strip():
         return None
     word = out.splitlines()[0].split()[1]
@@ -126,7 +136,7 @@ def groups_exist(names):
 
 
 def unit_state(module, name):
-    rc, out, _err = module.run_command(["systemctl", "show", name,
+    rc, out, _err = run(module, ["systemctl", "show", name,
                                         "-p", "LoadState", "-p", "ActiveState", "-p", "UnitFileState",
                                         "-p", "NeedDaemonReload"])
     props = {}
@@ -138,7 +148,7 @@ def unit_state(module, name):
 
 def agent_status(module, agent_bin, bot_user, config_path):
     """The agent's own ``status --json`` as the bot user (the same call preflight made as a task)."""
-    rc, out, err = module.run_command(["runuser", "-u", bot_user, "--", agent_bin, "status", "-c", config_path,
+    rc, out, err = run(module, ["runuser", "-u", bot_user, "--", agent_bin, "status", "-c", config_path,
                                        "--json"])
     text = out.strip()
     if rc == 0 and text.startswith("{"):
@@ -155,7 +165,7 @@ def destination_acls(module, agent_bin, directory, acls, bot_user, bot_group, re
             "--owner", "%s:%s" % (bot_user, bot_group)]
     if reader_user:
         argv += ["--reader-user", reader_user]
-    rc, out, err = module.run_command(argv)
+    rc, out, err = run(module, argv)
     if rc == 0 and "unchanged" in out:
         return None
     return (out.strip() or err.strip() or "init --check exited %d" % rc)[-500:]
@@ -164,7 +174,7 @@ def destination_acls(module, agent_bin, directory, acls, bot_user, bot_group, re
 def reader_reads(module, reader_user, agent_bin, directory):
     """Whether the reader user, running the agent's own program (the one the kubeconfig's exec plugin is), reads a
     matching, valid key and certificate in ``directory`` -- what the verify phase checks. Prints no secret."""
-    rc, out, err = module.run_command(["runuser", "-u", reader_user, "--", agent_bin, "wait", "--destination-dir",
+    rc, out, err = run(module, ["runuser", "-u", reader_user, "--", agent_bin, "wait", "--destination-dir",
                                        directory, "--timeout", "5"])
     return None if rc == 0 else (err.strip() or out.strip() or "exit %d" % rc)[-300:]
 

@@ -123,10 +123,13 @@ def test_module_on_a_converged_tree_reports_no_drift_and_one_for_each_change(tmp
 
 
 def test_module_on_a_fresh_host_reports_the_agent_missing_and_runs_no_agent_command(tmp_path):
-    run = _module_play(tmp_path, agent_bin=str(tmp_path / "nope" / "machine-id-agent"), agent_python="python3",
+    # a Python that is not there is an answer for preflight's assert to explain, not a module failure
+    run = _module_play(tmp_path, agent_bin=str(tmp_path / "nope" / "machine-id-agent"),
+                       agent_python=str(tmp_path / "nope" / "python3"),
                        config_path=str(tmp_path / "tbot.yaml"), bot_user="root", bot_group="root",
                        destinations=[str(tmp_path / "out")], service_name="nothere")
     assert run.rc == 0, run.stdout[-3000:]
     res = run.result("lanyard.machine_id.agent_state")
     assert res["installed"] is False and res["agent_found"] is False and res["status"] == {}
     assert res["drift"] == ["%s: missing" % (tmp_path / "nope" / "machine-id-agent")]
+    assert res["agent_python"]["rc"] == 127 and "not found" in res["agent_python"]["stderr"]
