@@ -36,7 +36,7 @@ ARGSPEC = dict(
 
 def agent_state(module):
     p = module.params
-    result = {"ansible_facts": host.os_facts(module), "agent_python": host.agent_python(module, p["agent_python"]),
+    result = {"agent_python": host.agent_python(module, p["agent_python"]),
               "systemd_version": host.systemd_version(module), "unit": {}, "status": {}, "drift": []}
     found = []
     paths = result["paths"] = {}
@@ -72,15 +72,23 @@ def agent_state(module):
             found += drift.service_drift(unit["name"], host.unit_state(module, unit["name"]), unit.get("enabled"),
                                          unit.get("active"))
     if p["exclusive"]:
-        found += drift.stray_drift(host.glob_paths(p["exclusive"].get("glob") or ""), p["exclusive"].get("paths") or [])
+        stray = []
+        for pattern in p["exclusive"].get("globs") or []:
+            stray += host.glob_paths(pattern)
+        found += drift.stray_drift(sorted(set(stray)), p["exclusive"].get("paths") or [])
 
+    if p["service_active"] and result["installed"]:
+        for out in result["status"].get("outputs") or []:
+            if not out.get("valid"):
+                found.append("%s: no valid credentials (%s)" % (out.get("destination"),
+                                                                out.get("problem") or "status says not valid"))
     if agent.get("exists"):
         for directory in p["destinations"]:
             acl = host.destination_acls(module, p["agent_bin"], directory, p["acls"], p["bot_user"],
                                         p["bot_group"], p["reader_user"])
             if acl:
                 found.append("%s: %s" % (directory, acl))
-            elif p["reader_user"]:
+            elif p["reader_user"] and p["service_active"] is not False:
                 denied = host.reader_reads(module, p["reader_user"], p["agent_bin"], directory)
                 if denied:
                     found.append("%s: %s cannot read valid credentials there (%s)" % (directory, p["reader_user"],

@@ -37,26 +37,22 @@ def run(module, argv):
     path = prog if os.path.isabs(prog) else module.get_bin_path(prog)
     if not path or not os.access(path, os.X_OK):
         return 127, "", "%s: not found or not executable" % prog
+    interpreter = _shebang(path)
+    if interpreter and not os.access(interpreter, os.X_OK):  # e.g. a venv whose Python was removed
+        return 127, "", "%s: its interpreter %s is not there" % (prog, interpreter)
     return module.run_command([path] + list(argv[1:]))
 
 
-def os_facts(module):
-    """The few facts preflight asserts on, gathered by ansible-core's own collectors under the names and with
-    the values ``setup`` gives them (so the asserts read the same whether setup or this module ran)."""
-    from ansible.module_utils.facts.system.distribution import DistributionFactCollector
-    from ansible.module_utils.facts.system.service_mgr import ServiceMgrFactCollector
-    from ansible.module_utils.facts.system.platform import PlatformFactCollector
-
-    facts = {}
-    for collector in (PlatformFactCollector(), DistributionFactCollector(), ServiceMgrFactCollector()):
-        # the collectors read earlier facts under their ansible_ names, as setup passes them
-        seen = dict(("ansible_" + k, v) for k, v in facts.items())
-        facts.update(collector.collect(module=module, collected_facts=seen))
-    facts["python"] = {"version": {"major": sys.version_info[0], "minor": sys.version_info[1],
-                                   "micro": sys.version_info[2]}, "executable": sys.executable}
-    keep = ("service_mgr", "distribution", "distribution_version", "distribution_major_version",
-            "distribution_release", "os_family", "system", "python")
-    return dict((k, facts[k]) for k in keep if k in facts)
+def _shebang(path):
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(512)
+    except (IOError, OSError):
+        return None
+    if not first.startswith(b"#!"):
+        return None
+    words = first[2:].strip().split()
+    return words[0].decode("utf-8", "replace") if words else None
 
 
 def agent_python(module, python):
@@ -165,7 +161,7 @@ def destination_acls(module, agent_bin, directory, acls, bot_user, bot_group, re
             "--owner", "%s:%s" % (bot_user, bot_group)]
     if reader_user:
         argv += ["--reader-user", reader_user]
-    rc, out, err = run(module, argv)
+    rc, out, err = run(module, argv)  # (checked like every probe: a missing interpreter is an answer)
     if rc == 0 and "unchanged" in out:
         return None
     return (out.strip() or err.strip() or "init --check exited %d" % rc)[-500:]

@@ -13,7 +13,7 @@ short_description: Read a host's Machine ID agent install in one call and name w
 version_added: 0.1.0
 description:
   - Reads on the host, in one module run, what the C(lanyard.machine_id.machine_id) role would otherwise find out
-    with a task each - the OS facts its preflight asserts on, the agent's Python, the systemd version, the agent's
+    with a task each - the agent's Python, the systemd version, the agent's
     own C(status --json), the files and directories the role writes (owner, group, mode, SHA-256 of content), the
     users and groups, the unit's state, the destinations' owner and ACLs (C(machine-id-agent init --check)), and
     whether the reader user, running the agent's program (C(machine-id-agent wait)), reads valid credentials in
@@ -112,8 +112,8 @@ options:
     default: []
   exclusive:
     description:
-      - C(glob) (a path pattern) and C(paths) (a list) - every path matching C(glob) that is not in C(paths) is a
-        difference (something the settings no longer list, left over on the host).
+      - C(globs) (path patterns) and C(paths) (a list) - every path matching one of C(globs) that is not in C(paths)
+        is a difference (something the settings no longer list, left over on the host).
     type: dict
   kubectl:
     description: Name or path of C(kubectl); where it is found goes to RV(kubectl_path). Empty to not look.
@@ -197,11 +197,6 @@ systemd_version:
   type: int
 unit:
   description: C(LoadState), C(ActiveState), C(UnitFileState) and C(NeedDaemonReload) of the agent's unit.
-  returned: always
-  type: dict
-ansible_facts:
-  description: C(service_mgr), C(distribution), C(distribution_major_version) and the other facts preflight asserts
-    on, with the names and values C(ansible.builtin.setup) gives them.
   returned: always
   type: dict
 """

@@ -104,7 +104,6 @@ def test_module_on_a_converged_tree_reports_no_drift_and_one_for_each_change(tmp
     assert res["drift"] == [], res["drift"]
     assert res["installed"] is True and res["status"]["agent_version"] == "9.9.9"
     assert res["wheels_installed"] == "key1"
-    assert res["ansible_facts"]["service_mgr"] and res["ansible_facts"]["distribution"]
     assert '"python"' in res["agent_python"]["stdout"]
     assert res["changed"] is False
 
@@ -133,3 +132,22 @@ def test_module_on_a_fresh_host_reports_the_agent_missing_and_runs_no_agent_comm
     assert res["installed"] is False and res["agent_found"] is False and res["status"] == {}
     assert res["drift"] == ["%s: missing" % (tmp_path / "nope" / "machine-id-agent")]
     assert res["agent_python"]["rc"] == 127 and "not found" in res["agent_python"]["stderr"]
+
+
+def test_module_names_outputs_without_valid_credentials_and_an_agent_whose_python_is_gone(tmp_path):
+    conf = tmp_path / "tbot.yaml"
+    conf.write_text("x: 1\n")
+    agent = tmp_path / "machine-id-agent"
+    _fake_agent(agent, '{"identity": {"valid": true}, "outputs": [{"destination": "/d", "valid": false, '
+                       '"problem": "expired"}]}')
+    base = {"agent_bin": str(agent), "agent_python": "python3", "config_path": str(conf), "bot_user": "root",
+            "bot_group": "root", "service_name": "nothere", "service_active": True}
+    res = _module_play(tmp_path, **base).result("lanyard.machine_id.agent_state")
+    assert "/d: no valid credentials (expired)" in res["drift"], res["drift"]
+    # the console script's interpreter removed (a venv whose Python went): an answer, not a module failure
+    agent.write_text("#!%s/gone/python3\n" % tmp_path)
+    run = _module_play(tmp_path, **dict(base, destinations=[str(tmp_path)]))
+    assert run.rc == 0, run.stdout[-2000:]
+    res = run.result("lanyard.machine_id.agent_state")
+    assert res["status"] == {} and res["status_error"]
+    assert any("interpreter" in line for line in res["drift"]), res["drift"]
