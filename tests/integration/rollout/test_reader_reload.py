@@ -35,7 +35,7 @@ Description=Demo reader of the Machine ID kubeconfig (counts its starts and relo
 User=app
 StateDirectory=demo-reader
 ExecStart=/bin/sh -c 'echo start >> {STATE}/starts; exec sleep infinity'
-ExecReload=/bin/sh -c 'echo "reload $$(sha256sum < /opt/machine-id/kubeconfig.yaml | cut -c1-16)" >> {STATE}/reloads'
+ExecReload=/bin/sh -c 'echo "reload $$(sha256sum < /opt/machine-id/identity | cut -c1-16)" >> {STATE}/reloads'
 
 [Install]
 WantedBy=multi-user.target
@@ -127,11 +127,12 @@ def test_1_rollout_wires_the_reader_and_each_renewal_reloads_it_exactly_once(fle
     print(f"reload: writes={writes} reloads={reloads} starts={starts} generation {gen0}->{gen1}")
     assert writes >= 4 and gen1 > gen0, (writes, gen0, gen1)
     assert (reloads, starts) == (writes, 0), (writes, reloads, starts)
-    # every reload read a kubeconfig no earlier reload had seen (it ran after the new one was in place), the last
-    # one the file as it is now
+    # every reload read credentials no earlier reload had seen (it ran after the new ones were in place), the last
+    # one the file as it is now. The reader hashes `identity`, what the default kubeconfig's exec plugin hands
+    # out: the kubeconfig itself is the same text at every renewal in that mode (it is still replaced each time).
     hashes = [line.split()[1] for line in lines]
     assert len(set(hashes)) == len(hashes), lines
-    now = _sh(fleet, "sha256sum < /opt/machine-id/kubeconfig.yaml | cut -c1-16").strip()
+    now = _sh(fleet, "sha256sum < /opt/machine-id/identity | cut -c1-16").strip()
     assert hashes[-1] == now
     # systemd started the oneshot once per reload; it never failed, nor did the .path unit
     assert _sh(fleet, f"systemctl is-failed {UNIT}.service {UNIT}.path").split() == ["inactive", "active"]
