@@ -19,7 +19,6 @@ import json
 import os
 import pwd
 import stat
-import sys
 
 # The same probe preflight ran as a command task: version, wheel platform machine and libc of a Python.
 PYTHON_PROBE = (
@@ -132,9 +131,8 @@ def groups_exist(names):
 
 
 def unit_state(module, name):
-    rc, out, _err = run(module, ["systemctl", "show", name,
-                                        "-p", "LoadState", "-p", "ActiveState", "-p", "UnitFileState",
-                                        "-p", "NeedDaemonReload"])
+    rc, out, _err = run(module, ["systemctl", "show", name, "-p", "LoadState", "-p", "ActiveState",
+                                 "-p", "UnitFileState", "-p", "NeedDaemonReload"])
     props = {}
     for line in out.splitlines() if rc == 0 else []:
         key, _sep, value = line.partition("=")
@@ -145,7 +143,7 @@ def unit_state(module, name):
 def agent_status(module, agent_bin, bot_user, config_path):
     """The agent's own ``status --json`` as the bot user (the same call preflight made as a task)."""
     rc, out, err = run(module, ["runuser", "-u", bot_user, "--", agent_bin, "status", "-c", config_path,
-                                       "--json"])
+                                "--json"])
     text = out.strip()
     if rc == 0 and text.startswith("{"):
         try:
@@ -171,7 +169,7 @@ def reader_reads(module, reader_user, agent_bin, directory):
     """Whether the reader user, running the agent's own program (the one the kubeconfig's exec plugin is), reads a
     matching, valid key and certificate in ``directory`` -- what the verify phase checks. Prints no secret."""
     rc, out, err = run(module, ["runuser", "-u", reader_user, "--", agent_bin, "wait", "--destination-dir",
-                                       directory, "--timeout", "5"])
+                                directory, "--timeout", "5"])
     return None if rc == 0 else (err.strip() or out.strip() or "exit %d" % rc)[-300:]
 
 
