@@ -108,26 +108,23 @@ def path_state(path, checksum=False):
     return result
 
 
-def users_exist(names):
+def _exists(lookup, names):
     result = {}
     for name in names:
         try:
-            pwd.getpwnam(name)
+            lookup(name)
             result[name] = True
         except KeyError:
             result[name] = False
     return result
+
+
+def users_exist(names):
+    return _exists(pwd.getpwnam, names)
 
 
 def groups_exist(names):
-    result = {}
-    for name in names:
-        try:
-            grp.getgrnam(name)
-            result[name] = True
-        except KeyError:
-            result[name] = False
-    return result
+    return _exists(grp.getgrnam, names)
 
 
 def unit_state(module, name):
