@@ -37,6 +37,25 @@ def runs_dir() -> Path:
     return cache_root() / "runs"
 
 
+# Every container's systemd, journald, logind and path units take inotify instances from root's one per-user budget
+# (the containers share the host's user namespace). Debian's default of 128 runs out at about 21 hosts: the 22nd
+# host's systemd then never reports its boot finished. A real fleet has one budget per machine.
+INOTIFY_INSTANCES = 8192
+
+
+def ensure_inotify_budget(path: str = "/proc/sys/fs/inotify/max_user_instances") -> None:
+    """Raise the per-user inotify instance limit to :data:`INOTIFY_INSTANCES` if it is lower."""
+    try:
+        with open(path) as f:
+            current = int(f.read().strip())
+        if current < INOTIFY_INSTANCES:
+            with open(path, "w") as f:
+                f.write(str(INOTIFY_INSTANCES))
+            _log(f"fs.inotify.max_user_instances {current} -> {INOTIFY_INSTANCES} (each test host uses several)")
+    except (OSError, ValueError) as exc:
+        _log(f"could not raise fs.inotify.max_user_instances ({exc}); more than ~20 test hosts may not boot")
+
+
 def _log(msg: str) -> None:
     print(f"[hosts] {msg}", file=sys.stderr, flush=True)
 
@@ -132,6 +151,7 @@ class Host:
                 pass
             shutil.rmtree(host.run_dir, ignore_errors=True)
         host.run_dir.mkdir(parents=True)
+        ensure_inotify_budget()
         try:
             t0 = time.monotonic()
             subprocess.run(["cp", "-a", "--reflink=auto", str(image), str(host.root)], check=True)
