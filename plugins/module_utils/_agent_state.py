@@ -23,7 +23,9 @@ ARGSPEC = dict(
     service_enabled=dict(type="bool"),
     service_active=dict(type="bool"),
     files=dict(type="list", elements="dict", default=[]),
-    users=dict(type="list", elements="str", default=[]),
+    users=dict(type="list", elements="dict", default=[],
+               options=dict(name=dict(type="str", required=True), group=dict(type="str"), home=dict(type="path"),
+                            shell=dict(type="str"))),
     groups=dict(type="list", elements="str", default=[]),
     wheels_marker=dict(type="path"),
     wheels_key=dict(type="str", no_log=False),
@@ -46,7 +48,8 @@ def agent_state(module):
         paths[spec["path"]] = host.path_state(spec["path"], checksum="sha256" in spec or bool(spec.get("checksum")))
         found += drift.path_drift(spec, paths[spec["path"]])
     found += drift.named_drift("group", host.groups_exist(p["groups"]))
-    found += drift.named_drift("user", host.users_exist(p["users"]))
+    result["users"] = host.users([u["name"] for u in p["users"]])
+    found += drift.user_drift(p["users"], result["users"])
 
     agent = host.path_state(p["agent_bin"])
     config = host.path_state(p["config_path"])

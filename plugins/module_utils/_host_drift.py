@@ -70,6 +70,21 @@ def named_drift(kind, present):
     return ["%s %s: missing" % (kind, name) for name, ok in sorted(present.items()) if not ok]
 
 
+def user_drift(expected, observed):
+    """``expected``: dicts with ``name`` and any of ``group``, ``home``, ``shell``; ``observed``: what
+    ``_host_state.users`` read (None for a missing user)."""
+    out = []
+    for want in expected:
+        have = observed.get(want["name"])
+        if have is None:
+            out.append("user %s: missing" % want["name"])
+            continue
+        for key in ("group", "home", "shell"):
+            if want.get(key) and have.get(key) != want[key]:
+                out.append("user %s: %s %s, expected %s" % (want["name"], key, have.get(key), want[key]))
+    return out
+
+
 def install_drift(marker, wheels_key, status, agent_version):
     """The installed wheel set (the marker the role writes after installing) and the running agent's version."""
     out = []

@@ -108,23 +108,28 @@ def path_state(path, checksum=False):
     return result
 
 
-def _exists(lookup, names):
+def users(names):
+    """Each user's primary group, home and shell, or None when the host has no such user."""
     result = {}
     for name in names:
         try:
-            lookup(name)
+            pw = pwd.getpwnam(name)
+        except KeyError:
+            result[name] = None
+            continue
+        result[name] = {"group": _group(pw.pw_gid), "home": pw.pw_dir, "shell": pw.pw_shell}
+    return result
+
+
+def groups_exist(names):
+    result = {}
+    for name in names:
+        try:
+            grp.getgrnam(name)
             result[name] = True
         except KeyError:
             result[name] = False
     return result
-
-
-def users_exist(names):
-    return _exists(pwd.getpwnam, names)
-
-
-def groups_exist(names):
-    return _exists(grp.getgrnam, names)
 
 
 def unit_state(module, name):

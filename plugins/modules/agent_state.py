@@ -85,10 +85,26 @@ options:
     elements: dict
     default: []
   users:
-    description: Users that must exist.
+    description:
+      - Users that must exist, each with C(name) and any of C(group) (primary group), C(home) and C(shell) to
+        compare.
     type: list
-    elements: str
+    elements: dict
     default: []
+    suboptions:
+      name:
+        description: User name.
+        type: str
+        required: true
+      group:
+        description: Primary group the user must have.
+        type: str
+      home:
+        description: Home directory the user must have.
+        type: path
+      shell:
+        description: Login shell the user must have.
+        type: str
   groups:
     description: Groups that must exist.
     type: list
@@ -179,6 +195,11 @@ paths:
     C(sha256) (when asked for) when it exists.
   returned: always
   type: dict
+users:
+  description: Each user of O(users) with its C(group), C(home) and C(shell), or null when the host has no such user.
+  returned: always
+  type: dict
+  sample: {"teleport": {"group": "teleport", "home": "/var/lib/teleport", "shell": "/usr/sbin/nologin"}, "app": null}
 wheels_installed:
   description: Content of O(wheels_marker) (the key of the installed wheel set), or null.
   returned: always

@@ -94,6 +94,8 @@ DRIFTS = {
                       "/opt/machine-id-agent/lib/python3*/site-packages/machine_id_agent/__init__.py",
                       "agent version: 0.0.1, expected ",
                       "/opt/machine-id-agent/bin/machine-id-agent --version | grep -vq 0.0.1"),
+    "bot-shell": ("usermod -s /bin/bash teleport", "user teleport: shell /bin/bash, expected /usr/sbin/nologin",
+                  "[ \"$(getent passwd teleport | cut -d: -f7)\" = /usr/sbin/nologin ]"),
     "stopped": ("systemctl stop machine-id", "machine-id.service: inactive, expected active",
                 "systemctl is-active -q machine-id"),
 }
@@ -112,3 +114,11 @@ def test_2_each_drift_is_found_fixed_and_then_the_no_change_path_is_back(fleet, 
     assert _sh(fleet, fixed).returncode == 0, f"the {kind} drift is still there after the rollout"
     assert fleet.reader_get_pods(HOST).returncode == 0
     _assert_no_change_path(fleet)
+
+
+def test_3_an_application_user_as_the_reader_keeps_its_shell(fleet):
+    # the reader is the application's user: the role only needs it to exist, and never changes it
+    assert _sh(fleet, "usermod -s /bin/bash app").returncode == 0
+    _assert_no_change_path(fleet)
+    assert _sh(fleet, "[ \"$(getent passwd app | cut -d: -f7)\" = /bin/bash ]").returncode == 0
+    assert fleet.reader_get_pods(HOST).returncode == 0

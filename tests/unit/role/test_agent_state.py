@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pwd
 import textwrap
 
 import pytest
@@ -65,6 +66,39 @@ def test_install_drift_wheels_and_version():
         ["agent version: 0.2.0, expected 0.3.0"]
 
 
+def test_user_drift_compares_group_home_and_shell_only_when_asked():
+    seen = {"teleport": {"group": "teleport", "home": "/home/teleport", "shell": "/bin/bash"}, "app": None}
+    assert drift.user_drift([{"name": "teleport"}], seen) == []
+    assert drift.user_drift([{"name": "teleport", "group": "teleport", "home": "/var/lib/teleport",
+                              "shell": "/usr/sbin/nologin"}, {"name": "app"}], seen) == [
+        "user teleport: home /home/teleport, expected /var/lib/teleport",
+        "user teleport: shell /bin/bash, expected /usr/sbin/nologin",
+        "user app: missing"]
+    assert host.users(["root", "no-such-user-xyz"]) == {
+        "root": {"group": "root", "home": pwd.getpwnam("root").pw_dir, "shell": pwd.getpwnam("root").pw_shell},
+        "no-such-user-xyz": None}
+
+
+def test_the_role_filters_judge_the_install_with_the_modules_code():
+    from ansible.errors import AnsibleFilterError
+    from ansible_collections.lanyard.machine_id.plugins.filter.agent_install import (agent_install_drift,
+                                                                                     agent_wheel_version)
+    state = {"installed": True, "wheels_installed": "k1", "status": {"agent_version": "0.3.0"}}
+    assert agent_install_drift(state, "k1", "0.3.0") == []
+    assert agent_install_drift(state, "k2", "0.4.0") == ["agent wheels: k1, expected k2",
+                                                         "agent version: 0.3.0, expected 0.4.0"]
+    # a host without the agent: the version is not compared (the missing agent is reported on its own)
+    assert agent_install_drift({"installed": False, "wheels_installed": None, "status": {}}, "k1", "0.3.0") == [
+        "agent wheels: no record of the installed set, expected k1"]
+    # several agent wheels in machine_id_agent_wheels_dir: the one pip installs, the highest version
+    names = ["/w/machine_id_agent-0.9.0-py3-none-any.whl", "/w/machine_id_agent-0.10.0-py3-none-any.whl",
+             "/w/requests-9.0.0-py3-none-any.whl"]
+    assert agent_wheel_version(names) == "0.10.0"
+    assert agent_wheel_version(["machine_id_agent-0.3.0-py3-none-any.whl"]) == "0.3.0"
+    with pytest.raises(AnsibleFilterError, match="no machine_id_agent"):
+        agent_wheel_version(["/w/requests-9.0.0-py3-none-any.whl"])
+
+
 def _fake_agent(path, status, init_out="unchanged: /x"):
     path.write_text(textwrap.dedent("""\
         #!/bin/sh
@@ -96,7 +130,7 @@ def test_module_on_a_converged_tree_reports_no_drift_and_one_for_each_change(tmp
               "bot_group": "root", "reader_user": "root", "destinations": [str(dest)], "service_name": "nothere",
               "files": [{"path": str(conf), "type": "file", "owner": "root", "mode": "0600",
                          "sha256": hashlib.sha256(b"storage: {}\n").hexdigest()}],
-              "users": ["root"], "groups": ["root"], "wheels_marker": str(tmp_path / "marker"),
+              "users": [{"name": "root", "group": "root"}], "groups": ["root"], "wheels_marker": str(tmp_path / "marker"),
               "wheels_key": "key1", "agent_version": "9.9.9"}
     run = _module_play(tmp_path, **params)
     assert run.rc == 0, run.stdout[-3000:]
@@ -111,11 +145,13 @@ def test_module_on_a_converged_tree_reports_no_drift_and_one_for_each_change(tmp
     conf.write_text("storage: {changed: 1}\n")
     conf.chmod(0o640)
     _fake_agent(agent, '{"identity": {"valid": true}, "agent_version": "9.9.8"}', init_out="would set ACL on /x")
-    params.update(wheels_key="key2", users=["root", "no-such-user-xyz"])
+    params.update(wheels_key="key2", users=[{"name": "root", "group": "root", "shell": "/usr/sbin/nologin"},
+                                            {"name": "no-such-user-xyz"}])
     run = _module_play(tmp_path, **params)
     res = run.result("lanyard.machine_id.agent_state")
     assert res["drift"] == [
         "%s: mode 0640, expected 0600" % conf, "%s: content differs" % conf,
+        "user root: shell %s, expected /usr/sbin/nologin" % pwd.getpwnam("root").pw_shell,
         "user no-such-user-xyz: missing",
         "agent wheels: key1, expected key2", "agent version: 9.9.8, expected 9.9.9",
         "%s: would set ACL on /x" % dest], res["drift"]
