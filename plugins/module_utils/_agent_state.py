@@ -59,6 +59,7 @@ def agent_state(module):
         result["status"], error = host.agent_status(module, p["agent_bin"], p["bot_user"], p["config_path"])
         if error:
             result["status_error"] = error
+            found.append("%s status: %s" % (p["agent_bin"], error.strip().splitlines()[-1][-300:]))
     elif not agent.get("exists"):
         found.append("%s: missing" % p["agent_bin"])
 

@@ -381,7 +381,13 @@ def parse(data: Any, source: Optional[Path] = None) -> Config:
     ca_path = ob.get("ca_path", str)
     if ca_path:
         p = Path(ca_path) if ca_path.startswith("/") else base / ca_path
-        if not p.is_file():
+        try:
+            found = p.is_file()
+        except OSError as e:  # e.g. a directory on the way this user may not search
+            raise ConfigError("onboarding.ca_path: cannot reach %s (%s); make it and its directories readable by "
+                              "the agent's user (the role's config directory is 0755, the file 0644)"
+                              % (p, e.strerror or e)) from None
+        if not found:
             raise ConfigError("onboarding.ca_path: %s does not exist; point it at the PEM file of the CA that "
                               "signs the Teleport proxy's HTTPS certificate, or remove the key" % p)
         cfg.ca_path = p

@@ -107,10 +107,15 @@ def test_2_each_drift_is_found_fixed_and_then_the_no_change_path_is_back(fleet, 
     r = _sh(fleet, do)
     assert r.returncode == 0, r.stderr
     assert _sh(fleet, fixed).returncode != 0, f"the {kind} drift did not take on the host"
+    calls = fleet.tctl_calls()
     run = fleet.rollout()
     assert run.rc == 0, run.stdout[-6000:]
     assert named in run.stdout, run.stdout[-4000:]
     assert changed_by_host(run)[HOST] > 0
+    # a drift is fixed in place: the host keeps its bot and identity (no new bot, no token), even when the drift
+    # keeps the agent's user from reading its config (the mode drift)
+    minted = [c for c in fleet._calls()[calls:] if c[:1] in (["bots"], ["tokens"])]
+    assert not minted, minted
     assert _sh(fleet, fixed).returncode == 0, f"the {kind} drift is still there after the rollout"
     assert fleet.reader_get_pods(HOST).returncode == 0
     _assert_no_change_path(fleet)

@@ -270,3 +270,21 @@ def test_bad_directory_keys_name_key_and_fix(tmp_path, where, value, expected):
     with pytest.raises(ConfigError) as ei:
         config.parse(d, tmp_path / "x.yaml")
     assert str(ei.value) == expected
+
+
+def test_unreachable_ca_path_is_a_config_error_not_a_traceback(tmp_path, monkeypatch):
+    # the agent's user may not search a directory on the way to onboarding.ca_path (a mode drift on the host):
+    # `status` must still answer with one line, so the role can tell "unreadable config" from "no identity"
+    d = yaml.safe_load(GUIDE)
+    d["onboarding"]["ca_path"] = str(tmp_path / "locked" / "proxy-ca.pem")
+    real_is_file = Path.is_file
+
+    def is_file(self):
+        if self.parent.name == "locked":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_is_file(self)
+
+    monkeypatch.setattr(Path, "is_file", is_file)
+    with pytest.raises(ConfigError, match=r"onboarding.ca_path: cannot reach .*proxy-ca.pem \(Permission denied\); "
+                                          r"make it and its directories readable"):
+        config.parse(d)

@@ -187,3 +187,5 @@ def test_module_names_outputs_without_valid_credentials_and_an_agent_whose_pytho
     res = run.result("lanyard.machine_id.agent_state")
     assert res["status"] == {} and res["status_error"]
     assert any("interpreter" in line for line in res["drift"]), res["drift"]
+    # the status error is named as what differs (the role then takes the full path and mints no token for it)
+    assert any(line.startswith(str(agent) + " status: ") for line in res["drift"]), res["drift"]
