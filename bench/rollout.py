@@ -87,7 +87,9 @@ def one_run(tree: Path, n: int, mode: str) -> dict:
     fleet = Fleet(work, teleport=bed.teleport["multiplex"], kube=bed.kube, serial=MODES[mode] or None,
                   collections_path=colls)
     try:
-        fleet.add_hosts([f"bench-{i}" for i in range(1, n + 1)])
+        # names unique to this bench process: a second bench (another checkout) starting "bench-1" would stop this
+        # run's host of that name first
+        fleet.add_hosts([f"bench{os.getpid()}-{i}" for i in range(1, n + 1)])
         sha = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, check=False).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=no"],
