@@ -33,6 +33,10 @@ ADMIN_USER = "lanyard-admin"
 DYNAMIC_KUBE_LABEL = "lanyard-testbed-dynamic"
 
 
+def _has_labels(found, labels: dict) -> bool:
+    return found is not None and all(found.get(k) == v for k, v in labels.items())
+
+
 @dataclass
 class TeleportCluster:
     bins: dict[str, Path]
@@ -149,8 +153,9 @@ class TeleportCluster:
         return found
 
     def put_kube_cluster(self, name: str, labels: dict, timeout: float = 60.0) -> None:
-        """Create or update (relabel) a ``kube_cluster`` resource served by the bed's kubernetes_service,
-        pointing at the bed's kube-apiserver, and wait until its kube_server shows exactly these labels."""
+        """Create or update (relabel: ``labels`` replace the old ones) a ``kube_cluster`` resource served by the
+        bed's kubernetes_service, pointing at the bed's kube-apiserver, and wait until its kube_server shows
+        these labels."""
         k = self.kube
         kubeconfig = {
             "apiVersion": "v1", "kind": "Config",
@@ -173,8 +178,9 @@ class TeleportCluster:
             self.tctl("create", "-f", "--force", str(path), check=True)
         finally:
             path.unlink()
-        self.process.wait_until(lambda: {k_: v for k_, v in self.kube_servers().get(name, {}).items()
-                                         if not k_.startswith("teleport.")} == all_labels,
+        # the served cluster also carries the kubernetes_service's static labels (env=testbed) and
+        # teleport.dev/origin=dynamic (seen on v13.3.8; docs/protocol-findings.md section 9)
+        self.process.wait_until(lambda: _has_labels(self.kube_servers().get(name), all_labels),
                                 timeout, f"serving kube cluster {name} with labels {all_labels}")
 
     def remove_kube_cluster(self, name: str, timeout: float = 60.0) -> None:
