@@ -179,7 +179,7 @@ class TeleportCluster:
         finally:
             path.unlink()
         # the served cluster also carries the kubernetes_service's static labels (env=testbed) and
-        # teleport.dev/origin=dynamic (seen on v13.3.8; docs/protocol-findings.md section 9)
+        # teleport.dev/origin=dynamic (seen on v13.3.8; docs/protocol-findings.md section 10)
         self.process.wait_until(lambda: _has_labels(self.kube_servers().get(name), all_labels),
                                 timeout, f"serving kube cluster {name} with labels {all_labels}")
 

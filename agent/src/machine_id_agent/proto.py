@@ -107,7 +107,7 @@ _MESSAGES = {
     "Event": [("type", 1, _T.TYPE_INT32, _OPT, None),
               ("cert_authority", 3, _T.TYPE_MESSAGE, _OPT, "CertAuthorityV2")],
     "GetCertAuthorityRequest": [("type", 1, _T.TYPE_STRING, _OPT, None), ("domain", 2, _T.TYPE_STRING, _OPT, None)],
-    # Kubernetes clusters the caller may access (kubernetes/v2 outputs; docs/protocol-findings.md section 9)
+    # Kubernetes clusters the caller may access (kubernetes/v2 outputs; docs/protocol-findings.md section 10)
     "ListResourcesRequest": [("resource_type", 1, _T.TYPE_STRING, _OPT, None),
                              ("namespace", 2, _T.TYPE_STRING, _OPT, None),
                              ("limit", 3, _T.TYPE_INT32, _OPT, None),

@@ -495,7 +495,7 @@ class AuthClient:
         The bot's own role sees no Kubernetes cluster, so (as the newest tbot does) an impersonated certificate
         for the roles, routed to no cluster, is requested over the bot's connection and ListResources(kube_server)
         is called with it on a connection of its own (an impersonated certificate can list, but cannot request
-        more certificates). Seen on the v13 bed: docs/protocol-findings.md section 9."""
+        more certificates). Seen on the v13 bed: docs/protocol-findings.md section 10."""
         idt = self.identity
         use_roles = list(roles) if roles else self.default_roles()
         if not use_roles:

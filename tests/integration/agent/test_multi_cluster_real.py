@@ -145,7 +145,7 @@ def test_selector_by_name_and_zero_matches(mc_bed, make_host):
 
 
 def test_v13_lists_kube_clusters_only_for_the_impersonated_roles(mc_bed, make_host, monkeypatch):
-    """The fact the design rests on (docs/protocol-findings.md section 9): the bot's own certificate lists no
+    """The fact the design rests on (docs/protocol-findings.md section 10): the bot's own certificate lists no
     Kubernetes cluster; a certificate impersonating the output's role lists every cluster the role's
     kubernetes_labels allow, with its labels."""
     tp = mc_bed.teleport["multiplex"]
