@@ -578,7 +578,9 @@ def parse(data: Any, source: Optional[Path] = None) -> Config:
                               % _typename(raw))
         for i, o in enumerate(raw or []):
             key = "destinations[%d]" % i
-            r = _Reader(o, key, ["directory", "kubernetes_cluster"] + _OUTPUT_EXTRAS)
+            # selectors (with context_name_template, default_namespace) instead of kubernetes_cluster: a
+            # kubernetes/v2 output in the v1 shape (a machine-id-agent extension; the role writes it)
+            r = _Reader(o, key, ["directory", "kubernetes_cluster"] + _OUTPUT_EXTRAS + _V2_KEYS)
             d = r.data.get("directory")
             dd = None
             if isinstance(d, dict):
@@ -588,9 +590,13 @@ def parse(data: Any, source: Optional[Path] = None) -> Config:
                 path, pkey = r.get("directory", str), key + ".directory"
             if not path:
                 raise ConfigError("%s.directory: missing; set it like '/opt/machine-id'" % key)
+            if r.has("selectors") or (not r.has("kubernetes_cluster") and any(r.has(k) for k in _V2_KEYS)):
+                cfg.outputs.append(_output_v2(r, path, pkey, dd))
+                continue
             if not r.has("kubernetes_cluster"):
                 raise ConfigError("%s.kubernetes_cluster: missing; machine-id-agent only writes Kubernetes "
-                                  "outputs; set it to the name shown by 'tsh kube ls'" % key)
+                                  "outputs; set it to the name shown by 'tsh kube ls' (or give selectors for "
+                                  "several clusters)" % key)
             cfg.outputs.append(_output(r, path, pkey, "kubernetes_cluster", base, dd))
     if not cfg.outputs:
         raise ConfigError("%s: no outputs; add one, for example %s" % (

@@ -72,6 +72,22 @@ def test_config_v2_errors_are_one_line_and_name_the_key(tmp_path, extra, message
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+def test_v1_destination_with_selectors_is_a_kubernetes_v2_output(tmp_path):
+    doc = {"auth_server": "localhost:3080", "onboarding": {"token": TOKEN},
+           "destinations": [{"directory": str(tmp_path / "a"), "selectors": [{"labels": {"team": "blue"}}],
+                             "context_name_template": "{{.KubeName}}", "default_namespace": "demo"},
+                            {"directory": str(tmp_path / "b"), "kubernetes_cluster": "k"}]}
+    a, b = config.parse(doc).outputs
+    assert a.multi and a.selectors == [KubeSelector(labels={"team": "blue"})] and a.default_namespace == "demo"
+    assert not b.multi and b.kubernetes_cluster == "k"
+    doc["destinations"][0]["kubernetes_cluster"] = "k"
+    with pytest.raises(ConfigError, match=r"destinations\[0\].kubernetes_cluster: a kubernetes/v2 output picks"):
+        config.parse(doc)
+    doc["destinations"][0] = {"directory": str(tmp_path / "a"), "default_namespace": "demo"}
+    with pytest.raises(ConfigError, match=r"destinations\[0\].selectors: missing"):
+        config.parse(doc)
+
+
 def test_selectors_are_not_accepted_on_a_kubernetes_output(tmp_path):
     doc = v2(tmp_path, selectors=[{"name": "a"}])
     doc["outputs"][0].update(type="kubernetes", kubernetes_cluster="a")

@@ -184,3 +184,32 @@ def test_reload_script_acts_again_only_when_the_kubeconfig_was_replaced_meanwhil
     assert run(0) == ["reload -- myapp.service"]
     assert run(1) == ["reload -- myapp.service"] * 2
     assert len(run(100)) == 5
+
+
+def test_tbot_yaml_destination_with_selectors_is_a_kubernetes_v2_output(tmp_path):
+    # context_name_template holds Go-template braces: in Ansible variables they must be marked !unsafe (or
+    # Ansible would try to evaluate them itself); the role passes the text through unchanged
+    varsfile = tmp_path / "vars.yml"
+    varsfile.write_text(
+        "machine_id_destinations:\n"
+        "  - directory: /opt/many\n"
+        "    selectors: [{labels: {team: blue, tier: '1'}}, {name: example-k8s-cluster}]\n"
+        "    context_name_template: !unsafe '{{.KubeName}}@{{.ClusterName}}'\n"
+        "    default_namespace: demo\n"
+        "    roles: [kube-a]\n"
+        "  - directory: /opt/one\n"
+        "    kubernetes_cluster: example-k8s-cluster\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    vars_ = {"role_dir": str(ROLE), "out_dir": str(out), "_machine_id_systemd_version": 252,
+             "machine_id_auth_server": "teleport.example.com:443", "machine_id_token": TOKEN}
+    run = run_playbook(tmp_path / "run", ROLE.parent.parent / "tests" / "unit" / "role" / "render.yml",
+                       extra_vars=vars_, extra_args=["-e", "@%s" % varsfile])
+    assert run.rc == 0, run.stdout[-3000:]
+    cfg = agent_config((out / "tbot.yaml").read_text(), tmp_path, "/etc/machine-id-agent/token")
+    many, one = cfg.outputs
+    assert many.multi and not one.multi and one.kubernetes_cluster == "example-k8s-cluster"
+    assert [(s.name, s.labels) for s in many.selectors] == [(None, {"team": "blue", "tier": "1"}),
+                                                            ("example-k8s-cluster", {})]
+    assert many.context_name_template == "{{.KubeName}}@{{.ClusterName}}" and many.default_namespace == "demo"
+    assert many.roles == ["kube-a"] and many.exec_plugin
