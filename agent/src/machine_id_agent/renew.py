@@ -539,7 +539,8 @@ class AuthClient:
             conn.close()
         return found
 
-    def kube_credentials_for(self, clusters: List[str], roles: Optional[List[str]], ttl: int) -> Dict[str, KubeCredentials]:
+    def kube_credentials_for(self, clusters: List[str], roles: Optional[List[str]],
+                             ttl: int) -> Dict[str, KubeCredentials]:
         """One certificate per cluster (Teleport v13 routes a Kubernetes request by the certificate's
         KubernetesCluster attribute, so a certificate serves exactly one cluster), all with the same host CA."""
         out: Dict[str, KubeCredentials] = {}

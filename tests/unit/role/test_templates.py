@@ -213,3 +213,24 @@ def test_tbot_yaml_destination_with_selectors_is_a_kubernetes_v2_output(tmp_path
                                                             ("example-k8s-cluster", {})]
     assert many.context_name_template == "{{.KubeName}}@{{.ClusterName}}" and many.default_namespace == "demo"
     assert many.roles == ["kube-a"] and many.exec_plugin
+
+
+@pytest.mark.parametrize("destinations,ok", [
+    ([{"directory": "/opt/a", "selectors": [{"labels": {"team": "blue"}}]}], True),
+    ([{"directory": "/opt/a", "selectors": [{"name": "k"}]}, {"directory": "/opt/b", "kubernetes_cluster": "k"}], True),
+    ([{"directory": "/opt/a", "selectors": [{"name": "k"}], "kubernetes_cluster": "k"}], False),  # both
+    ([{"directory": "/opt/a", "selectors": []}], False),
+    ([{"directory": "/opt/a", "selectors": "k"}], False),
+    ([{"directory": "/opt/a"}], False),  # neither
+])
+def test_preflight_outputs_assert_accepts_selectors_or_a_cluster(tmp_path, destinations, ok):
+    tasks = yaml.safe_load((ROLE / "tasks" / "preflight.yml").read_text())
+    task = next(t for t in tasks if t["name"] == "Assert the outputs are sane")
+    play = [{"name": "preflight outputs", "hosts": "localhost", "gather_facts": False,
+             "vars_files": [str(ROLE / "defaults" / "main.yml"), str(ROLE / "vars" / "main.yml")], "tasks": [task]}]
+    pb = tmp_path / "play.yml"
+    pb.write_text(yaml.safe_dump(play))
+    run = run_playbook(tmp_path / "run", pb, extra_vars={"machine_id_destinations": destinations})
+    assert (run.rc == 0) == ok, run.stdout[-2000:]
+    if not ok:
+        assert "either a kubernetes_cluster or a non-empty list of selectors (not both)" in run.stdout
