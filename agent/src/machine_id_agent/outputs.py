@@ -525,7 +525,7 @@ def write_kube_multi(output: KubeOutput, creds: Dict[str, Any], teleport_cluster
                               "context_name_template" % (dest, k.name))
         seen.add(k.name)
     files.append((KUBECONFIG, render_kubeconfig_multi(contexts, endpoint, host_ca_pems, output.default_namespace)))
-    keep = {f for f, _ in files}
+    keep = {fname for fname, _data in files}
     with fsutil.open_dir(dest, symlinks, create=0o700, warn=warn) as d:
         d.clean_temp_files()
         policy, changes = _ensure_dir_acl(d, output, acls, reader_uids, warn, revoke)

@@ -7,7 +7,6 @@ test_multi_cluster_real.py)."""
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 
