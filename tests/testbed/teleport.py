@@ -30,6 +30,11 @@ from .procs import Process, TestbedError, free_port
 MODES = ("multiplex", "separate")
 CLUSTER_NAME = "lanyard-testbed"
 ADMIN_USER = "lanyard-admin"
+DYNAMIC_KUBE_LABEL = "lanyard-testbed-dynamic"
+
+
+def _has_labels(found, labels: dict) -> bool:
+    return found is not None and all(found.get(k) == v for k, v in labels.items())
 
 
 @dataclass
@@ -97,6 +102,9 @@ class TeleportCluster:
                 "listen_addr": f"127.0.0.1:{self.kube_service_port}",
                 "kubeconfig_file": str(self.kube.teleport_kubeconfig),
                 "labels": {"env": "testbed"},
+                # dynamic registration: kube_cluster resources with this label (put_kube_cluster) are served
+                # too, next to the static example-k8s-cluster, and follow relabels and removals at run time
+                "resources": [{"labels": {DYNAMIC_KUBE_LABEL: "yes"}}],
             },
         }
         self.config_path = d / "teleport.yaml"
@@ -131,6 +139,53 @@ class TeleportCluster:
     def _kube_registered(self) -> bool:
         out = self.tctl("get", "kube_server", "--format=json", check=True).stdout
         return any(KUBE_CLUSTER_NAME in json.dumps(item) for item in json.loads(out or "[]"))
+
+    # -- more Kubernetes clusters (dynamic kube_cluster resources, all on the bed's one kube-apiserver) ------
+    def kube_servers(self) -> dict:
+        """{kube cluster name: labels} as the kube_server heartbeats show them now."""
+        out = self.tctl("get", "kube_server", "--format=json", check=True).stdout
+        found = {}
+        for item in json.loads(out or "[]"):
+            cluster = (item.get("spec") or {}).get("cluster") or {}
+            meta = cluster.get("metadata") or {}
+            if meta.get("name"):
+                found[meta["name"]] = dict(meta.get("labels") or {})
+        return found
+
+    def put_kube_cluster(self, name: str, labels: dict, timeout: float = 60.0) -> None:
+        """Create or update (relabel: ``labels`` replace the old ones) a ``kube_cluster`` resource served by the
+        bed's kubernetes_service, pointing at the bed's kube-apiserver, and wait until its kube_server shows
+        these labels."""
+        k = self.kube
+        kubeconfig = {
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [{"name": name, "cluster": {
+                "server": k.server,
+                "certificate-authority-data": base64.b64encode(k.ca.cert_path.read_bytes()).decode()}}],
+            "users": [{"name": "teleport", "user": {
+                "client-certificate-data": base64.b64encode(k.teleport_client.cert.read_bytes()).decode(),
+                "client-key-data": base64.b64encode(k.teleport_client.key.read_bytes()).decode()}}],
+            "contexts": [{"name": name, "context": {"cluster": name, "user": "teleport"}}],
+            "current-context": name,
+        }
+        all_labels = dict(labels, **{DYNAMIC_KUBE_LABEL: "yes"})
+        doc = {"kind": "kube_cluster", "version": "v3", "metadata": {"name": name, "labels": all_labels},
+               "spec": {"kubeconfig": base64.b64encode(yaml.safe_dump(kubeconfig).encode()).decode()}}
+        path = self.workdir / f"kube_cluster-{name}.yaml"
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        path.chmod(0o600)
+        try:
+            self.tctl("create", "-f", "--force", str(path), check=True)
+        finally:
+            path.unlink()
+        # the served cluster also carries the kubernetes_service's static labels (env=testbed) and
+        # teleport.dev/origin=dynamic (seen on v13.3.8; docs/protocol-findings.md section 10)
+        self.process.wait_until(lambda: _has_labels(self.kube_servers().get(name), all_labels),
+                                timeout, f"serving kube cluster {name} with labels {all_labels}")
+
+    def remove_kube_cluster(self, name: str, timeout: float = 60.0) -> None:
+        self.tctl("rm", f"kube_cluster/{name}", check=True)
+        self.process.wait_until(lambda: name not in self.kube_servers(), timeout, f"no longer serving {name}")
 
     def _make_admin_identity(self) -> None:
         """A user with the preset ``editor`` + ``access`` roles and an identity file for remote tctl."""

@@ -76,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     ksub = sp.add_subparsers(dest="kube_cmd", parser_class=_Parser)
     kc = ksub.add_parser("credentials", help="print an ExecCredential for kubectl (exec plugin mode)")
     kc.add_argument("--destination-dir", required=True)
+    kc.add_argument("--cluster", default=None,
+                    help="the Kubernetes cluster of a kubernetes/v2 output (reads identity-CLUSTER)")
 
     sub.add_parser("version", help="print the version")
     return p
@@ -352,7 +354,7 @@ def cmd_kube(args) -> int:
     from machine_id_agent import outputs
     if args.kube_cmd != "credentials":
         raise ConfigError("kube: missing subcommand; use 'machine-id-agent kube credentials --destination-dir D'")
-    print(json.dumps(outputs.exec_credential(Path(args.destination_dir))))
+    print(json.dumps(outputs.exec_credential(Path(args.destination_dir), cluster=getattr(args, "cluster", None))))
     return 0
 
 

@@ -16,7 +16,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import yaml
 
@@ -57,6 +57,71 @@ class KubeOutput:
     acls: Optional[str] = None
     # True when the output has a readers: key; the list is then the exact set of readers on the ACL
     readers_managed: bool = False
+    # "kubernetes" (one named cluster) or "kubernetes/v2" (the clusters the selectors pick, resolved at each
+    # renewal; kubernetes_cluster is then empty)
+    type: str = "kubernetes"
+    selectors: List["KubeSelector"] = field(default_factory=list)
+    context_name_template: str = "{{.ClusterName}}-{{.KubeName}}"
+    default_namespace: Optional[str] = None
+
+    @property
+    def multi(self) -> bool:
+        return self.type == KUBE_V2
+
+    def describe(self) -> str:
+        """The cluster(s) this output is for, for logs: the name, or the selectors."""
+        if not self.multi:
+            return self.kubernetes_cluster
+        return "selectors %s" % ", ".join(s.describe() for s in self.selectors)
+
+
+KUBE_V2 = "kubernetes/v2"
+DEFAULT_CONTEXT_TEMPLATE = "{{.ClusterName}}-{{.KubeName}}"
+# The only template actions accepted in context_name_template (Go template syntax, no other code).
+_TEMPLATE_FIELDS = ("ClusterName", "KubeName")
+_TEMPLATE_ACTION_RE = re.compile(r"{{\s*(.*?)\s*}}")
+_NAMESPACE_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+@dataclass
+class KubeSelector:
+    """One ``selectors`` item of a kubernetes/v2 output: a cluster name, or labels that must all match."""
+    name: Optional[str] = None
+    labels: Dict[str, str] = field(default_factory=dict)
+
+    def matches(self, cluster_name: str, cluster_labels: Dict[str, str]) -> bool:
+        if self.name is not None:
+            return cluster_name == self.name
+        return all(cluster_labels.get(k) == v for k, v in self.labels.items())
+
+    def describe(self) -> str:
+        if self.name is not None:
+            return "name=%s" % self.name
+        return "labels={%s}" % ", ".join("%s: %s" % kv for kv in sorted(self.labels.items()))
+
+
+def render_context_name(template: str, teleport_cluster: str, kube_cluster: str) -> str:
+    """The context name for one cluster: ``{{.ClusterName}}`` is the Teleport cluster, ``{{.KubeName}}`` the
+    Kubernetes cluster (whitespace inside the braces is allowed). Nothing else is evaluated."""
+    values = {"ClusterName": teleport_cluster, "KubeName": kube_cluster}
+    return _TEMPLATE_ACTION_RE.sub(lambda m: values[m.group(1)[1:]], template)
+
+
+def check_context_template(template: str, key: str) -> str:
+    for m in _TEMPLATE_ACTION_RE.finditer(template):
+        action = m.group(1)
+        if not action.startswith(".") or action[1:] not in _TEMPLATE_FIELDS:
+            raise ConfigError("%s: {{%s}} is not supported; only {{.ClusterName}} (the Teleport cluster) and "
+                              "{{.KubeName}} (the Kubernetes cluster) can be used, for example %r"
+                              % (key, action, DEFAULT_CONTEXT_TEMPLATE))
+    rest = _TEMPLATE_ACTION_RE.sub("", template)
+    if "{{" in rest or "}}" in rest:
+        raise ConfigError("%s: %r has an unbalanced {{ or }}; write it like %r"
+                          % (key, template, DEFAULT_CONTEXT_TEMPLATE))
+    if not any(m.group(1) == ".KubeName" for m in _TEMPLATE_ACTION_RE.finditer(template)):
+        raise ConfigError("%s: %r does not contain {{.KubeName}}, so several clusters would get the same context "
+                          "name; add it, for example %r" % (key, template, DEFAULT_CONTEXT_TEMPLATE))
+    return template
 
 
 @dataclass
@@ -304,11 +369,13 @@ def _dir_opts(r: Optional[_Reader]):
 
 
 def _output(r: _Reader, dest: str, key_dest: str, cluster_key: str, base: Path,
-            dir_reader: Optional[_Reader] = None) -> KubeOutput:
+            dir_reader: Optional[_Reader] = None, cluster_required: bool = True) -> KubeOutput:
     if not dest.startswith("/"):
         raise ConfigError("%s: %r is not an absolute path; write it like '/opt/machine-id'" % (key_dest, dest))
     cluster = r.get(cluster_key, str, example="kubernetes_cluster: example-k8s-cluster")
-    if not cluster:
+    if not cluster and not cluster_required:
+        cluster = ""
+    elif not cluster:
         raise ConfigError("%s: missing; set it to the cluster name shown by 'tsh kube ls', for example "
                           "'example-k8s-cluster'" % r.key(cluster_key))
     roles = r.str_list("roles", "roles: [k8s-reader]")
@@ -329,7 +396,60 @@ def _output(r: _Reader, dest: str, key_dest: str, cluster_key: str, base: Path,
                       symlinks=symlinks, acls=acls, readers_managed=r.has("readers"))
 
 
+def _selectors(r: _Reader) -> List[KubeSelector]:
+    example = "selectors: [{labels: {env: prod}}, {name: example-k8s-cluster}]"
+    raw = r.data.get("selectors")
+    if raw is None or raw == []:
+        raise ConfigError("%s: missing; a kubernetes/v2 output needs at least one selector, for example %s"
+                          % (r.key("selectors"), example))
+    if not isinstance(raw, list):
+        raise ConfigError("%s: expected a list, got %s; for example %s" % (r.key("selectors"), _typename(raw), example))
+    out = []
+    for i, item in enumerate(raw):
+        key = "%s[%d]" % (r.key("selectors"), i)
+        s = _Reader(item, key, ["name", "labels"])
+        if s.has("name") == s.has("labels"):
+            raise ConfigError("%s: give exactly one of name or labels, for example {name: example-k8s-cluster} or "
+                              "{labels: {env: prod}}" % key)
+        if s.has("name"):
+            out.append(KubeSelector(name=s.get("name", str, example="name: example-k8s-cluster")))
+            continue
+        labels = s.data["labels"]
+        if not isinstance(labels, dict) or not labels:
+            raise ConfigError("%s.labels: expected a non-empty mapping of label: value, for example "
+                              "{labels: {env: prod}}" % key)
+        clean = {}
+        for k, v in labels.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                v = str(v)
+            if not isinstance(k, str) or not k or not isinstance(v, str):
+                raise ConfigError("%s.labels: %r: %r is not a label and a string value; quote the value, for example "
+                                  "{env: \"prod\"}" % (key, k, v))
+            clean[k] = v
+        out.append(KubeSelector(labels=clean))
+    return out
+
+
+def _output_v2(r: _Reader, dest: str, key_dest: str, dir_reader: Optional[_Reader]) -> KubeOutput:
+    if r.has("kubernetes_cluster"):
+        raise ConfigError("%s: a kubernetes/v2 output picks its clusters with selectors; replace it with "
+                          "selectors: [{name: %s}]" % (r.key("kubernetes_cluster"), r.data["kubernetes_cluster"]))
+    out = _output(r, dest, key_dest, "kubernetes_cluster", Path("/"), dir_reader, cluster_required=False)
+    out.type = KUBE_V2
+    out.selectors = _selectors(r)
+    tmpl = r.get("context_name_template", str, DEFAULT_CONTEXT_TEMPLATE,
+                 example="context_name_template: \"{{.ClusterName}}-{{.KubeName}}\"")
+    out.context_name_template = check_context_template(tmpl, r.key("context_name_template"))
+    ns = r.get("default_namespace", str, example="default_namespace: demo")
+    if ns is not None and not _NAMESPACE_RE.match(ns):
+        raise ConfigError("%s: %r is not a Kubernetes namespace name; use lower-case letters, digits and '-', "
+                          "for example 'demo'" % (r.key("default_namespace"), ns))
+    out.default_namespace = ns
+    return out
+
+
 _OUTPUT_EXTRAS = ["reload_command", "readers", "exec_plugin", "roles"]
+_V2_KEYS = ["selectors", "context_name_template", "default_namespace"]
 _TOP_COMMON = ["version", "onboarding", "storage", "renewal_interval", "oneshot", "debug",
                "insecure", "acls", "diag_addr", "fips", "watch_ca_rotations"]
 _TOP_V1 = _TOP_COMMON + ["auth_server", "proxy_server", "destinations", "certificate_ttl"]
@@ -435,10 +555,13 @@ def parse(data: Any, source: Optional[Path] = None) -> Config:
                 raise ConfigError("%s: expected a list of outputs, got %s" % (lk, _typename(raw)))
             items += [("%s[%d]" % (lk, i), o) for i, o in enumerate(raw)]
         for key, o in items:
-            r = _Reader(o, key, ["type", "kubernetes_cluster", "destination", "name"] + _OUTPUT_EXTRAS)
+            otype = o.get("type") if isinstance(o, dict) else None
+            r = _Reader(o, key, ["type", "kubernetes_cluster", "destination", "name"] + _OUTPUT_EXTRAS
+                        + (_V2_KEYS if otype == KUBE_V2 else []))
             otype = r.get("type", str)
-            if otype != "kubernetes":
-                raise ConfigError("%s.type: %r is not supported; machine-id-agent writes type: kubernetes outputs"
+            if otype not in ("kubernetes", KUBE_V2):
+                raise ConfigError("%s.type: %r is not supported; machine-id-agent writes type: kubernetes (one "
+                                  "cluster) and type: kubernetes/v2 (clusters chosen by selectors) outputs"
                                   % (key, otype))
             if not r.has("destination"):
                 raise ConfigError("%s.destination: missing; add destination: {type: directory, path: "
@@ -450,7 +573,10 @@ def parse(data: Any, source: Optional[Path] = None) -> Config:
             path = d.get("path", str)
             if not path:
                 raise ConfigError("%s.destination.path: missing; set it like '/opt/machine-id'" % key)
-            cfg.outputs.append(_output(r, path, key + ".destination.path", "kubernetes_cluster", base, d))
+            if otype == KUBE_V2:
+                cfg.outputs.append(_output_v2(r, path, key + ".destination.path", d))
+            else:
+                cfg.outputs.append(_output(r, path, key + ".destination.path", "kubernetes_cluster", base, d))
     else:
         raw = data.get("destinations")
         if raw is not None and not isinstance(raw, list):
@@ -458,7 +584,9 @@ def parse(data: Any, source: Optional[Path] = None) -> Config:
                               % _typename(raw))
         for i, o in enumerate(raw or []):
             key = "destinations[%d]" % i
-            r = _Reader(o, key, ["directory", "kubernetes_cluster"] + _OUTPUT_EXTRAS)
+            # selectors (with context_name_template, default_namespace) instead of kubernetes_cluster: a
+            # kubernetes/v2 output in the v1 shape (a machine-id-agent extension; the role writes it)
+            r = _Reader(o, key, ["directory", "kubernetes_cluster"] + _OUTPUT_EXTRAS + _V2_KEYS)
             d = r.data.get("directory")
             dd = None
             if isinstance(d, dict):
@@ -468,9 +596,13 @@ def parse(data: Any, source: Optional[Path] = None) -> Config:
                 path, pkey = r.get("directory", str), key + ".directory"
             if not path:
                 raise ConfigError("%s.directory: missing; set it like '/opt/machine-id'" % key)
+            if r.has("selectors") or (not r.has("kubernetes_cluster") and any(r.has(k) for k in _V2_KEYS)):
+                cfg.outputs.append(_output_v2(r, path, pkey, dd))
+                continue
             if not r.has("kubernetes_cluster"):
                 raise ConfigError("%s.kubernetes_cluster: missing; machine-id-agent only writes Kubernetes "
-                                  "outputs; set it to the name shown by 'tsh kube ls'" % key)
+                                  "outputs; set it to the name shown by 'tsh kube ls' (or give selectors for "
+                                  "several clusters)" % key)
             cfg.outputs.append(_output(r, path, pkey, "kubernetes_cluster", base, dd))
     if not cfg.outputs:
         raise ConfigError("%s: no outputs; add one, for example %s" % (

@@ -35,6 +35,9 @@ KEY = "key"
 TLSCERT = "tlscert"
 HOST_CA = "teleport-host-ca.crt"
 IDENTITY = "identity"
+# kubernetes/v2 outputs: one identity file per selected cluster, ``identity-<cluster>``
+IDENTITY_PREFIX = "identity-"
+_CLUSTER_FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 ALPN_SNI_PREFIX = "kube-teleport-proxy-alpn."
 DEFAULT_KUBE_PORT = 3026
 EXEC_API_VERSION = "client.authentication.k8s.io/v1beta1"
@@ -128,7 +131,7 @@ def plugin_program() -> List[str]:
     return [os.path.abspath(sys.executable), "-m", "machine_id_agent"]
 
 
-def exec_command(destination: Path) -> Dict[str, Any]:
+def exec_command(destination: Path, cluster: Optional[str] = None) -> Dict[str, Any]:
     """The exec stanza that calls ``machine-id-agent kube credentials --destination-dir D``.
 
     The plugin needs no network, no privileges and no write access: it reads the ``identity`` file (key and
@@ -136,6 +139,8 @@ def exec_command(destination: Path) -> Dict[str, Any]:
     client-go run it again before the certificate expires."""
     prog = plugin_program()
     args = prog[1:] + ["kube", "credentials", "--destination-dir", str(destination)]
+    if cluster is not None:
+        args += ["--cluster", cluster]
     return {"apiVersion": EXEC_API_VERSION, "command": prog[0], "args": args,
             "installHint": INSTALL_HINT, "interactiveMode": "Never", "provideClusterInfo": False}
 
@@ -191,8 +196,9 @@ def key_matches_cert(key_pem: bytes, cert_pem: bytes) -> bool:
 @dataclass
 class WriteResult:
     destination: str
-    not_after: _dt.datetime
+    not_after: Optional[_dt.datetime]
     acl_changes: List[str] = field(default_factory=list)
+    clusters: List[str] = field(default_factory=list)  # kubernetes/v2: the clusters written
 
 
 def write_kube(output: KubeOutput, creds: Any, teleport_cluster: str, endpoint: KubeEndpoint,
@@ -267,13 +273,35 @@ def apply_acls(output: KubeOutput, acls: Optional[str] = None, reader_uids: Sequ
         raise
     with d:
         policy, changes = _ensure_dir_acl(d, output, acls, reader_uids, warn, revoke)
-        changes += aclmod.apply_files(d, policy)
+        names = list(aclmod.ARTIFACTS) + sorted(n for n in d.listdir() if n.startswith(IDENTITY_PREFIX))
+        changes += aclmod.apply_files(d, policy, names)
     return changes
 
 
-def read_credentials(destination: Path) -> Dict[str, bytes]:
-    """Key and certificate from one destination, read consistently (one file read)."""
+def identity_name(cluster: str) -> str:
+    """The file of one cluster's key and certificate in a kubernetes/v2 output (OutputError for a name that
+    cannot be a file name)."""
+    if not _CLUSTER_FILE_RE.match(cluster or ""):
+        raise OutputError("Kubernetes cluster name %r cannot name a file; rename the cluster in Teleport (letters, "
+                          "digits, '.', '_', '-') or leave it out with the output's selectors" % cluster)
+    return IDENTITY_PREFIX + cluster
+
+
+def read_credentials(destination: Path, cluster: Optional[str] = None) -> Dict[str, bytes]:
+    """Key and certificate from one destination (of one cluster of a kubernetes/v2 output), read consistently
+    (one file read)."""
     dest = Path(destination)
+    if cluster is not None:
+        name = identity_name(cluster)
+        ident = fsutil.read_bytes(dest / name)
+        if ident is None:
+            raise OutputError("%s: no %s; cluster %r is not (or no longer) selected by this output, or the agent has "
+                              "not renewed yet (machine-id-agent status)" % (dest, name, cluster))
+        key, cert = _split_bundle(ident)
+        if key and cert:
+            return {"key": key, "cert": cert}
+        raise OutputError("%s: %s holds no key and certificate; restart the agent so that it writes it again"
+                          % (dest, name))
     ident = fsutil.read_bytes(dest / IDENTITY)
     if ident is not None:
         key, cert = _split_bundle(ident)
@@ -325,7 +353,8 @@ def refresh_at(cert_pem: bytes) -> _dt.datetime:
     return na - max(margin, _dt.timedelta(0))
 
 
-def exec_credential(destination: Path, now: Optional[_dt.datetime] = None) -> Dict[str, Any]:
+def exec_credential(destination: Path, now: Optional[_dt.datetime] = None,
+                    cluster: Optional[str] = None) -> Dict[str, Any]:
     """The ExecCredential for ``kube credentials``: the key and certificate from one read of ``identity``.
 
     Raises OutputError (the message names the destination, the cause and the fix) when the files are
@@ -333,7 +362,7 @@ def exec_credential(destination: Path, now: Optional[_dt.datetime] = None) -> Di
     dest = Path(destination)
     now = now or _dt.datetime.now(_dt.timezone.utc)
     try:
-        creds = read_credentials(dest)
+        creds = read_credentials(dest, cluster)
     except PermissionError as e:
         raise OutputError("%s: %s may not read %s; add it to the output's readers (readers: in the agent's "
                           "config, or machine_id_reader_user in the role) and let the agent renew once"
@@ -371,6 +400,9 @@ def inspect(destination: Path, now: Optional[_dt.datetime] = None) -> Dict[str, 
             out["error"] = "no %s yet" % KUBECONFIG
             return out
         out["present"] = True
+        names = _cluster_identities(dest)
+        if names is not None and fsutil.read_bytes(dest / IDENTITY) is None:
+            return _inspect_multi(dest, kc, names, now, out)
         try:
             creds = read_credentials(dest)
         except OutputError:
@@ -392,3 +424,121 @@ def inspect(destination: Path, now: Optional[_dt.datetime] = None) -> Dict[str, 
     except Exception as e:  # a damaged file must not crash status/wait
         out["error"] = "unreadable: %s" % (str(e).splitlines() or [type(e).__name__])[0]
     return out
+
+
+def _cluster_identities(dest: Path) -> Optional[List[str]]:
+    """The clusters with an identity file in a kubernetes/v2 destination, or None when it is not one."""
+    try:
+        names = sorted(n[len(IDENTITY_PREFIX):] for n in os.listdir(str(dest)) if n.startswith(IDENTITY_PREFIX))
+    except OSError:
+        return None
+    return names or None
+
+
+def _inspect_multi(dest: Path, kc: bytes, clusters: List[str], now: _dt.datetime,
+                   out: Dict[str, Any]) -> Dict[str, Any]:
+    """inspect() of a kubernetes/v2 destination: valid when every cluster's identity is; expiry is the soonest."""
+    out["clusters"] = clusters
+    soonest = None
+    for c in clusters:
+        creds = read_credentials(dest, c)
+        na = cert_not_after(creds["cert"])
+        if not key_matches_cert(creds["key"], creds["cert"]):
+            out["error"] = "%s: certificate does not match key" % identity_name(c)
+            return out
+        soonest = na if soonest is None or na < soonest else soonest
+    out["expires"] = soonest.isoformat()
+    out["seconds_to_expiry"] = int((soonest - now).total_seconds())
+    out["valid"] = soonest > now
+    if not out["valid"]:
+        out["error"] = "certificate expired"
+    return out
+
+
+@dataclass
+class KubeContext:
+    """One cluster of a kubernetes/v2 kubeconfig."""
+    name: str  # context, cluster and user entry name (from context_name_template)
+    kube_cluster: str
+    user: Dict[str, Any]
+
+
+def render_kubeconfig_multi(contexts: Sequence[KubeContext], endpoint: KubeEndpoint, host_ca_pems: Sequence[bytes],
+                            default_namespace: Optional[str] = None) -> bytes:
+    """A kubeconfig with one cluster, user and context per entry (all through the same Teleport proxy; the
+    certificate routes each to its Kubernetes cluster); current-context is the first entry. No entries: a
+    valid kubeconfig without contexts."""
+    ca = base64.b64encode(b"".join(_nl(p) for p in host_ca_pems)).decode()
+    clusters, users, ctxs = [], [], []
+    for c in contexts:
+        cluster: Dict[str, Any] = {"certificate-authority-data": ca, "server": endpoint.server}
+        if endpoint.tls_server_name:
+            cluster["tls-server-name"] = endpoint.tls_server_name
+        clusters.append({"name": c.name, "cluster": cluster})
+        users.append({"name": c.name, "user": c.user})
+        ctx: Dict[str, Any] = {"cluster": c.name, "user": c.name}
+        if default_namespace:
+            ctx["namespace"] = default_namespace
+        ctxs.append({"name": c.name, "context": ctx})
+    doc: Dict[str, Any] = {"apiVersion": "v1", "kind": "Config", "preferences": {}, "clusters": clusters,
+                           "users": users, "contexts": ctxs}
+    if contexts:
+        doc["current-context"] = contexts[0].name
+    return yaml.safe_dump(doc, default_flow_style=False, sort_keys=False).encode()
+
+
+def write_kube_multi(output: KubeOutput, creds: Dict[str, Any], teleport_cluster: str, endpoint: KubeEndpoint,
+                     host_ca_pems: Sequence[bytes], acls: Optional[str] = None, reader_uids: Sequence[int] = (),
+                     warn: Optional[Callable[[str], None]] = None, symlinks: Optional[str] = None,
+                     revoke: Sequence[int] = ()) -> WriteResult:
+    """Write a kubernetes/v2 output: ``creds`` maps each selected cluster to its renew.KubeCredentials.
+
+    Order: the host CA, then (exec plugin) one ``identity-<cluster>`` per cluster (key and certificate in one
+    atomic file), then ``kubeconfig.yaml`` (one context per cluster, sorted by context name, the first is
+    current), then the identity files of clusters no longer selected are removed. A reader therefore always
+    finds a matching key and certificate for every context of the kubeconfig it read. ``creds`` may be empty:
+    the kubeconfig then has no context. ``not_after`` of the result is the soonest expiry (None when empty)."""
+    from machine_id_agent.config import render_context_name
+
+    acls = acls or getattr(output, "acls", None) or "try"
+    symlinks = symlinks or getattr(output, "symlinks", None) or fsutil.DEFAULT_SYMLINKS
+    warn = warn or (lambda m: None)
+    dest = Path(output.destination)
+    contexts: List[KubeContext] = []
+    files = [(HOST_CA, b"".join(_nl(p) for p in host_ca_pems))]
+    for cluster in sorted(creds):
+        c = creds[cluster]
+        name = render_context_name(output.context_name_template, teleport_cluster, cluster)
+        if output.exec_plugin:
+            fname = identity_name(cluster)
+            files.append((fname, _nl(c.key_pem) + _nl(c.cert_pem)))
+            user: Dict[str, Any] = {"exec": exec_command(dest, cluster)}
+        else:
+            user = {"client-certificate-data": base64.b64encode(c.cert_pem).decode(),
+                    "client-key-data": base64.b64encode(c.key_pem).decode()}
+        contexts.append(KubeContext(name, cluster, user))
+    contexts.sort(key=lambda k: k.name)
+    seen = set()
+    for k in contexts:
+        if k.name in seen:
+            raise OutputError("%s: context name %r is rendered for two clusters; put {{.KubeName}} in "
+                              "context_name_template" % (dest, k.name))
+        seen.add(k.name)
+    files.append((KUBECONFIG, render_kubeconfig_multi(contexts, endpoint, host_ca_pems, output.default_namespace)))
+    keep = {fname for fname, _data in files}
+    with fsutil.open_dir(dest, symlinks, create=0o700, warn=warn) as d:
+        d.clean_temp_files()
+        policy, changes = _ensure_dir_acl(d, output, acls, reader_uids, warn, revoke)
+        for name, data in files:
+            d.write(name, data, 0o600, prepare=lambda fd, n=name: policy.ensure(fd, False, d.name(n)),
+                    sync_dir=False)
+        # after the kubeconfig: clusters no longer selected, and files of a kubernetes (v1) output here before
+        for name in d.listdir():
+            if (name.startswith(IDENTITY_PREFIX) and name not in keep) or name in (IDENTITY, KEY, TLSCERT):
+                d.unlink(name)
+        d.fsync()
+    soonest = None
+    for c in creds.values():
+        na = getattr(c, "not_after", None) or cert_not_after(c.cert_pem)
+        soonest = na if soonest is None or na < soonest else soonest
+    return WriteResult(str(dest), soonest, changes, sorted(creds))

@@ -25,6 +25,11 @@ Field numbers (upstream name = number):
   PUT=1, DELETE=2), CertAuthority=3 -> ``types.CertAuthorityV2``: Spec=5 -> CertAuthoritySpecV2: Type=1,
   ClusterName=2, Rotation=8 -> ``types.Rotation``: State=1, Phase=2, Mode=3, CurrentID=4.
   ``teleport.trust.v1.GetCertAuthorityRequest``: Type=1, Domain=2 (IncludeKey=3 left false).
+* Listing Kubernetes clusters (kubernetes/v2 outputs): ``proto.ListResourcesRequest``: ResourceType=1,
+  Namespace=2, Limit=3, StartKey=4; ``proto.ListResourcesResponse``: Resources=1 (``PaginatedResource``),
+  NextKey=2; ``PaginatedResource``: KubeCluster=6 (``types.KubernetesClusterV3``), KubernetesServer=7
+  (``types.KubernetesServerV3``: Spec=5 -> KubernetesServerSpecV3.Cluster=5); ``types.KubernetesClusterV3``:
+  Metadata=4, Spec=5 -> KubernetesClusterSpecV3.DynamicLabels=1 (map to ``types.CommandLabelV2``, Result=3).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ METHODS = {
     "GetUser": "/proto.AuthService/GetUser",
     "WatchEvents": "/proto.AuthService/WatchEvents",
     "GetCertAuthority": "/teleport.trust.v1.TrustService/GetCertAuthority",
+    "ListResources": "/proto.AuthService/ListResources",
 }
 
 _T = descriptor_pb2.FieldDescriptorProto
@@ -101,6 +107,24 @@ _MESSAGES = {
     "Event": [("type", 1, _T.TYPE_INT32, _OPT, None),
               ("cert_authority", 3, _T.TYPE_MESSAGE, _OPT, "CertAuthorityV2")],
     "GetCertAuthorityRequest": [("type", 1, _T.TYPE_STRING, _OPT, None), ("domain", 2, _T.TYPE_STRING, _OPT, None)],
+    # Kubernetes clusters the caller may access (kubernetes/v2 outputs; docs/protocol-findings.md section 10)
+    "ListResourcesRequest": [("resource_type", 1, _T.TYPE_STRING, _OPT, None),
+                             ("namespace", 2, _T.TYPE_STRING, _OPT, None),
+                             ("limit", 3, _T.TYPE_INT32, _OPT, None),
+                             ("start_key", 4, _T.TYPE_STRING, _OPT, None)],
+    "CommandLabelV2": [("result", 3, _T.TYPE_STRING, _OPT, None)],
+    "DynamicLabelEntry": [("key", 1, _T.TYPE_STRING, _OPT, None),
+                          ("value", 2, _T.TYPE_MESSAGE, _OPT, "CommandLabelV2")],
+    "KubernetesClusterSpecV3": [("dynamic_labels", 1, _T.TYPE_MESSAGE, _REP, "DynamicLabelEntry")],
+    "KubernetesClusterV3": [("kind", 1, _T.TYPE_STRING, _OPT, None), ("metadata", 4, _T.TYPE_MESSAGE, _OPT, "Metadata"),
+                            ("spec", 5, _T.TYPE_MESSAGE, _OPT, "KubernetesClusterSpecV3")],
+    "KubernetesServerSpecV3": [("cluster", 5, _T.TYPE_MESSAGE, _OPT, "KubernetesClusterV3")],
+    "KubernetesServerV3": [("kind", 1, _T.TYPE_STRING, _OPT, None),
+                           ("spec", 5, _T.TYPE_MESSAGE, _OPT, "KubernetesServerSpecV3")],
+    "PaginatedResource": [("kube_cluster", 6, _T.TYPE_MESSAGE, _OPT, "KubernetesClusterV3"),
+                          ("kubernetes_server", 7, _T.TYPE_MESSAGE, _OPT, "KubernetesServerV3")],
+    "ListResourcesResponse": [("resources", 1, _T.TYPE_MESSAGE, _REP, "PaginatedResource"),
+                              ("next_key", 2, _T.TYPE_STRING, _OPT, None)],
 }
 
 
@@ -137,6 +161,9 @@ Watch = _CLASSES["Watch"]
 Event = _CLASSES["Event"]
 CertAuthorityV2 = _CLASSES["CertAuthorityV2"]
 GetCertAuthorityRequest = _CLASSES["GetCertAuthorityRequest"]
+ListResourcesRequest = _CLASSES["ListResourcesRequest"]
+ListResourcesResponse = _CLASSES["ListResourcesResponse"]
+KubernetesClusterV3 = _CLASSES["KubernetesClusterV3"]
 EVENT_INIT, EVENT_PUT, EVENT_DELETE = 0, 1, 2
 
 # request/response types per method
@@ -148,7 +175,30 @@ SIGNATURES = {
     "GetUser": (GetUserRequest, UserV2),
     "WatchEvents": (Watch, Event),
     "GetCertAuthority": (GetCertAuthorityRequest, CertAuthorityV2),
+    "ListResources": (ListResourcesRequest, ListResourcesResponse),
 }
+
+
+def kube_clusters(resp: "ListResourcesResponse") -> dict:
+    """{cluster name: labels} from a ListResources answer (kube_server items carry their cluster; kube_cluster
+    items are the cluster). Labels are the static ones plus each dynamic label's last result, as Teleport's
+    role matching sees them; a cluster served by several kube_servers appears once."""
+    out = {}
+    for item in resp.resources:
+        if item.HasField("kubernetes_server"):
+            cluster = item.kubernetes_server.spec.cluster
+        elif item.HasField("kube_cluster"):
+            cluster = item.kube_cluster
+        else:
+            continue
+        name = cluster.metadata.name
+        if not name:
+            continue
+        labels = {e.key: e.value for e in cluster.metadata.labels}
+        for e in cluster.spec.dynamic_labels:
+            labels[e.key] = e.value.result
+        out.setdefault(name, labels)
+    return out
 
 
 def ca_watch(cluster: str, ca_types=("host", "user")) -> "Watch":

@@ -463,7 +463,8 @@ class AuthClient:
                  self.timings["durable"] * 1e3)
         return new
 
-    def kube_credentials(self, kubernetes_cluster: str, roles: Optional[List[str]], ttl: int) -> KubeCredentials:
+    def kube_credentials(self, kubernetes_cluster: str, roles: Optional[List[str]], ttl: int,
+                         host_cas: Optional[List[bytes]] = None) -> KubeCredentials:
         """An impersonated certificate for ``roles`` routed to ``kubernetes_cluster`` (new key), plus the host CA."""
         idt = self.identity
         use_roles = list(roles) if roles else self.default_roles()
@@ -479,10 +480,73 @@ class AuthClient:
                                  use_role_requests=True)
         if not certs.tls:
             raise RenewError(f"{what}: the server returned no TLS certificate; will retry", retryable=True)
-        host_cas = self.host_ca_pems()
+        host_cas = list(host_cas) if host_cas else self.host_ca_pems()
         from cryptography import x509
 
         cert = x509.load_pem_x509_certificate(certs.tls)
         return KubeCredentials(key_pem=key_pem, cert_pem=certs.tls, host_ca_pems=host_cas,
                                not_after=ident.cert_not_after(cert), kubernetes_cluster=kubernetes_cluster,
                                teleport_cluster=idt.cluster_name, roles=use_roles)
+
+    # -- kubernetes/v2: the clusters the output's roles may access ---------------------------------------
+    def kube_clusters(self, roles: Optional[List[str]], ttl: int) -> Dict[str, Dict[str, str]]:
+        """{name: labels} of the Kubernetes clusters the impersonated ``roles`` may access.
+
+        The bot's own role sees no Kubernetes cluster, so (as the newest tbot does) an impersonated certificate
+        for the roles, routed to no cluster, is requested over the bot's connection and ListResources(kube_server)
+        is called with it on a connection of its own (an impersonated certificate can list, but cannot request
+        more certificates). Seen on the v13 bed: docs/protocol-findings.md section 10."""
+        idt = self.identity
+        use_roles = list(roles) if roles else self.default_roles()
+        if not use_roles:
+            raise RenewError(f"bot {idt.bot_name!r} may impersonate no role (role bot-{idt.bot_name} has no "
+                             f"impersonate.roles); add roles with `tctl bots add --roles=...` or set the output's "
+                             f"roles", retryable=False)
+        key_pem = ident.generate_key()
+        # only used for the listing below: a short life is enough
+        expires = _dt.datetime.now(_dt.timezone.utc) + _dt.timedelta(seconds=min(int(ttl), 600))
+        what = "list the Kubernetes clusters of roles %s" % ", ".join(use_roles)
+        certs = self._user_certs(key_pem, expires, what, route_to_cluster=idt.cluster_name,
+                                 role_requests=use_roles, use_role_requests=True)
+        if not certs.tls:
+            raise RenewError(f"{what}: the server returned no TLS certificate; will retry", retryable=True)
+        kind, addr = self.route
+        if kind == "proxy":
+            conn = transport.via_proxy_alpn(addr, idt.cluster_name, certs.tls, key_pem, idt.tls_ca_pems)
+        else:
+            conn = transport.direct(addr, idt.cluster_name, certs.tls, key_pem, idt.tls_ca_pems)
+        found: Dict[str, Dict[str, str]] = {}
+        try:
+            start_key = ""
+            for _page in range(1000):
+                req = proto.ListResourcesRequest(resource_type="kube_server", namespace="default", limit=100,
+                                                 start_key=start_key)
+                try:
+                    raw = conn.call(proto.METHODS["ListResources"], req.SerializeToString(), RPC_TIMEOUT)
+                except grpcwire.RpcError as exc:
+                    raise self._error(exc, what, conn) from None
+                try:
+                    resp = proto.ListResourcesResponse.FromString(raw)
+                except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
+                    raise RenewError(f"{what}: {conn.describe} sent an answer that is not a ListResources response "
+                                     f"({exc.__class__.__name__}); will retry", retryable=True) from None
+                for name, labels in proto.kube_clusters(resp).items():
+                    found.setdefault(name, labels)
+                start_key = resp.next_key
+                if not start_key:
+                    break
+        finally:
+            conn.close()
+        return found
+
+    def kube_credentials_for(self, clusters: List[str], roles: Optional[List[str]],
+                             ttl: int) -> Dict[str, KubeCredentials]:
+        """One certificate per cluster (Teleport v13 routes a Kubernetes request by the certificate's
+        KubernetesCluster attribute, so a certificate serves exactly one cluster), all with the same host CA."""
+        out: Dict[str, KubeCredentials] = {}
+        host_cas: Optional[List[bytes]] = None
+        for name in clusters:
+            creds = self.kube_credentials(name, roles, ttl, host_cas=host_cas)
+            host_cas = creds.host_ca_pems
+            out[name] = creds
+        return out

@@ -99,18 +99,27 @@ class Backend:
         return renew.AuthClient(cfg, ident, facts)
 
 
+def select_clusters(selectors, available: Dict[str, Dict[str, str]]) -> List[str]:
+    """The sorted names of the ``available`` clusters ({name: labels}) that any selector matches."""
+    return sorted(n for n, labels in available.items() if any(s.matches(n, labels) for s in selectors))
+
+
 @dataclass
 class OutputState:
     destination: str
     kubernetes_cluster: str
     not_after: Optional[_dt.datetime] = None
     last_error: Optional[str] = None
+    clusters: Optional[List[str]] = None  # kubernetes/v2: the clusters selected at the last renewal
 
     def view(self, now: _dt.datetime) -> Dict[str, Any]:
         secs = int((self.not_after - now).total_seconds()) if self.not_after else None
-        return {"destination": self.destination, "kubernetes_cluster": self.kubernetes_cluster,
-                "expires": self.not_after.isoformat() if self.not_after else None, "seconds_to_expiry": secs,
-                "valid": bool(secs is not None and secs > 0), "error": self.last_error}
+        out = {"destination": self.destination, "kubernetes_cluster": self.kubernetes_cluster,
+               "expires": self.not_after.isoformat() if self.not_after else None, "seconds_to_expiry": secs,
+               "valid": bool(secs is not None and secs > 0), "error": self.last_error}
+        if self.clusters is not None:
+            out["kubernetes_clusters"] = list(self.clusters)
+        return out
 
 
 class Agent:
@@ -202,7 +211,8 @@ class Agent:
                 elif not self.last_ok:
                     reason = "last renewal failed: %s" % (self.last_error or "unknown error")
                 else:
-                    reason = "an output has no valid certificate"
+                    errs = [o["error"] for o in outs if not o["valid"] and o["error"]]
+                    reason = "an output has no valid certificate" + (": %s" % errs[0] if errs else "")
             stalled = self.cycle_started is not None and time.monotonic() - self.cycle_started > STALL_AFTER
             return {
                 "alive": not stalled, "ready": ready, "reason": reason, "renewals": self.renewals,
@@ -366,11 +376,15 @@ class Agent:
                 key = str(out.destination)
                 out_start = time.monotonic()
                 try:
-                    # the credentials carry the host CA re-read in this cycle (picks up rotations)
-                    creds = client.kube_credentials(out.kubernetes_cluster, out.roles or None, cfg.credential_ttl)
-                    res = outputs.write_kube(out, creds, cluster_name, endpoint, out.acls or cfg.acls,
-                                             self._reader_uids(out), warn=self.warn_once, symlinks=out.symlinks,
-                                             revoke=revoked.get(key, ()))
+                    if getattr(out, "multi", False):
+                        res = self._write_multi(client, out, cluster_name, endpoint, revoked.get(key, ()))
+                    else:
+                        # the credentials carry the host CA re-read in this cycle (picks up rotations)
+                        creds = client.kube_credentials(out.kubernetes_cluster, out.roles or None,
+                                                        cfg.credential_ttl)
+                        res = outputs.write_kube(out, creds, cluster_name, endpoint, out.acls or cfg.acls,
+                                                 self._reader_uids(out), warn=self.warn_once, symlinks=out.symlinks,
+                                                 revoke=revoked.get(key, ()))
                 except LockedError:
                     raise  # the bot is locked: no other output can succeed either
                 except (AgentError, OSError) as e:
@@ -388,8 +402,19 @@ class Agent:
                 with self.lock:
                     st = self.outputs[key]
                     st.not_after, st.last_error = res.not_after, None
-                self.log.info("wrote Kubernetes credentials for %s to %s; valid until %s",
-                              out.kubernetes_cluster, key, res.not_after.isoformat())
+                    if getattr(out, "multi", False):
+                        st.clusters = list(getattr(res, "clusters", []))
+                        if not st.clusters:
+                            st.last_error = self._no_match(out)
+                if getattr(out, "multi", False):
+                    if st.clusters:
+                        self.log.info("wrote Kubernetes credentials for %d cluster(s) (%s) to %s; valid until %s",
+                                      len(st.clusters), ", ".join(st.clusters), key, res.not_after.isoformat())
+                    else:
+                        self.log.warning("%s", st.last_error)
+                else:
+                    self.log.info("wrote Kubernetes credentials for %s to %s; valid until %s",
+                                  out.kubernetes_cluster, key, res.not_after.isoformat())
                 if res.acl_changes:
                     self.log.warning("repaired the ACL of %s", ", ".join(res.acl_changes))
                 if out.reload_command:
@@ -403,6 +428,26 @@ class Agent:
             from machine_id_agent import rotation
 
             rotation.clear_untrusted(cfg.storage_dir)  # a cycle got through: the server is trusted (again)
+
+    def _write_multi(self, client, out, cluster_name: str, endpoint, revoke):
+        """A kubernetes/v2 output: resolve the selectors against the clusters the roles may access NOW (so
+        clusters added, relabelled or removed in Teleport show up at this renewal), one certificate per selected
+        cluster, one kubeconfig; clusters no longer selected lose their files."""
+        cfg = self.cfg
+        available = client.kube_clusters(out.roles or None, cfg.credential_ttl)
+        chosen = select_clusters(out.selectors, available)
+        creds = client.kube_credentials_for(chosen, out.roles or None, cfg.credential_ttl) if chosen else {}
+        host_cas = next(iter(creds.values())).host_ca_pems if creds else client.host_ca_pems()
+        res = outputs.write_kube_multi(out, creds, cluster_name, endpoint, host_cas, out.acls or cfg.acls,
+                                       self._reader_uids(out), warn=self.warn_once, symlinks=out.symlinks,
+                                       revoke=revoke)
+        res.clusters = chosen
+        return res
+
+    def _no_match(self, out) -> str:
+        return ("output %s: no Kubernetes cluster the roles may access matches %s; the kubeconfig has no context "
+                "until one does (check the labels with `tctl get kube_server` and the roles' kubernetes_labels)"
+                % (out.destination, out.describe()))
 
     def _reader_uids(self, out) -> List[int]:
         return [aclmod.resolve_user(u, "%s: readers" % out.destination) for u in out.readers]

@@ -216,6 +216,21 @@ class AgentHost:
             "destinations": [{"directory": str(self.dest), "kubernetes_cluster": tb.KUBE_CLUSTER_NAME}],
         }
         doc.update(extra)
+        self.write_config_doc(doc)
+
+    def write_config_v2(self, outputs: list, **extra) -> None:
+        """A v2 config (tbot's ``outputs:`` shape) with the bed's proxy address, token and pin."""
+        doc = {
+            "version": "v2",
+            "auth_server": self.tp.proxy_addr,
+            "onboarding": {"join_method": "token", "token": self.token, "ca_pins": [self.pin]},
+            "storage": {"type": "directory", "path": str(self.storage)},
+            "outputs": outputs,
+        }
+        doc.update(extra)
+        self.write_config_doc(doc)
+
+    def write_config_doc(self, doc: dict) -> None:
         tmp = self.config_path.with_suffix(".tmp")
         tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
         os.chown(tmp, 0, self.users[BOT_USER])

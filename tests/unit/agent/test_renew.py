@@ -166,6 +166,33 @@ class FakeAuth:
         for q in list(self.watchers):
             q.put(None)
 
+    def ListResources(self, request, context):
+        """v13: kube_server items of the clusters the caller's roles may access; the bot's own (renewable)
+        certificate has no role with kubernetes_labels, so it sees none. Pages of ``limit`` items."""
+        self.list_requests = getattr(self, "list_requests", []) + [request]
+        peer = self._peer(context)
+        if peer.subject.get_attributes_for_oid(ident.OID_RENEWABLE):
+            visible = []
+        else:
+            visible = sorted(getattr(self, "kube", {}).items())
+        start = int(request.start_key or 0)
+        page = visible[start:start + (request.limit or 1000)]
+        resp = proto.ListResourcesResponse()
+        for name, (labels, dynamic) in page:
+            for _server in range(2):  # two kube_services serve each cluster: it must appear once
+                item = resp.resources.add()
+                cl = item.kubernetes_server.spec.cluster
+                cl.kind = "kube_cluster"
+                cl.metadata.name = name
+                for k, v in labels.items():
+                    cl.metadata.labels.add(key=k, value=v)
+                for k, v in dynamic.items():
+                    e = cl.spec.dynamic_labels.add(key=k)
+                    e.value.result = v
+        if start + len(page) < len(visible):
+            resp.next_key = str(start + len(page))
+        return resp
+
     def GetRole(self, request, context):
         role = proto.RoleV6(kind="role")
         role.spec.allow.impersonate.roles.extend(self.impersonate)
@@ -587,3 +614,34 @@ def test_proxy_without_alpn_route_says_to_use_auth_server(tmp_path, auth):
         stop.append(1)
         lsock.close()
     assert auth.requests == []
+
+
+def test_kube_clusters_lists_with_an_impersonated_certificate_and_pages(tmp_path, auth):
+    c = direct_cfg(tmp_path, auth)
+    idt = auth.join()
+    auth.kube = {"k-%03d" % i: ({"env": "a" if i % 2 else "b"}, {"up": "yes"} if i == 3 else {})
+                 for i in range(150)}
+    with renew.AuthClient(c, idt) as client:
+        found = client.kube_clusters(None, 3600)
+        assert len(found) == 150
+        assert found["k-001"] == {"env": "a"} and found["k-003"] == {"env": "a", "up": "yes"}
+        # the listing certificate: the output's roles, no cluster, short-lived; asked on the bot connection
+        req = [r for r in auth.requests if r.use_role_requests][-1]
+        assert list(req.role_requests) == ["kube-role"] and not req.kubernetes_cluster
+        assert req.expires.seconds - dt.datetime.now(dt.timezone.utc).timestamp() <= 601
+        assert [r.start_key for r in auth.list_requests] == ["", "100"]
+        assert all(r.resource_type == "kube_server" for r in auth.list_requests)
+        creds = client.kube_credentials_for(["k-001", "k-003"], ["other"], 600)
+        assert sorted(creds) == ["k-001", "k-003"]
+        for name, cr in creds.items():
+            cert = x509.load_pem_x509_certificate(cr.cert_pem)
+            assert cert.subject.get_attributes_for_oid(OID_KUBE)[0].value == name and cr.roles == ["other"]
+            assert ident.cert_key_matches(cr.cert_pem, cr.key_pem)
+        assert creds["k-001"].key_pem != creds["k-003"].key_pem
+    assert auth.generation["bot-unit"] == 1
+
+
+def test_kube_clusters_none_visible(tmp_path, auth):
+    c = direct_cfg(tmp_path, auth)
+    with renew.AuthClient(c, auth.join()) as client:
+        assert client.kube_clusters(["kube-role"], 600) == {}

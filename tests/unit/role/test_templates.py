@@ -184,3 +184,55 @@ def test_reload_script_acts_again_only_when_the_kubeconfig_was_replaced_meanwhil
     assert run(0) == ["reload -- myapp.service"]
     assert run(1) == ["reload -- myapp.service"] * 2
     assert len(run(100)) == 5
+
+
+def test_tbot_yaml_destination_with_selectors_is_a_kubernetes_v2_output(tmp_path):
+    # context_name_template holds Go-template braces: in Ansible variables they must be marked !unsafe (or
+    # Ansible would try to evaluate them itself); the role passes the text through unchanged
+    varsfile = tmp_path / "vars.yml"
+    varsfile.write_text(
+        "machine_id_destinations:\n"
+        "  - directory: /opt/many\n"
+        "    selectors: [{labels: {team: blue, tier: '1'}}, {name: example-k8s-cluster}]\n"
+        "    context_name_template: !unsafe '{{.KubeName}}@{{.ClusterName}}'\n"
+        "    default_namespace: demo\n"
+        "    roles: [kube-a]\n"
+        "  - directory: /opt/one\n"
+        "    kubernetes_cluster: example-k8s-cluster\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    vars_ = {"role_dir": str(ROLE), "out_dir": str(out), "_machine_id_systemd_version": 252,
+             "machine_id_auth_server": "teleport.example.com:443", "machine_id_token": TOKEN}
+    run = run_playbook(tmp_path / "run", ROLE.parent.parent / "tests" / "unit" / "role" / "render.yml",
+                       extra_vars=vars_, extra_args=["-e", "@%s" % varsfile])
+    assert run.rc == 0, run.stdout[-3000:]
+    cfg = agent_config((out / "tbot.yaml").read_text(), tmp_path, "/etc/machine-id-agent/token")
+    many, one = cfg.outputs
+    assert many.multi and not one.multi and one.kubernetes_cluster == "example-k8s-cluster"
+    assert [(s.name, s.labels) for s in many.selectors] == [(None, {"team": "blue", "tier": "1"}),
+                                                            ("example-k8s-cluster", {})]
+    assert many.context_name_template == "{{.KubeName}}@{{.ClusterName}}" and many.default_namespace == "demo"
+    assert many.roles == ["kube-a"] and many.exec_plugin
+
+
+@pytest.mark.parametrize("destinations,ok", [
+    ([{"directory": "/opt/a", "selectors": [{"labels": {"team": "blue"}}]}], True),
+    ([{"directory": "/opt/a", "selectors": [{"name": "k"}]}, {"directory": "/opt/b", "kubernetes_cluster": "k"}], True),
+    ([{"directory": "/opt/a", "selectors": [{"name": "k"}], "kubernetes_cluster": "k"}], False),  # both
+    ([{"directory": "/opt/a", "selectors": []}], False),
+    ([{"directory": "/opt/a", "selectors": "k"}], False),
+    ([{"directory": "/opt/a", "selectors": {"name": "k"}}], False),  # a mapping, not a list
+    ([{"directory": "/opt/a"}], False),  # neither
+])
+def test_preflight_outputs_assert_accepts_selectors_or_a_cluster(tmp_path, destinations, ok):
+    tasks = yaml.safe_load((ROLE / "tasks" / "preflight.yml").read_text())
+    task = next(t for t in tasks if t["name"] == "Assert the settings are sane")
+    play = [{"name": "preflight outputs", "hosts": "localhost", "gather_facts": False,
+             "vars_files": [str(ROLE / "defaults" / "main.yml"), str(ROLE / "vars" / "main.yml")], "tasks": [task]}]
+    pb = tmp_path / "play.yml"
+    pb.write_text(yaml.safe_dump(play))
+    run = run_playbook(tmp_path / "run", pb, extra_vars={"machine_id_destinations": destinations,
+                                                         "machine_id_proxy_server": "teleport.example.com:443"})
+    assert (run.rc == 0) == ok, run.stdout[-2000:]
+    if not ok:
+        assert "either a kubernetes_cluster or a non-empty list of selectors (not both)" in run.stdout
