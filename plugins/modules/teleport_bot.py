@@ -125,7 +125,7 @@ notes:
     token in clear). Without it, C(async) works.
   - The task returns once a read shows its write (Teleport's auth server answers reads from a cache that lags
     writes), for at most 15 seconds, so the next task or run sees what this one did. A bot created with
-    O(return_token=true) is not read back: its token is the hand-over, and the next step is a join with it.
+    O(return_token=true) is not read back, because its token is the hand-over and the next step is a join with it.
     A new bot then costs two C(tctl) runs (one read and C(bots add)).
 seealso:
   - module: lanyard.machine_id.teleport_role

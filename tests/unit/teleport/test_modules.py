@@ -199,9 +199,11 @@ def _bot_server(exists=True, version="Teleport v13.3.8 git: go1.21.13"):
     fake.on("get", "user/bot-example", fn=get_user).on("get", "role/bot-example", fn=get_role)
     roles = json.loads(recorded("v13_get_roles.json")) + [{"metadata": {"name": "other-role"}}]
     state["known_roles"] = [r["metadata"]["name"] for r in roles]
-    fake.on("get", "roles", fn=lambda args, data: (0, json.dumps([r for r in roles
-                                                                   if r["metadata"]["name"] in state["known_roles"]]),
-                                                    ""))
+
+    def get_roles(args, data):
+        return 0, json.dumps([r for r in roles if r["metadata"]["name"] in state["known_roles"]]), ""
+
+    fake.on("get", "roles", fn=get_roles)
     # The recorded tokens expired long ago; keep them pending so the module sees them as live.
     tokens = json.loads(recorded("v13_get_tokens.json"))
     for t in tokens:
