@@ -383,8 +383,9 @@ def _delete_bot(tctl, name, revoke_pending, what):
 def _add_bot_and_hand_over(tctl, params, desired, result, revoke_token, settled):
     """``tctl bots add``; its token returned (return_token) or revoked at once.
 
-    With return_token the token is the hand-over: the caller's next step is a join with it, and ``bots add``
-    returned only once the bot's user, role and token were written. So the bot is not read back (that read cost
+    With return_token the token is the hand-over: the caller's next step is a join with it (on v13.3.8 a read right
+    after ``bots add`` showed the bot and its token every time, and hosts joined with it at once). So the bot is
+    not read back (that read cost
     two tctl runs per new host of a rollout; docs/protocol-findings.md has what the real v13 showed). Without it, the caller
     usually mints a token next (teleport_bot_token reads the bot first), so the task returns once a read shows the
     bot ``settled``."""
