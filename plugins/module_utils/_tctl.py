@@ -11,8 +11,9 @@ I/O only, no decisions about resources. Every call:
 * turns any failure into :class:`LanyardError` with tctl's stderr and a fix; every text taken from tctl's output
   goes through :func:`redact` (the known secrets and anything shaped like a token or a private key).
 
-The tctl version is detected once per client (``tctl version``, no connection needed) and drives the
-feature switches in :class:`TctlVersion`.
+The tctl version is detected once per client (``tctl version``, no connection needed), and only when a
+decision needs one of the feature switches in :class:`TctlVersion`: a call that needs none (a read, ``bots add``
+without a v15+ flag) runs tctl once, so that a new host of the rollout costs two tctl runs, not three.
 """
 
 from __future__ import absolute_import, division, print_function
@@ -101,6 +102,7 @@ class Tctl:
         self.timeout_bin = timeout_bin
         self.ca_path = ca_path
         self._version = None
+        self._files_checked = False
 
     # -- argv -------------------------------------------------------------------------------------
     def connection_flags(self):
@@ -148,9 +150,14 @@ class Tctl:
                 raise LanyardError("%s %s does not exist. Fix: correct %s (tctl would otherwise fall back to other "
                                    "credentials)." % (opt, path, opt))
 
+    def _check_files_once(self):
+        if not self._files_checked:
+            self.check_files()
+            self._files_checked = True
+
     def version(self):
         if self._version is None:
-            self.check_files()
+            self._check_files_once()
             rc, out, err = self._call(self.argv(["version"], connect=False), None)
             if rc != 0:
                 raise LanyardError("`%s version` failed (rc=%s): %s. Fix: point tctl_path at a working tctl binary."
@@ -169,7 +176,7 @@ class Tctl:
 
         ``what`` names the action for messages ("read role/foo"). ``secrets`` are masked in any message.
         """
-        self.version()
+        self._check_files_once()
         rc, out, err = self._call(self.argv(args), data)
         if rc == 0:
             return out

@@ -15,6 +15,7 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import datetime
+import re
 
 from ansible_collections.lanyard.machine_id.plugins.module_utils._errors import LanyardError
 from ansible_collections.lanyard.machine_id.plugins.module_utils._teleport_resource import (
@@ -37,9 +38,12 @@ BOT_ARGSPEC = dict(
     remove_locks=dict(type="bool", default=False),
     return_token=dict(type="bool", default=False),
     token_ttl=dict(type="str", default="1h", no_log=False),
+    locked_users=dict(type="list", elements="str"),
 )
 
 GENERATION_LABEL = "teleport.internal/bot-generation"
+# v13.3.8 ``tctl bots add`` with a role that does not exist: "error while creating bot\nrole nope-role is not found"
+_UNKNOWN_ROLE_RE = re.compile(r"\brole \"?([^\s\"]+)\"? is not found")
 MAX_SESSION_TTL_LIMIT = 168 * 3600
 DEFAULT_MAX_SESSION_TTL = 12 * 3600
 
@@ -123,12 +127,22 @@ def bot_changes(desired, current):
     return changed
 
 
+def missing_roles(tctl, name, roles):
+    """The roles of ``roles`` Teleport does not list (one ``tctl get roles``)."""
+    items = tctl.get("roles", what="list roles (to check the roles of bot %s)" % name)
+    known = set((i.get("metadata") or {}).get("name") for i in items)
+    return [r for r in roles if r not in known]
+
+
+def _missing_roles_error(name, missing):
+    return LanyardError("bot %s: role(s) %s do not exist in Teleport. Fix: create them first (for example with "
+                        "lanyard.machine_id.teleport_role) or correct roles." % (name, ", ".join(missing)))
+
+
 def check_roles_exist(tctl, name, roles, check_mode=False):
     """Fail when a role is unknown; in check mode only warn (an earlier task may create it)."""
     def read_missing():
-        items = tctl.get("roles", what="list roles (to check the roles of bot %s)" % name)
-        known = set((i.get("metadata") or {}).get("name") for i in items)
-        return [r for r in roles if r not in known]
+        return missing_roles(tctl, name, roles)
 
     missing = read_missing()
     if missing and not check_mode:
@@ -138,8 +152,7 @@ def check_roles_exist(tctl, name, roles, check_mode=False):
         return ["bot %s: role(s) %s do not exist yet; the real run fails unless an earlier task creates them."
                 % (name, ", ".join(missing))]
     if missing:
-        raise LanyardError("bot %s: role(s) %s do not exist in Teleport. Fix: create them first (for example with "
-                           "lanyard.machine_id.teleport_role) or correct roles." % (name, ", ".join(missing)))
+        raise _missing_roles_error(name, missing)
 
 
 def locks_in_force(tctl, what):
@@ -164,13 +177,19 @@ def bot_locks(tctl, name):
             if lk["user"] == bot_user(name)]
 
 
-def rejoin_plan(tctl, name, current, remove_locks):
+def rejoin_plan(tctl, name, current, remove_locks, locked_users=None):
     """For O(rejoin): None when the bot can take a new join token as it is (it does not exist, or it never
     joined); else the list of lock names to remove before the bot is recreated. Teleport (v13 and later)
     refuses a second join of a bot whose user already carries a generation ("has already been issued a
-    renewable certificate"), so such a bot is recreated; a lock on the bot's user would lock the new bot too."""
+    renewable certificate"), so such a bot is recreated; a lock on the bot's user would lock the new bot too.
+
+    ``locked_users``: the users a lock in force targets, as the caller read them once for many bots
+    (teleport_cluster_info's ``locked_users``); the locks are then read only when the bot's user is among them.
+    None: read them."""
     if current is None or not current.get("generation"):
         return None
+    if locked_users is not None and bot_user(name) not in locked_users:
+        return []
     locks = bot_locks(tctl, name)
     if locks and not remove_locks:
         raise LanyardError(
@@ -192,11 +211,31 @@ def public(bot):
 
 
 def add_bot(tctl, desired, token_ttl):
-    """``tctl bots add`` -> (token, token_ttl) from its JSON output."""
+    """``tctl bots add`` -> (token, token_ttl) from its JSON output.
+
+    The roles are not read before: ``bots add`` itself refuses a role that does not exist (v13.3.8: "role X is not
+    found", and it writes nothing then). Only on that answer are the roles read (``tctl get roles``): a role an
+    earlier task just created may not be in the auth server's cache yet, so the roles are read until they show
+    (then the add is tried once more), else the error names the missing roles and the fix."""
+    try:
+        return _bots_add(tctl, desired, token_ttl)
+    except LanyardError as exc:
+        if not _UNKNOWN_ROLE_RE.search("%s\n%s" % (exc.details.get("stderr") or "", exc.msg)):
+            raise
+    name = desired["name"]
+    missing = wait_for(lambda: missing_roles(tctl, name, desired["roles"]), lambda m: not m)
+    if missing:
+        raise _missing_roles_error(name, missing)
+    return _bots_add(tctl, desired, token_ttl)
+
+
+def _bots_add(tctl, desired, token_ttl):
     args = ["bots", "add", desired["name"], "--roles=%s" % ",".join(desired["roles"])]
     if desired["logins"]:
         args.append("--logins=%s" % ",".join(desired["logins"]))
-    if desired.get("max_session_ttl") and tctl.version().has_bot_max_session_ttl:
+    # 12h is what `bots add` gives without the flag: the version (one more tctl run) only for another TTL
+    if (desired.get("max_session_ttl") and parse_duration(desired["max_session_ttl"]) != DEFAULT_MAX_SESSION_TTL
+            and tctl.version().has_bot_max_session_ttl):
         args.append("--max-session-ttl=%s" % desired["max_session_ttl"])
     if token_ttl:
         args.append("--ttl=%s" % token_ttl)
@@ -272,16 +311,23 @@ def ensure_bot(tctl, params, check_mode, revoke_token, revoke_pending=None):
     changes = bot_changes(desired, current)
     diff = dict(before=to_yaml(_view(current)) if current else "", after=to_yaml(_view(desired)),
                 before_header=header, after_header=header)
-    locks = rejoin_plan(tctl, name, current, params.get("remove_locks")) if params.get("rejoin") else None
+    locks = rejoin_plan(tctl, name, current, params.get("remove_locks"), params.get("locked_users")) \
+        if params.get("rejoin") else None
     if locks is not None:
         return _rejoin(tctl, params, check_mode, desired, current, locks, diff, revoke_token, revoke_pending)
     if not changes:
         return dict(changed=False, bot=public(current), diff=diff, msg="bot %s is up to date" % name)
-    role_warnings = check_roles_exist(tctl, name, desired["roles"], check_mode)
-    version = tctl.version()
-    if (not version.has_bot_max_session_ttl and desired.get("max_session_ttl") and
-            parse_duration(desired["max_session_ttl"]) != DEFAULT_MAX_SESSION_TTL and
-            (current is None or "max_session_ttl" in changes)):
+    # a new bot: `bots add` checks its roles itself (add_bot); check mode and in-place changes read them first
+    role_warnings = check_roles_exist(tctl, name, desired["roles"], check_mode) \
+        if (check_mode or current is not None) else None
+    # the version (one more tctl run) only where a decision needs it: never for a new bot without max_session_ttl
+    version = tctl.version() if current is not None else None
+    sets_ttl = (desired.get("max_session_ttl") and
+                parse_duration(desired["max_session_ttl"]) != DEFAULT_MAX_SESSION_TTL and
+                (current is None or "max_session_ttl" in changes))
+    if sets_ttl:
+        version = version or tctl.version()
+    if sets_ttl and not version.has_bot_max_session_ttl:
         raise LanyardError("bot %s: tctl %s cannot set max_session_ttl (its `bots add` has no --max-session-ttl; new "
                            "bots get 12h). Fix: leave max_session_ttl unset or 12h, or upgrade Teleport."
                            % (name, version))
@@ -335,14 +381,20 @@ def _delete_bot(tctl, name, revoke_pending, what):
 
 
 def _add_bot_and_hand_over(tctl, params, desired, result, revoke_token, settled):
-    """``tctl bots add``; return once a read shows the bot ``settled``; its token returned (return_token) or
-    revoked at once."""
+    """``tctl bots add``; its token returned (return_token) or revoked at once.
+
+    With return_token the token is the hand-over: the caller's next step is a join with it (on v13.3.8 a read right
+    after ``bots add`` showed the bot and its token every time, and hosts joined with it at once). So the bot is
+    not read back (that read cost
+    two tctl runs per new host of a rollout; docs/protocol-findings.md has what the real v13 showed). Without it, the caller
+    usually mints a token next (teleport_bot_token reads the bot first), so the task returns once a read shows the
+    bot ``settled``."""
     token, token_ttl = add_bot(tctl, desired, params.get("token_ttl"))
-    result["bot"] = wait_for(lambda: read_bot(tctl, desired["name"]), settled) or desired
     if params.get("return_token"):
         result["token"] = token
         result["token_ttl"] = token_ttl
     else:
+        result["bot"] = wait_for(lambda: read_bot(tctl, desired["name"]), settled) or desired
         revoke_token(token)
     return _finish(result)
 
@@ -350,6 +402,7 @@ def _add_bot_and_hand_over(tctl, params, desired, result, revoke_token, settled)
 def _rejoin(tctl, params, check_mode, desired, current, locks, diff, revoke_token, revoke_pending):
     """Recreate a bot that already joined so that a host without a usable identity can join again."""
     name = desired["name"]
+    # in a real run `bots add` checks the roles (add_bot); but a bot deleted for nothing would be worse than a read
     role_warnings = check_roles_exist(tctl, name, desired["roles"], check_mode)
     why = ("it already joined (generation %s), and Teleport lets a bot join only once" % current["generation"])
     result = dict(changed=True, bot=desired, diff=diff, recreated=True, removed_locks=list(locks),

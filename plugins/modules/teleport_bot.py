@@ -52,7 +52,9 @@ options:
   roles:
     description:
       - Teleport roles the bot may impersonate (for example the role that grants Kubernetes access).
-      - Required when the bot does not exist yet. Every role must already exist.
+      - Required when the bot does not exist yet. Every role must already exist. For a new bot C(tctl bots add)
+        checks that itself (a missing role fails with the role's name and the fix); changes to an existing bot and
+        check mode read the roles first.
       - Compared as a set.
     type: list
     elements: str
@@ -96,6 +98,15 @@ options:
         copy first.
     type: bool
     default: false
+  locked_users:
+    description:
+      - The users a lock in force targets, when the caller has already read them once for many bots (the
+        C(cluster.locked_users) that M(lanyard.machine_id.teleport_cluster_info) returns with C(locked_users=true)).
+        With O(rejoin=true), the locks are then read (C(tctl get locks)) only when the bot's user is in this list.
+      - When not set, the locks are read whenever O(rejoin=true) is about to recreate a bot. A lock set after the
+        caller's read is not seen; the rollout playbook reads them at its start.
+    type: list
+    elements: str
   return_token:
     description:
       - Return the join token C(tctl bots add) makes when it creates the bot, in RV(token).
@@ -113,7 +124,9 @@ notes:
   - With O(return_token=true) the task refuses C(async) (the async job file and C(async_status) would show the
     token in clear). Without it, C(async) works.
   - The task returns once a read shows its write (Teleport's auth server answers reads from a cache that lags
-    writes), for at most 15 seconds, so the next task or run sees what this one did.
+    writes), for at most 15 seconds, so the next task or run sees what this one did. A bot created with
+    O(return_token=true) is not read back, because its token is the hand-over and the next step is a join with it.
+    A new bot then costs two C(tctl) runs (one read and C(bots add)).
 seealso:
   - module: lanyard.machine_id.teleport_role
   - module: lanyard.machine_id.teleport_bot_token

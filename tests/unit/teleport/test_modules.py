@@ -184,6 +184,9 @@ def _bot_server(exists=True, version="Teleport v13.3.8 git: go1.21.13"):
         return 0, json.dumps(role), ""
 
     def add(args, data):
+        wanted = args[3].split("=", 1)[1].split(",")
+        if [r for r in wanted if r not in state["known_roles"]]:  # v13 writes nothing then
+            return 1, "", recorded("v13_err_bot_unknown_role.txt")
         state["exists"] = True
         state["generation"] = None  # a new bot has not joined yet
         state["roles"] = args[3].split("=", 1)[1].split(",")
@@ -195,7 +198,12 @@ def _bot_server(exists=True, version="Teleport v13.3.8 git: go1.21.13"):
 
     fake.on("get", "user/bot-example", fn=get_user).on("get", "role/bot-example", fn=get_role)
     roles = json.loads(recorded("v13_get_roles.json")) + [{"metadata": {"name": "other-role"}}]
-    fake.on("get", "roles", out=json.dumps(roles))
+    state["known_roles"] = [r["metadata"]["name"] for r in roles]
+
+    def get_roles(args, data):
+        return 0, json.dumps([r for r in roles if r["metadata"]["name"] in state["known_roles"]]), ""
+
+    fake.on("get", "roles", fn=get_roles)
     # The recorded tokens expired long ago; keep them pending so the module sees them as live.
     tokens = json.loads(recorded("v13_get_tokens.json"))
     for t in tokens:
@@ -525,3 +533,122 @@ def test_proxy_web_tls_verifies_without_the_strict_conformance_check():
     assert not ctx.verify_flags & getattr(ssl, "VERIFY_X509_STRICT", 0)
     loose = _teleport_ping.web_context(insecure=True)
     assert loose.verify_mode == ssl.CERT_NONE and not loose.check_hostname
+
+
+# -- teleport_bot: the exact tctl runs of each path (issue 14: a new host of the rollout costs at most two) --------
+GET_USER = ["get", "user/bot-example", "--format=json"]
+GET_ROLE = ["get", "role/bot-example", "--format=json"]
+GET_ROLES = ["get", "roles", "--format=json"]
+GET_LOCKS = ["get", "locks", "--format=json"]
+GET_TOKENS = ["get", "tokens", "--with-secrets", "--format=json"]
+ADD = ["bots", "add", "example", "--roles=machine-id-kube-role", "--ttl=30m", "--format=json"]
+ROLLOUT_ARGS = {"name": "example", "roles": ["machine-id-kube-role"], "rejoin": True, "return_token": True,
+                "token_ttl": "30m"}  # what playbooks/rollout.yml gives
+
+
+def _runs(fake):
+    """Every tctl run, `tctl version` included (bench/rollout.py's wrapper counts it too)."""
+    return [call[0] for call in fake.calls]
+
+
+def test_calls_new_bot_of_the_rollout_is_one_read_and_bots_add(run_module):
+    fake = _bot_server(exists=False)[0]
+    res = run_module(teleport_bot.main, dict(ROLLOUT_ARGS, locked_users=[]), fake)
+    assert res["changed"] and res["msg"] == "bot example created" and res["token"]
+    assert _runs(fake) == [GET_USER, ADD]
+    assert res["bot"] == {"name": "example", "user_name": "bot-example", "role_name": "bot-example",
+                          "roles": ["machine-id-kube-role"], "logins": [], "max_session_ttl": None}
+    fake = _bot_server(exists=False)[0]  # without locked_users: the same (a bot that does not exist has no locks read)
+    run_module(teleport_bot.main, ROLLOUT_ARGS, fake)
+    assert _runs(fake) == [GET_USER, ADD]
+
+
+def test_calls_new_bot_without_return_token_reads_it_back_and_revokes_its_token(run_module):
+    fake = _bot_server(exists=False)[0]
+    res = run_module(teleport_bot.main, {"name": "example", "roles": ["machine-id-kube-role"], "token_ttl": "30m"},
+                     fake)
+    assert res["changed"] and "token" not in res
+    assert _runs(fake) == [GET_USER, ADD, GET_USER, GET_ROLE, ["create", "-f", "-"], GET_TOKENS]
+
+
+def test_calls_rerun_of_a_bot_that_has_not_joined_yet(run_module):
+    fake, state = _bot_server(exists=False)
+    run_module(teleport_bot.main, ROLLOUT_ARGS, fake)
+    del fake.calls[:]
+    res = run_module(teleport_bot.main, ROLLOUT_ARGS, fake)
+    assert not res["changed"] and "token" not in res and _runs(fake) == [GET_USER, GET_ROLE]
+
+
+def test_calls_check_mode_and_diff_of_a_new_bot(run_module):
+    fake = _bot_server(exists=False)[0]
+    res = run_module(teleport_bot.main, ROLLOUT_ARGS, fake, check=True, diff=True)
+    assert res["changed"] and res["msg"] == "bot example would be created" and "token" not in res
+    assert res["diff"]["before"] == "" and "machine-id-kube-role" in res["diff"]["after"]
+    assert _runs(fake) == [GET_USER, GET_ROLES]  # the roles are read to warn about a missing one; nothing written
+    fake = _bot_server(exists=False)[0]
+    res = run_module(teleport_bot.main, dict(ROLLOUT_ARGS, roles=["nope-role"]), fake, check=True)
+    assert res["changed"] and "role(s) nope-role do not exist yet" in res["warnings"][0]
+    assert _runs(fake) == [GET_USER, GET_ROLES]
+
+
+def test_calls_missing_role_is_named_after_bots_add_refuses_it(run_module):
+    fake, state = _bot_server(exists=False)
+    res = run_module(teleport_bot.main, dict(ROLLOUT_ARGS, roles=["nope-role"]), fake)
+    assert res["failed"] and res["msg"] == (
+        "bot example: role(s) nope-role do not exist in Teleport. Fix: create them first (for example with "
+        "lanyard.machine_id.teleport_role) or correct roles.")
+    add_nope = ["bots", "add", "example", "--roles=nope-role", "--ttl=30m", "--format=json"]
+    assert _runs(fake) == [GET_USER, add_nope, GET_ROLES] and not state["exists"]
+
+
+def test_calls_role_not_yet_in_the_auth_cache_is_waited_for_then_added(run_module, monkeypatch):
+    """A role the previous task created may be missing from the auth server's cache for a moment: `bots add`
+    refuses it, the roles are read until it shows, and the add is tried once more."""
+    from ansible_collections.lanyard.machine_id.plugins.module_utils import _teleport_wait
+    monkeypatch.setattr(_teleport_wait, "DEFAULT_TIMEOUT", 5.0)
+    monkeypatch.setattr(_teleport_wait, "DEFAULT_INTERVAL", 0.01)
+    fake, state = _bot_server(exists=False)
+    state["known_roles"].remove("machine-id-kube-role")
+    reads = []
+    real_get_roles = fake.rules[[r[0] for r in fake.rules].index(("get", "roles"))][1]
+
+    def get_roles(args, data):
+        reads.append(1)
+        if len(reads) == 2:
+            state["known_roles"].append("machine-id-kube-role")
+        return real_get_roles(args, data)
+
+    fake.on("get", "roles", fn=get_roles)
+    res = run_module(teleport_bot.main, ROLLOUT_ARGS, fake)
+    assert res["changed"] and res["token"]
+    assert _runs(fake) == [GET_USER, ADD, GET_ROLES, GET_ROLES, ADD]
+
+
+def test_calls_rejoin_of_a_bot_that_already_joined(run_module):
+    fake, state = _bot_server(exists=True)
+    res = run_module(teleport_bot.main, dict(ROLLOUT_ARGS, locked_users=["bot-else"]), fake)
+    assert res["changed"] and res["recreated"] and res["token"] and res["removed_locks"] == []
+    # no `get locks`: the caller's list says no lock targets bot-example; the roles are read before the delete
+    assert _runs(fake) == [GET_USER, GET_ROLE, GET_ROLES, ["bots", "rm", "example"], GET_TOKENS,
+                           ["create", "-f", "-"], GET_TOKENS, GET_USER, ADD]
+    fake, state = _bot_server(exists=True)
+    run_module(teleport_bot.main, ROLLOUT_ARGS, fake)  # alone (no locked_users): the locks are read
+    assert _runs(fake)[:4] == [GET_USER, GET_ROLE, GET_LOCKS, GET_ROLES]
+
+
+def test_calls_rejoin_of_a_locked_bot_with_and_without_remove_locks(run_module):
+    fake, state = _bot_server(exists=True)
+    state["locks"] = [_lock("lock-1"), _lock("other", user="bot-else")]
+    args = dict(ROLLOUT_ARGS, locked_users=["bot-else", "bot-example"])
+    res = run_module(teleport_bot.main, args, fake)
+    assert res["failed"] and "bot example is locked (lock/lock-1: " in res["msg"] and "remove_locks: true" in res["msg"]
+    assert _runs(fake) == [GET_USER, GET_ROLE, GET_LOCKS]
+    del fake.calls[:]
+    res = run_module(teleport_bot.main, dict(args, remove_locks=True), fake, check=True)
+    assert res["changed"] and res["removed_locks"] == ["lock-1"] and "token" not in res
+    assert _runs(fake) == [GET_USER, GET_ROLE, GET_LOCKS, GET_ROLES]
+    del fake.calls[:]
+    res = run_module(teleport_bot.main, dict(args, remove_locks=True), fake)
+    assert res["changed"] and res["removed_locks"] == ["lock-1"] and res["token"]
+    assert _runs(fake) == [GET_USER, GET_ROLE, GET_LOCKS, GET_ROLES, ["bots", "rm", "example"],
+                           GET_TOKENS, ["create", "-f", "-"], GET_TOKENS, ["rm", "lock/lock-1"], GET_USER, ADD]

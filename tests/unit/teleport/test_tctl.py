@@ -28,7 +28,7 @@ def test_argv_puts_connection_flags_first_and_uses_timeout():
     assert local.argv(["status"]) == ["/opt/tctl", "-c", "/etc/teleport.yaml", "status"]
 
 
-def test_version_detected_once(tmp_path):
+def test_version_detected_once_and_only_when_asked(tmp_path):
     cfg = tmp_path / "teleport.yaml"
     cfg.write_text("{}")
     fake = FakeTctl(version_text=recorded("v13_version.txt"))
@@ -36,8 +36,10 @@ def test_version_detected_once(tmp_path):
     t = fake.client(config_file=str(cfg))
     t.get("roles")
     t.get("roles")
-    assert [call[0] for call in fake.calls].count(["version"]) == 1
+    # a call that needs no feature switch runs tctl once: no `tctl version` before it
+    assert [call[0] for call in fake.calls] == [["get", "roles", "--format=json"]] * 2
     v = t.version()
+    assert t.version() is v and [call[0] for call in fake.calls].count(["version"]) == 1
     assert str(v) == "13.3.8" and not v.has_bots_update and not v.has_bot_instances
     assert not v.has_bot_max_session_ttl
 
@@ -137,6 +139,8 @@ def test_missing_identity_file_fails_before_running(tmp_path):
     fake = FakeTctl()
     with pytest.raises(LanyardError, match="identity_file .* does not exist"):
         _tctl.Tctl(fake, "/opt/tctl", identity_file=str(tmp_path / "nope.pem")).version()
+    with pytest.raises(LanyardError, match="identity_file .* does not exist"):
+        _tctl.Tctl(fake, "/opt/tctl", identity_file=str(tmp_path / "nope.pem")).get("roles")
     assert fake.calls == []
 
 
@@ -190,7 +194,7 @@ def test_redact_shapes_and_what_it_keeps():
 def test_version_and_json_errors_are_redacted():
     fake = FakeTctl(version_text="garbage %s\n" % OTHER_TOKEN)
     with pytest.raises(LanyardError) as exc:
-        fake.client().get("roles")
+        fake.client().version()
     assert OTHER_TOKEN not in exc.value.msg
     fake = FakeTctl().on("get", out="not json: token %s" % OTHER_TOKEN)
     with pytest.raises(LanyardError) as exc:
