@@ -142,3 +142,21 @@ def test_agent_version_is_one_number():
     init = re.search(r'^__version__ = "([^"]+)"', (agent / "src" / "machine_id_agent" / "__init__.py").read_text(),
                      re.M).group(1)
     assert pyproject == init
+
+
+def test_each_entry_point_validates_its_defaults_with_real_ansible(tmp_path):
+    # validate_argument_spec templates the spec itself: Jinja braces in a description broke every role run once
+    # (a Go-template example in a description). Run what the role runs first, for each entry point, on its defaults.
+    from helpers.playbook import run_playbook
+
+    defaults = _load("defaults/main.yml")
+    specs = _load("meta/argument_specs.yml")["argument_specs"]
+    tasks = [{"name": "validate %s" % entry, "ansible.builtin.validate_argument_spec": {
+        "argument_spec": spec.get("options") or {}, "provided_arguments": {
+            k: v for k, v in defaults.items() if k in (spec.get("options") or {})}}} for entry, spec in specs.items()]
+    play = [{"hosts": "localhost", "gather_facts": False, "vars": {"role_path": str(ROLE)}, "tasks": tasks}]
+    pb = tmp_path / "play.yml"
+    pb.write_text(yaml.safe_dump(play))
+    run = run_playbook(tmp_path / "run", pb)
+    assert run.rc == 0, run.stdout[-3000:]
+    assert len([r for r in run.results if r["status"] == "ok"]) == len(specs)
