@@ -120,13 +120,15 @@ def _sh(host, script, check=True, timeout=120):
 
 
 def _control_plane_by_hand(tp, kube, tmp_path):
-    """Step 1 of the guide: the Teleport role and the Kubernetes Role/RoleBinding for group `example`."""
+    """Step 1 of the guide: the Teleport role and a Kubernetes Role/RoleBinding for group `example`. The Kubernetes
+    objects get names of their own (`guide-role`, `guide-rolebinding-group`): the rollout manages `example-role`
+    with server-side apply and would refuse to take over fields `kubectl create` owns (409, force_conflicts)."""
     role = tmp_path / "role.yaml"
     role.write_text(GUIDE_ROLE)
     tp.tctl("create", "-f", str(role), check=True)
-    kube.kubectl("create", "role", "example-role", "--namespace=demo", "--verb=get,list",
+    kube.kubectl("create", "role", "guide-role", "--namespace=demo", "--verb=get,list",
                  "--resource=pods,deployments", check=True)
-    kube.kubectl("create", "rolebinding", "example-rolebinding-group", "--namespace=demo", "--role=example-role",
+    kube.kubectl("create", "rolebinding", "guide-rolebinding-group", "--namespace=demo", "--role=guide-role",
                  "--group=example", check=True)
 
 
@@ -245,11 +247,12 @@ def test_1_one_rollout_takes_over_hand_built_tbot_hosts_with_no_token(fleet, bed
     tbot_unit = fleet.hosts[OTHER_UNIT_HOST]
     assert _sh(tbot_unit, "systemctl is-active tbot", check=False).stdout.strip() == "inactive"
     assert _sh(tbot_unit, "systemctl is-enabled tbot", check=False).stdout.strip() == "disabled"
-    # the kubeconfig tbot wrote before the switch still works on the agent's files: a kubectl that read it just
-    # before the agent replaced it runs `tbot kube credentials`, which reads the destination's `identity` file
+    # the kubeconfig tbot wrote before the switch still works on the agent's files: a client that loaded it (a
+    # kubectl started just before the switch, a long-running reader) runs `tbot kube credentials`, which reads the
+    # destination's `identity` file and refuses one without an SSH certificate line
     creds = _sh(guide, f"runuser -u app -- /usr/local/bin/tbot kube credentials --destination-dir={DEST}",
                 check=False)
-    print("[tbot kube credentials on the agent's files]", creds.returncode, creds.stderr[-300:])
+    assert creds.returncode == 0 and '"kind":"ExecCredential"' in creds.stdout.replace(" ", ""), creds.stderr[-500:]
 
     # a second rollout changes nothing, still no token
     run2 = fleet.rollout()
