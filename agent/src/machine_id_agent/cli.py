@@ -212,7 +212,7 @@ def status_doc(cfg: configmod.Config, backend=None) -> Dict[str, Any]:
             ident = tbot_import.peek(cfg.storage_dir, now)
             adoptable = ident is not None
         except tbot_import.TbotIdentityError as e:
-            ident_doc.update(present=True, source="tbot", state=e.state, problem=str(e).split("; ")[0],
+            ident_doc.update(present=True, source="tbot", state=e.state, problem=str(e).split("; ", 1)[0],
                              fix=tbot_import.FIX_JOIN)
         except AgentError as e:
             ident_doc.update(present=True, source="tbot", error=str(e), state="damaged", problem=str(e),
@@ -307,6 +307,9 @@ def cmd_status(args) -> int:
             print("identity: %s, %s until %s%s" % (
                 i.get("bot") or "?", "valid" if i["valid"] else "NOT valid", i.get("expires"),
                 "" if i["token_hash_matches"] in (None, True) else " (configured token differs: re-join pending)"))
+        if i.get("source") == "tbot" and i["state"] == "ok":
+            print("source: tbot's files in %s (the agent imports them when it starts; no token needed)"
+                  % cfg.storage_dir)
         if i.get("problem"):
             print("state: %s: %s" % (i["state"].upper(), i["problem"]))
             print("fix: %s" % i["fix"])

@@ -306,7 +306,7 @@ class Agent:
             if not token:
                 raise
             self.log.warning("not adopting tbot's identity: %s; joining with the configured token instead",
-                             str(e).split("; ")[0])
+                             str(e).split("; ", 1)[0])
             return None
         if ident is not None:
             self.log.info("adopted the identity tbot left in %s: %s; renewing it now (same bot, generation goes on)",

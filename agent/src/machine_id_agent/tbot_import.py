@@ -102,7 +102,7 @@ def parse(files: Dict[str, bytes], storage_dir: Path, now: Optional[_dt.datetime
         matches = identmod.cert_key_matches(ident.tls_cert_pem, ident.key_pem)
     except (identmod.IdentityError, ValueError, TypeError) as exc:
         raise TbotIdentityError("%s does not parse (%s), so it cannot be adopted; %s"
-                                % (where, str(exc).split(";")[0], FIX_JOIN), "damaged") from None
+                                % (where, str(exc).split(";", 1)[0], FIX_JOIN), "damaged") from None
     if not matches:
         raise TbotIdentityError("%s is mismatched: %s is not the key of %s (tbot stopped while writing them?), so "
                                 "it cannot be adopted; %s" % (where, KEY, TLSCERT, FIX_JOIN), "damaged")
@@ -140,8 +140,9 @@ def adopt(storage_dir: Path, now: Optional[_dt.datetime] = None) -> Optional[ide
         identmod.store(storage_dir, ident, token_hash(files))
     except identmod.UnsavedIdentityError as exc:
         # nothing was asked of the server: the identity is still tbot's files, untouched
-        raise identmod.StorageError("%s: cannot import tbot's identity (%s)" % (storage_dir, str(exc).split(
-            ";")[0].split(": ", 1)[-1])) from None
+        why = str(exc).split(";", 1)[0].split(": ", 1)[-1]
+        raise identmod.StorageError("%s: cannot import tbot's identity (%s); free space or fix the permissions of "
+                                    "%s (owned by the agent's user)" % (storage_dir, why, storage_dir)) from None
     _move_aside(Path(storage_dir))
     return ident
 

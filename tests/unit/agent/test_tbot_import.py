@@ -16,7 +16,8 @@ from machine_id_agent.errors import ConfigError
 from machine_id_agent.service import Agent
 
 from test_identity import _cert  # noqa: E402  (same directory)
-from test_service import FakeBackend, FakeClient, logbuf, make_cfg  # noqa: E402,F401  (logbuf: the fixture)
+# logbuf is a fixture the tests take by name
+from test_service import FakeBackend, FakeClient, logbuf, make_cfg  # noqa: E402,F401  pylint: disable=unused-import
 
 CA1 = (b"-----BEGIN CERTIFICATE-----\nMIIBOne\n-----END CERTIFICATE-----\n")
 CA2 = (b"-----BEGIN CERTIFICATE-----\nMIIBTwo\n-----END CERTIFICATE-----\n")
@@ -203,8 +204,9 @@ def test_first_cycle_adopts_and_renews_at_once_without_a_token(tmp_path, key_pem
         def renew_identity(self, ttl):
             renewed.append(self.ident.generation)
             self.be.calls.append(("renew", self.ident.generation))
-            self.be.stored = self.ident = type("I", (), {"generation": 6, "not_after": self.ident.not_after,
-                                                        "bot_name": "example", "valid": lambda s, n=None: True})()
+            fresh = {"generation": 6, "not_after": self.ident.not_after, "bot_name": "example",
+                     "valid": lambda s, n=None: True}
+            self.be.stored = self.ident = type("I", (), fresh)()
             return self.ident
 
     be.client = lambda cfg, ident, facts: Client(be, ident)

@@ -111,8 +111,8 @@ GUIDE_CONFIG = "storage:\n  directory: /var/lib/teleport/bot\ndestinations:\n  -
 
 
 def test_exec_argv_and_config_path():
-    assert tbot.exec_argv(GUIDE_EXEC) == ("/usr/local/bin/tbot", ["/usr/local/bin/tbot", "start", "-c",
-                                                                   "/etc/tbot.yaml"])
+    argv = ["/usr/local/bin/tbot", "start", "-c", "/etc/tbot.yaml"]
+    assert tbot.exec_argv(GUIDE_EXEC) == ("/usr/local/bin/tbot", argv)
     assert tbot.tbot_config_path(["tbot", "start", "--config=/x.yaml"]) == "/x.yaml"
     assert tbot.tbot_config_path(["tbot", "start"]) is None
     assert tbot.exec_argv("") == ("", [])
