@@ -9,7 +9,8 @@ own unit name). ``ad-2`` is the same with the unit written under another name, `
 (one bot per renewer: two tbots on one bot would lock it). The one deviation from the guide: the bed's web CA is
 added to the hosts' CA bundle (a real proxy has a public certificate).
 
-While a reader loop of ``kubectl get pods`` runs as ``app`` inside ``ad-1``, ONE rollout switches both hosts to the
+A check-mode run (``--check --diff``) reports the takeover and changes nothing. While a reader loop of
+``kubectl get pods`` runs as ``app`` inside ``ad-1``, ONE rollout switches both hosts to the
 agent; then, from outside: no join token was minted, each bot's generation went on (the agent renewed the
 identity tbot left, Teleport counts it) and no lock exists, tbot's units are stopped (and ``tbot.service``
 disabled), no tbot process runs, the agent runs, every reader iteration succeeded, and a second rollout changes
@@ -39,6 +40,7 @@ STORAGE = "/var/lib/teleport/bot"
 DEST = "/opt/machine-id"
 OID_GENERATION = x509.ObjectIdentifier("1.3.9999.1.14")
 LOOP_LOG = "/var/tmp/reader-loop/log"
+TAKEOVER_TASK = "Stop (and disable) the hand-built tbot that renews this storage; the agent takes its identity over"
 
 # The guide's unit, verbatim (Step 2).
 GUIDE_UNIT = """[Unit]
@@ -174,6 +176,10 @@ def _locks(tp) -> str:
     return tp.tctl("get", "locks", check=True).stdout
 
 
+def _changed_tasks(run) -> list[tuple[str, str]]:
+    return [(r["host"], r["task"]) for r in run.results if r["status"] == "ok" and r["result"].get("changed")]
+
+
 def _tbot_processes(host) -> list[str]:
     out = _sh(host, "ps -eo pid,user,args", check=False).stdout
     return [line for line in out.splitlines() if "/usr/local/bin/tbot " in line]
@@ -196,6 +202,19 @@ def test_1_one_rollout_takes_over_hand_built_tbot_hosts_with_no_token(fleet, bed
         before[name] = (_cert_generation(pem), _server_generation(tp, BOTS[name]))
         assert before[name][0] == before[name][1], before  # tbot's last renewal is what Teleport counts
     assert "bot-example" not in _locks(tp)
+
+    # check mode with --diff: no token, the takeover reported as a change for each host, nothing changed on them
+    tokens = fleet.token_creations()
+    check = fleet.rollout(check=True, diff=True)
+    assert check.rc == 0, check.stdout[-6000:]
+    takeover = [r for r in check.results if r["task"].endswith(TAKEOVER_TASK)]
+    assert sorted(r["host"] for r in takeover if r["result"].get("changed")) == [GUIDE_HOST, OTHER_UNIT_HOST], \
+        takeover
+    assert fleet.token_creations() == tokens
+    for name in (GUIDE_HOST, OTHER_UNIT_HOST):
+        host = fleet.hosts[name]
+        assert _sh(host, f"systemctl is-active {UNITS[name]}", check=False).stdout.strip() == "active"
+        assert _tbot_processes(host) and not (host.root / STORAGE.lstrip("/") / "identity.json").exists()
 
     # the reader loop, as `app`, inside ad-1, through the whole switch
     _sh(guide, "mkdir -p /var/tmp/reader-loop && chown app /var/tmp/reader-loop && rm -f /var/tmp/reader-loop/*")
@@ -257,7 +276,7 @@ def test_1_one_rollout_takes_over_hand_built_tbot_hosts_with_no_token(fleet, bed
     # a second rollout changes nothing, still no token
     run2 = fleet.rollout()
     assert run2.rc == 0, run2.stdout[-6000:]
-    assert changed_by_host(run2) == {GUIDE_HOST: 0, OTHER_UNIT_HOST: 0}, run2.stdout[-4000:]
+    assert changed_by_host(run2) == {GUIDE_HOST: 0, OTHER_UNIT_HOST: 0}, _changed_tasks(run2)
     assert fleet.token_creations() == tokens
 
 
@@ -281,4 +300,6 @@ def test_2_an_expired_tbot_identity_gets_a_token_like_a_new_host(fleet, bed):
     journal = _sh(host, "journalctl -u machine-id --no-pager -o cat", check=False).stdout
     assert "not adopting tbot's identity" in journal and "expired at" in journal, journal[-3000:]
     assert fleet.reader_get_pods(EXPIRED_HOST).returncode == 0
-    assert changed_by_host(run)[GUIDE_HOST] == 0 and changed_by_host(run)[OTHER_UNIT_HOST] == 0
+    changed = _changed_tasks(run)
+    print("[changed tasks, third rollout]", changed)
+    assert not [c for c in changed if c[0] in (GUIDE_HOST, OTHER_UNIT_HOST)], changed
