@@ -7,8 +7,11 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import os
+
 from ansible_collections.lanyard.machine_id.plugins.module_utils import _host_drift as drift
 from ansible_collections.lanyard.machine_id.plugins.module_utils import _host_state as host
+from ansible_collections.lanyard.machine_id.plugins.module_utils import _tbot_storage as tbot
 
 ARGSPEC = dict(
     agent_bin=dict(type="path", required=True),
@@ -33,13 +36,16 @@ ARGSPEC = dict(
     kubectl=dict(type="str", default="kubectl"),
     units=dict(type="list", elements="dict", default=[]),
     exclusive=dict(type="dict"),
+    storage_dir=dict(type="path"),
+    tbot_units=dict(type="list", elements="str", default=[]),
 )
 
 
 def agent_state(module):
     p = module.params
     result = {"agent_python": host.agent_python(module, p["agent_python"]),
-              "systemd_version": host.systemd_version(module), "unit": {}, "status": {}, "drift": []}
+              "systemd_version": host.systemd_version(module), "unit": {}, "status": {}, "drift": [],
+              "tbot_units": []}
     found = []
     paths = result["paths"] = {}
     for spec in p["files"]:
@@ -63,6 +69,13 @@ def agent_state(module):
     elif not agent.get("exists"):
         found.append("%s: missing" % p["agent_bin"])
 
+    # a host set up by hand with tbot: its identity, judged here when the agent (which would judge it) is not
+    # installed yet or found no identity of its own (see _tbot_storage)
+    if p["storage_dir"] and not (result["status"].get("identity") or {}).get("present"):
+        verdict = tbot.judge(host.tbot_files(p["storage_dir"]), p["storage_dir"])
+        if verdict is not None:
+            result["status"] = dict(result["status"], identity=verdict)
+
     marker = host.read_text(p["wheels_marker"]) if p["wheels_marker"] else None
     result["wheels_installed"] = marker
     if p["wheels_key"] is not None or p["agent_version"] is not None:
@@ -72,6 +85,8 @@ def agent_state(module):
         result["unit"] = host.unit_state(module, p["service_name"] + ".service")
         found += drift.service_drift(p["service_name"] + ".service", result["unit"], p["service_enabled"],
                                      p["service_active"])
+        result["tbot_units"] = tbot_units(module, p)
+        found += drift.takeover_drift(result["tbot_units"], p["storage_dir"])
         for unit in p["units"]:
             found += drift.service_drift(unit["name"], host.unit_state(module, unit["name"]), unit.get("enabled"),
                                          unit.get("active"))
@@ -100,6 +115,26 @@ def agent_state(module):
     result["kubectl_path"] = module.get_bin_path(p["kubectl"]) if p["kubectl"] else None
     result["drift"] = found
     return result
+
+
+def tbot_units(module, p):
+    """The hand-built tbot units to stop before the agent starts on the storage (see _host_drift.tbot_takeover)."""
+    if not p["storage_dir"]:
+        return []
+    own = p["service_name"] + ".service"
+    names = [own] + [n if "." in n else n + ".service" for n in p["tbot_units"]]
+    out = []
+    for name in sorted(set(names), key=names.index):
+        props = host.unit_state(module, name)
+        program, argv = tbot.exec_argv(props.get("ExecStart"))
+        if os.path.basename(program or "") != "tbot":
+            continue
+        conf = tbot.tbot_config_path(argv)
+        text = host.small_text(conf) if conf and name != own else None
+        unit = drift.tbot_takeover(name, props, program, argv, text, p["storage_dir"], name == own)
+        if unit is not None:
+            out.append(unit)
+    return out
 
 
 def systemd_present(result):

@@ -12,6 +12,9 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import os
+import re
+
 ATTRS = ("type", "owner", "group", "mode", "sha256")
 
 
@@ -99,3 +102,30 @@ def install_drift(marker, wheels_key, status, agent_version):
 def stray_drift(found, wanted):
     """Paths the role owns by name (a glob) that its settings no longer list, e.g. a removed reload unit."""
     return ["%s: not in the role's settings any more (left over)" % path for path in found if path not in wanted]
+
+
+def tbot_takeover(name, props, program, argv, config_text, storage_dir, own):
+    """Whether the unit ``name`` is a hand-built tbot that renews the identity in ``storage_dir`` and must be
+    stopped (and, unless it is the agent's own unit name, disabled) before the agent starts on that storage: two
+    renewers of one identity make Teleport lock the bot. ``own``: the unit has the agent's unit name (the guide's
+    ``machine-id.service``), which the role's unit replaces: any tbot running under it is taken over. Another
+    unit is taken over only when its command line or its config file (``-c``) names ``storage_dir``, so an
+    unrelated tbot on the host is left alone. Returns None or {name, own, active, enabled}."""
+    if props.get("LoadState") != "loaded" or os.path.basename(program or "") != "tbot":
+        return None
+    active = props.get("ActiveState") in ("active", "activating", "reloading", "deactivating")
+    enabled = props.get("UnitFileState") in ("enabled", "enabled-runtime")
+    if not (active or enabled):
+        return None
+    if not own:
+        wanted = storage_dir.rstrip("/")
+        words = re.split(r"[\s:=]+", " ".join(argv) + " " + (config_text or ""))
+        if not any(w.strip("'\"").rstrip("/") == wanted for w in words if w.strip("'\"")):
+            return None
+    return {"name": name, "own": bool(own), "active": active, "enabled": enabled}
+
+
+def takeover_drift(units, storage_dir):
+    return ["%s: runs tbot on %s, expected %s (the agent takes that identity over)"
+            % (u["name"], storage_dir, "replaced by the agent's unit" if u["own"] else "stopped and disabled")
+            for u in units]

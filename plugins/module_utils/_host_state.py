@@ -134,12 +134,44 @@ def groups_exist(names):
 
 def unit_state(module, name):
     rc, out, _err = run(module, ["systemctl", "show", name, "-p", "LoadState", "-p", "ActiveState",
-                                 "-p", "UnitFileState", "-p", "NeedDaemonReload"])
+                                 "-p", "UnitFileState", "-p", "NeedDaemonReload", "-p", "ExecStart"])
     props = {}
     for line in out.splitlines() if rc == 0 else []:
         key, _sep, value = line.partition("=")
         props[key] = value
     return props
+
+
+# tbot v13's identity files in its storage directory (lib/tbot/identity); the agent imports them (tbot_import.py)
+TBOT_FILES = ("key", "tlscert", "key-cert.pub", "sshcert", "tlscacerts", "sshcacerts")
+TBOT_FILE_MAX = 1 << 20
+
+
+def tbot_files(storage_dir):
+    """tbot's identity files in ``storage_dir`` (name -> bytes; absent when missing, a symlink or not a regular
+    file). Read as root by the module; nothing is written."""
+    out = {}
+    for name in TBOT_FILES:
+        path = os.path.join(storage_dir, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        except (IOError, OSError):
+            continue
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                out[name] = os.read(fd, TBOT_FILE_MAX)
+        finally:
+            os.close(fd)
+    return out
+
+
+def small_text(path, limit=65536):
+    """The first ``limit`` bytes of a regular file as text, or None."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(limit).decode("utf-8", "replace")
+    except (IOError, OSError):
+        return None
 
 
 def agent_status(module, agent_bin, bot_user, config_path):

@@ -131,6 +131,23 @@ options:
       - C(globs) (path patterns) and C(paths) (a list) - every path matching one of C(globs) that is not in C(paths)
         is a difference (something the settings no longer list, left over on the host).
     type: dict
+  storage_dir:
+    description:
+      - The agent's storage directory. When the agent holds no identity there (or is not installed yet), the
+        identity a hand-run C(tbot) left in it (C(key), C(tlscert), C(tlscacerts), ...) is judged instead and
+        reported in RV(status) as C(identity) with C(source=tbot) - C(state=ok) when the agent can adopt it
+        without a join token, C(expired) or C(damaged) when it cannot.
+      - Also the storage a unit of O(tbot_units) must name to be taken over.
+    type: path
+  tbot_units:
+    description:
+      - systemd units that may run a hand-built C(tbot) on O(storage_dir) (a unit name without a suffix gets
+        C(.service)). A unit is reported in RV(tbot_units) when it runs a program named C(tbot), is active or
+        enabled, and its command line or its C(-c) config file names O(storage_dir). A C(tbot) running under the
+        agent's own unit name (O(service_name)) is always reported.
+    type: list
+    elements: str
+    default: []
   kubectl:
     description: Name or path of C(kubectl); where it is found goes to RV(kubectl_path). Empty to not look.
     type: str
@@ -216,8 +233,18 @@ systemd_version:
   description: The systemd version (an integer), or null without systemd.
   returned: always
   type: int
+tbot_units:
+  description:
+    - The hand-built C(tbot) units renewing the identity in O(storage_dir), each with C(name), C(own) (it has the
+      agent's unit name, which the role's unit replaces), C(active) and C(enabled); stop them before the agent
+      starts on that storage.
+  returned: always
+  type: list
+  elements: dict
+  sample: [{"name": "machine-id.service", "own": true, "active": true, "enabled": true}]
 unit:
-  description: C(LoadState), C(ActiveState), C(UnitFileState) and C(NeedDaemonReload) of the agent's unit.
+  description: C(LoadState), C(ActiveState), C(UnitFileState), C(NeedDaemonReload) and C(ExecStart) of the agent's
+    unit.
   returned: always
   type: dict
 """

@@ -206,9 +206,27 @@ def status_doc(cfg: configmod.Config, backend=None) -> Dict[str, Any]:
         ident = None
         ident_doc.update(present=True, error=str(e), state="damaged", problem=str(e),
                          fix="re-enrol the host: a new token from `tctl bots add` in the config")
+    adoptable = False
+    if ident is None and ident_doc["state"] == "none":
+        # no identity.json: a host set up by hand with tbot; the agent imports tbot's identity when it starts
+        from machine_id_agent import tbot_import
+        try:
+            ident = tbot_import.peek(cfg.storage_dir, now)
+            adoptable = ident is not None
+        except tbot_import.TbotIdentityError as e:
+            ident_doc.update(present=True, source="tbot", state=e.state, problem=str(e).split("; ", 1)[0],
+                             fix=tbot_import.FIX_JOIN)
+        except AgentError as e:
+            ident_doc.update(present=True, source="tbot", error=str(e), state="damaged", problem=str(e),
+                             fix=tbot_import.FIX_JOIN)
+        except PermissionError as e:
+            raise ConfigError("storage %s: cannot read tbot's files (%s); run status as root or as the agent's "
+                              "user" % (cfg.storage_dir, e.strerror or e)) from None
     bot = None
     if ident is not None:
         ident_doc.update(present=True, valid=bool(ident.valid()), expires=ident.not_after.isoformat(), state="ok")
+        if adoptable:
+            ident_doc["source"] = "tbot"  # valid and adoptable: no join token needed
         try:  # when the identity on disk was issued: the last join or renewal
             ident_doc["issued"] = ident.not_before.isoformat()
         except Exception:
@@ -291,6 +309,9 @@ def cmd_status(args) -> int:
             print("identity: %s, %s until %s%s" % (
                 i.get("bot") or "?", "valid" if i["valid"] else "NOT valid", i.get("expires"),
                 "" if i["token_hash_matches"] in (None, True) else " (configured token differs: re-join pending)"))
+        if i.get("source") == "tbot" and i["state"] == "ok":
+            print("source: tbot's files in %s (the agent imports them when it starts; no token needed)"
+                  % cfg.storage_dir)
         if i.get("problem"):
             print("state: %s: %s" % (i["state"].upper(), i["problem"]))
             print("fix: %s" % i["fix"])

@@ -195,6 +195,19 @@ class Dir:
         """rename(2) of ``src`` over ``dst``, both in this directory."""
         os.replace(src, dst, src_dir_fd=self.fd, dst_dir_fd=self.fd)
 
+    def mkdir(self, name: str, mode: int = 0o700) -> None:
+        """A subdirectory ``name`` (FileExistsError when something by that name is there already)."""
+        os.mkdir(name, mode, dir_fd=self.fd)
+
+    def rename_into(self, name: str, subdir: str) -> None:
+        """rename(2) of ``name`` to ``subdir/name`` (a real subdirectory of this one, never a symlink)."""
+        sub = os.open(subdir, os.O_RDONLY | os.O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=self.fd)
+        try:
+            os.replace(name, name, src_dir_fd=self.fd, dst_dir_fd=sub)
+            os.fsync(sub)
+        finally:
+            os.close(sub)
+
     def statvfs(self) -> os.statvfs_result:
         return os.fstatvfs(self.fd)
 

@@ -5,8 +5,9 @@
 
 Files in each destination directory (each written atomically, ACL set before it appears):
 ``key`` (PEM private key), ``tlscert`` (PEM certificate routed to the Kubernetes cluster),
-``teleport-host-ca.crt`` (PEM host CA bundle), ``identity`` (exec-plugin mode, the default: key + certificate in
-one file, so the exec plugin reads a matching pair) and, last, ``kubeconfig.yaml``.
+``teleport-host-ca.crt`` (PEM host CA bundle), ``identity`` (exec-plugin mode, the default: key, SSH certificate and
+TLS certificate in one file, Teleport's identity file format, so the exec plugin -- ours or tbot's -- reads a matching
+pair) and, last, ``kubeconfig.yaml``.
 """
 
 from __future__ import annotations
@@ -223,7 +224,11 @@ def write_kube(output: KubeOutput, creds: Any, teleport_cluster: str, endpoint: 
         files = [(KEY, creds.key_pem), (TLSCERT, creds.cert_pem), (HOST_CA, host_cas)]
         dest = Path(output.destination)
         if output.exec_plugin:
-            files.append((IDENTITY, _nl(creds.key_pem) + _nl(creds.cert_pem)))
+            ssh = (getattr(creds, "ssh_cert", b"") or b"").strip()
+            # a Teleport identity file (key, SSH certificate line, TLS certificate), as tbot writes it: the agent's
+            # plugin reads the key and the first certificate; a kubeconfig tbot wrote before the agent took the host
+            # over runs `tbot kube credentials`, which reads this file too and needs the SSH certificate line
+            files.append((IDENTITY, _nl(creds.key_pem) + (ssh + b"\n" if ssh else b"") + _nl(creds.cert_pem)))
             kc = render_kubeconfig(teleport_cluster, output.kubernetes_cluster, endpoint, creds.host_ca_pems,
                                    exec_stanza=exec_command(dest))
         else:

@@ -53,6 +53,10 @@ class KubeCredentials:
     kubernetes_cluster: str = ""
     teleport_cluster: str = ""
     roles: List[str] = field(default_factory=list)
+    # the SSH certificate Teleport issues with the same key: written into the destination's `identity` file, which
+    # then is a Teleport identity file (key, SSH certificate, TLS certificate) like tbot's, so a kubeconfig tbot
+    # wrote (`tbot kube credentials` reads that file and requires an SSH certificate in it) keeps working
+    ssh_cert: bytes = b""
 
 
 def _same_addr(a: str, b: str) -> bool:
@@ -486,7 +490,7 @@ class AuthClient:
         cert = x509.load_pem_x509_certificate(certs.tls)
         return KubeCredentials(key_pem=key_pem, cert_pem=certs.tls, host_ca_pems=host_cas,
                                not_after=ident.cert_not_after(cert), kubernetes_cluster=kubernetes_cluster,
-                               teleport_cluster=idt.cluster_name, roles=use_roles)
+                               teleport_cluster=idt.cluster_name, roles=use_roles, ssh_cert=certs.ssh or b"")
 
     # -- kubernetes/v2: the clusters the output's roles may access ---------------------------------------
     def kube_clusters(self, roles: Optional[List[str]], ttl: int) -> Dict[str, Dict[str, str]]:

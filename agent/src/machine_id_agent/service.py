@@ -44,6 +44,8 @@ from machine_id_agent.notify import Notifier
 BACKOFF_CAP = 60.0
 RELOAD_TIMEOUT = 60
 LOCK_FILE = "agent.lock"
+TBOT_LOCK_FILE = "lock"  # the file tbot v13 holds an exclusive flock on while it runs on this storage
+TBOT_LOCK_WAIT = 10.0  # seconds to wait for a tbot that systemd is stopping right now to let go of it
 STALL_AFTER = 300.0  # seconds one cycle may take before /livez fails and the watchdog pings stop
 ORPHAN_WAIT = 120.0  # seconds a new agent waits for an older agent's orphaned renewal worker (upgrades)
 
@@ -78,6 +80,11 @@ class Backend:
 
     def stored_token_hash(self, storage_dir: Path) -> Optional[str]:
         return self.identity.stored_token_hash(storage_dir)
+
+    def adopt_tbot(self, storage_dir: Path):
+        """Import the identity a hand-run tbot left in the storage (None when it left none)."""
+        from machine_id_agent import tbot_import
+        return tbot_import.adopt(storage_dir)
 
     def check_storage(self, storage_dir: Path) -> None:
         """Raise StorageError unless the storage can take a new identity now (before a renewal or a join)."""
@@ -160,6 +167,7 @@ class Agent:
         self._deferred: Optional[AgentError] = None
         self._reload = False
         self._lock_fd: Optional[int] = None
+        self._tbot_lock_fd: Optional[int] = None
         self.diag = None
         self._warned: set = set()
         logs.REDACTOR.add([cfg.token or ""])
@@ -286,7 +294,35 @@ class Agent:
             self.log.info("stored the bot identity that was kept in memory (%s)", _bot(ident))
             return ident, h
         ident = be.load_identity(cfg.storage_dir)
+        if ident is None:
+            ident = self._adopt_tbot()
         return ident, (be.stored_token_hash(cfg.storage_dir) if ident is not None else None)
+
+    def _adopt_tbot(self):
+        """No ``identity.json`` yet: the identity a hand-run tbot left in the storage, imported once (only under
+        tbot's lock, see acquire_lock), or None. One that cannot be adopted (partial, mismatched, expired) is
+        refused; with a join token configured the agent joins instead, as a new host does."""
+        adopt = getattr(self.backend, "adopt_tbot", None)
+        if adopt is None:
+            return None
+        from machine_id_agent.tbot_import import TbotIdentityError
+        try:
+            ident = adopt(self.cfg.storage_dir)
+        except TbotIdentityError as e:
+            try:
+                token = configmod.read_token(self.cfg)
+            except ConfigError:
+                token = None
+            if not token:
+                raise
+            self.log.warning("not adopting tbot's identity: %s; joining with the configured token instead",
+                             str(e).split("; ", 1)[0])
+            return None
+        if ident is not None:
+            self.log.info("adopted the identity tbot left in %s: %s; renewing it now (same bot, generation goes on)",
+                          self.cfg.storage_dir, ident.describe())
+            self._force_renew = True  # the first renewal in the agent's hands comes while tbot's certificate is fresh
+        return ident
 
     def _keep_unsaved(self, e, token_hash: Optional[str]) -> Any:
         """The server issued an identity the storage refused: use it, keep it, retry storing it."""
@@ -580,8 +616,42 @@ class Agent:
         os.ftruncate(fd, 0)
         os.write(fd, ("%d\n" % os.getpid()).encode())
         self._lock_fd = fd
+        try:
+            self._tbot_lock_fd = self._acquire_tbot_lock(d)
+        except BaseException:
+            self.release_lock()
+            raise
+
+    def _acquire_tbot_lock(self, d: Path) -> int:
+        """tbot's own lock on the storage, held for the agent's lifetime: a tbot running on this storage (a host
+        set up by hand, not yet taken over) makes the agent refuse to start, and a tbot started later refuses to
+        run (it fails to get this lock). Two renewers of one identity would lock the bot."""
+        try:
+            fd = os.open(str(d / TBOT_LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as e:
+            raise ConfigError("storage %s: cannot open %s (%s); remove it if it is not a regular file owned by the "
+                              "agent's user" % (d, d / TBOT_LOCK_FILE, e.strerror or e)) from None
+        deadline = time.monotonic() + TBOT_LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    os.close(fd)
+                    raise
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise ConfigError("storage %s: another process holds %s, the lock tbot takes while it runs: a tbot is "
+                                  "renewing this identity; stop and disable its unit first (the role does that, "
+                                  "see machine_id_tbot_units): two renewers of one identity lock the bot"
+                                  % (d, d / TBOT_LOCK_FILE)) from None
+            time.sleep(0.1)
 
     def release_lock(self) -> None:
+        if getattr(self, "_tbot_lock_fd", None) is not None:
+            os.close(self._tbot_lock_fd)
+            self._tbot_lock_fd = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None

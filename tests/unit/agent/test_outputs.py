@@ -41,6 +41,7 @@ class Creds:
     cert_pem: bytes
     host_ca_pems: list
     not_after: dt.datetime
+    ssh_cert: bytes = b""
 
 
 def make_creds(days_valid=1.0) -> Creds:
@@ -348,3 +349,18 @@ def test_plugin_program_is_this_installation_never_path(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.prefix", str(tmp_path / "nothing"))
     import sys
     assert outputs.plugin_program() == [sys.executable, "-m", "machine_id_agent"]
+
+
+def test_identity_file_carries_the_ssh_certificate_like_teleports_identity_files(tmp_path):
+    """With the SSH certificate Teleport issued for the same key, ``identity`` is a Teleport identity file (key, SSH
+    certificate line, TLS certificate): tbot's ``kube credentials`` (in a kubeconfig tbot wrote before the agent took
+    the host over) refuses one without the SSH line; the agent's own plugin still reads key and certificate."""
+    import dataclasses
+    c = dataclasses.replace(make_creds(), ssh_cert=b"ssh-rsa-cert-v01@openssh.com AAAAc2g= bot\n")
+    dest = tmp_path / "out"
+    outputs.write_kube(KubeOutput(destination=dest, kubernetes_cluster="k"), c, "tc",
+                       outputs.KubeEndpoint("https://k.example.com:3026"), acls="off")
+    data = (dest / "identity").read_bytes()
+    assert data == c.key_pem + b"ssh-rsa-cert-v01@openssh.com AAAAc2g= bot\n" + c.cert_pem
+    assert outputs.read_credentials(dest) == {"key": c.key_pem, "cert": c.cert_pem}
+    assert outputs.inspect(dest)["valid"]
