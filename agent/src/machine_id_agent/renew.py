@@ -467,23 +467,32 @@ class AuthClient:
                  self.timings["durable"] * 1e3)
         return new
 
-    def kube_credentials(self, kubernetes_cluster: str, roles: Optional[List[str]], ttl: int,
-                         host_cas: Optional[List[bytes]] = None) -> KubeCredentials:
-        """An impersonated certificate for ``roles`` routed to ``kubernetes_cluster`` (new key), plus the host CA."""
+    def _impersonated(self, roles: Optional[List[str]], seconds: int, what, **route):
+        """A new key and an impersonated certificate for ``roles`` (the output's, else the bot's impersonate roles),
+        valid ``seconds``, requested over the bot's connection: (key_pem, certs, roles used). ``what`` is a text,
+        or a function of the roles used giving one."""
         idt = self.identity
         use_roles = list(roles) if roles else self.default_roles()
         if not use_roles:
             raise RenewError(f"bot {idt.bot_name!r} may impersonate no role (role bot-{idt.bot_name} has no "
                              f"impersonate.roles); add roles with `tctl bots add --roles=...` or set the output's "
                              f"roles", retryable=False)
+        what = what(use_roles) if callable(what) else what
         key_pem = ident.generate_key()
-        expires = _dt.datetime.now(_dt.timezone.utc) + _dt.timedelta(seconds=int(ttl))
-        what = f"kubernetes credentials for cluster {kubernetes_cluster!r}"
-        certs = self._user_certs(key_pem, expires, what, route_to_cluster=idt.cluster_name,
-                                 kubernetes_cluster=kubernetes_cluster, role_requests=use_roles,
-                                 use_role_requests=True)
+        expires = _dt.datetime.now(_dt.timezone.utc) + _dt.timedelta(seconds=int(seconds))
+        certs = self._user_certs(key_pem, expires, what, route_to_cluster=idt.cluster_name, role_requests=use_roles,
+                                 use_role_requests=True, **route)
         if not certs.tls:
             raise RenewError(f"{what}: the server returned no TLS certificate; will retry", retryable=True)
+        return key_pem, certs, use_roles
+
+    def kube_credentials(self, kubernetes_cluster: str, roles: Optional[List[str]], ttl: int,
+                         host_cas: Optional[List[bytes]] = None) -> KubeCredentials:
+        """An impersonated certificate for ``roles`` routed to ``kubernetes_cluster`` (new key), plus the host CA."""
+        idt = self.identity
+        key_pem, certs, use_roles = self._impersonated(
+            roles, ttl, f"kubernetes credentials for cluster {kubernetes_cluster!r}",
+            kubernetes_cluster=kubernetes_cluster)
         host_cas = list(host_cas) if host_cas else self.host_ca_pems()
         from cryptography import x509
 
@@ -501,19 +510,12 @@ class AuthClient:
         is called with it on a connection of its own (an impersonated certificate can list, but cannot request
         more certificates). Seen on the v13 bed: docs/protocol-findings.md section 10."""
         idt = self.identity
-        use_roles = list(roles) if roles else self.default_roles()
-        if not use_roles:
-            raise RenewError(f"bot {idt.bot_name!r} may impersonate no role (role bot-{idt.bot_name} has no "
-                             f"impersonate.roles); add roles with `tctl bots add --roles=...` or set the output's "
-                             f"roles", retryable=False)
-        key_pem = ident.generate_key()
+        def label(used):
+            return "list the Kubernetes clusters of roles %s" % ", ".join(used)
+
         # only used for the listing below: a short life is enough
-        expires = _dt.datetime.now(_dt.timezone.utc) + _dt.timedelta(seconds=min(int(ttl), 600))
-        what = "list the Kubernetes clusters of roles %s" % ", ".join(use_roles)
-        certs = self._user_certs(key_pem, expires, what, route_to_cluster=idt.cluster_name,
-                                 role_requests=use_roles, use_role_requests=True)
-        if not certs.tls:
-            raise RenewError(f"{what}: the server returned no TLS certificate; will retry", retryable=True)
+        key_pem, certs, use_roles = self._impersonated(roles, min(int(ttl), 600), label)
+        what = label(use_roles)
         kind, addr = self.route
         if kind == "proxy":
             conn = transport.via_proxy_alpn(addr, idt.cluster_name, certs.tls, key_pem, idt.tls_ca_pems)
