@@ -30,6 +30,7 @@ from cryptography import x509
 
 import testbed as tb
 from helpers.fleet import AGENT, Fleet, agent_status, changed_by_host, wait_for
+from helpers.guide import GUIDE_ROLE
 
 pytestmark = [pytest.mark.testbed, pytest.mark.slow]
 
@@ -62,24 +63,6 @@ LimitNOFILE=524288
 WantedBy=multi-user.target
 """
 
-GUIDE_ROLE = """\
-kind: role
-metadata:
-  name: machine-id-kube-role
-version: v6
-spec:
-  allow:
-    kubernetes_labels:
-      '*': '*'
-    kubernetes_resources:
-      - kind: pod
-        namespace: "*"
-        name: "*"
-    kubernetes_groups:
-    - example
-    kubernetes_users:
-    - alice
-"""
 
 # A reader loop as `app`: one line per `kubectl get pods` with its exit status and which kubeconfig it read (tbot's
 # exec plugin or the agent's), until /var/tmp/reader-loop/stop appears.

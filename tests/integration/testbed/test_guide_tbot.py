@@ -18,28 +18,9 @@ import pytest
 import yaml
 
 import testbed as tb
+from helpers.guide import GUIDE_ROLE
 
 pytestmark = [pytest.mark.testbed]
-
-# Step 1 of the guide, verbatim.
-GUIDE_ROLE = """\
-kind: role
-metadata:
-  name: machine-id-kube-role
-version: v6
-spec:
-  allow:
-    kubernetes_labels:
-      '*': '*'
-    kubernetes_resources:
-      - kind: pod
-        namespace: "*"
-        name: "*"
-    kubernetes_groups:
-    - example
-    kubernetes_users:
-    - alice
-"""
 
 
 def guide_tbot_yaml(auth_server: str, token: str, pin: str, storage: Path, destination: Path) -> str:
