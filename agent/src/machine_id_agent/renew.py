@@ -510,6 +510,7 @@ class AuthClient:
         is called with it on a connection of its own (an impersonated certificate can list, but cannot request
         more certificates). Seen on the v13 bed: docs/protocol-findings.md section 10."""
         idt = self.identity
+
         def label(used):
             return "list the Kubernetes clusters of roles %s" % ", ".join(used)
 
