@@ -24,10 +24,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import yaml
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from machine_id_agent import acl as aclmod
 from machine_id_agent import fsutil
+from machine_id_agent import identity as _identity
 from machine_id_agent.config import KubeOutput
 from machine_id_agent.errors import OutputError
 
@@ -180,18 +180,13 @@ def _nl(pem: bytes) -> bytes:
 
 
 def cert_not_after(cert_pem: bytes) -> _dt.datetime:
-    cert = x509.load_pem_x509_certificate(cert_pem)
-    na = getattr(cert, "not_valid_after_utc", None)
-    if na is None:
-        na = cert.not_valid_after.replace(tzinfo=_dt.timezone.utc)
-    return na
+    return _identity.cert_not_after(x509.load_pem_x509_certificate(cert_pem))
 
 
 def key_matches_cert(key_pem: bytes, cert_pem: bytes) -> bool:
-    key = serialization.load_pem_private_key(key_pem, password=None)
-    cert = x509.load_pem_x509_certificate(cert_pem)
-    fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return key.public_key().public_bytes(*fmt) == cert.public_key().public_bytes(*fmt)
+    """Whether the key is the certificate's: their public keys compared (the key is loaded once per process,
+    without RSA's costly private-part check; a damaged private part fails the client's TLS handshake anyway)."""
+    return _identity.cert_key_matches(cert_pem, key_pem)
 
 
 @dataclass
