@@ -29,6 +29,60 @@ PYTHON_PROBE = (
 )
 
 
+# /etc/os-release ID -> the distribution name Ansible's facts use (the role's support list is keyed by it)
+DISTRIBUTIONS = {"debian": "Debian", "ubuntu": "Ubuntu"}
+
+
+def host_info(module_python_version):
+    """The host facts the role checks, read here instead of with a fact-gathering task (a second module run):
+    the service manager, the distribution with its version, and the Python running this module."""
+    release = {}
+    for path in ("/etc/os-release", "/usr/lib/os-release"):
+        text = read_text(path, limit=16384)
+        if text is None:
+            continue
+        for line in text.splitlines():
+            key, sep, value = line.partition("=")
+            if sep and key.strip():
+                release[key.strip()] = value.strip().strip('"').strip("'")
+        break
+    os_id = release.get("ID", "")
+    version = release.get("VERSION_ID", "")
+    if os.path.isdir("/run/systemd/system"):  # how systemd itself (sd_booted) tells it is PID 1
+        manager = "systemd"
+    else:
+        manager = read_text("/proc/1/comm", limit=256) or "unknown"
+    return {
+        "service_mgr": manager,
+        "distribution": DISTRIBUTIONS.get(os_id) or release.get("NAME") or os_id or "unknown",
+        "distribution_version": version,
+        "distribution_major_version": version.split(".")[0],
+        "python": "%d.%d" % tuple(module_python_version[:2]),
+    }
+
+
+def wheel_target(probe):
+    """``python:machine:glibc`` of the agent's Python from its probe (what the controller builds wheels for), or
+    None when the probe did not answer."""
+    if probe.get("rc") != 0:
+        return None
+    try:
+        info = json.loads(probe.get("stdout") or "")
+        return "%s:%s:%s" % (info["python"], info["machine"], info["libc"][1])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def cluster_check(module, reader_user, kubectl_path, directory, namespace):
+    """``kubectl auth can-i list pods`` as the reader through the destination's kubeconfig: the question the role's
+    verify phase asks the cluster. rc, stdout and stderr, for the role to judge."""
+    argv = ([] if not reader_user else ["runuser", "-u", reader_user, "--"]) + [
+        kubectl_path, "--kubeconfig", os.path.join(directory, "kubeconfig.yaml"), "--request-timeout", "30s",
+        "auth", "can-i", "list", "pods", "-n", namespace]
+    rc, out, err = run(module, argv)
+    return {"directory": directory, "rc": rc, "stdout": out.strip(), "stderr": err.strip()[-500:]}
+
+
 def run(module, argv):
     """``module.run_command`` for a probe: a program that is not there is an answer (rc 127), not a module failure
     (run_command fails the module when it cannot execute argv[0])."""

@@ -17,7 +17,9 @@ description:
     own C(status --json), the files and directories the role writes (owner, group, mode, SHA-256 of content), the
     users and groups, the unit's state, the destinations' owner and ACLs (C(machine-id-agent init --check)), and
     whether the reader user, running the agent's program (C(machine-id-agent wait)), reads valid credentials in
-    each destination.
+    each destination; and the host facts the role checks (service manager, distribution, Python).
+  - With O(cluster_check_namespace), on a host where nothing differs, also asks the cluster as the reader whether
+    it may list pods (the role's verify question).
   - Compares them with what the role would write and returns every difference in RV(drift). The role runs its
     install, configure and service phases only when something differs, so a converged host costs one round trip.
   - Read-only. The join token file is only looked at with C(stat), never read.
@@ -152,6 +154,15 @@ options:
     description: Name or path of C(kubectl); where it is found goes to RV(kubectl_path). Empty to not look.
     type: str
     default: kubectl
+  cluster_check_namespace:
+    description:
+      - When set, and nothing else differs, the agent is installed, O(service_active) is true and O(kubectl) is
+        found, ask the cluster as O(reader_user) through each destination's C(kubeconfig.yaml) whether it may list
+        pods in this namespace (C(kubectl auth can-i list pods)); the answers go to RV(cluster_check). The role's
+        verify phase uses them on the no-change path.
+      - A C(yes) also proves that the reader reads valid credentials in that destination, so C(wait) is not run
+        there; any other answer is followed by C(wait), which names a reader that cannot read in RV(drift).
+    type: str
 notes:
   - Differences are named by path, unit or user and never include a file's content.
 seealso:
@@ -242,6 +253,28 @@ tbot_units:
   type: list
   elements: dict
   sample: [{"name": "machine-id.service", "own": true, "active": true, "enabled": true}]
+host:
+  description:
+    - The host facts the role checks, read without a fact-gathering run - C(service_mgr) (C(systemd) when systemd
+      is PID 1, else PID 1's name), C(distribution) (C(Debian), C(Ubuntu), else the os-release C(NAME)),
+      C(distribution_version), C(distribution_major_version) (from os-release C(VERSION_ID)) and C(python) (the
+      version of the Python running this module).
+  returned: always
+  type: dict
+  sample: {"service_mgr": "systemd", "distribution": "Debian", "distribution_version": "12",
+           "distribution_major_version": "12", "python": "3.11"}
+wheel_target:
+  description: C(python:machine:glibc) of O(agent_python) (what the role builds the agent's wheels for), or null
+    when it did not answer.
+  returned: always
+  type: str
+  sample: "3.11:x86_64:2.36"
+cluster_check:
+  description: Per destination, C(directory), C(rc), C(stdout) (C(yes) when allowed) and C(stderr) of
+    C(kubectl auth can-i list pods -n) O(cluster_check_namespace) as O(reader_user).
+  returned: when O(cluster_check_namespace) is set and the conditions there hold
+  type: list
+  elements: dict
 unit:
   description: C(LoadState), C(ActiveState), C(UnitFileState), C(NeedDaemonReload) and C(ExecStart) of the agent's
     unit.

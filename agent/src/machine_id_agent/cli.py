@@ -15,8 +15,6 @@ import json
 import os
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -326,6 +324,8 @@ def cmd_status(args) -> int:
 
 
 def _readyz(addr: str) -> (bool, str):
+    import urllib.error  # here, not at the top: every kubectl call runs this program (kube credentials)
+    import urllib.request
     url = "http://%s/readyz" % addr
     try:
         with urllib.request.urlopen(url, timeout=5) as r:

@@ -18,6 +18,10 @@ from helpers.fleet import Fleet, changed_by_host
 pytestmark = [pytest.mark.testbed, pytest.mark.slow]
 
 HOST = "nc-1"
+STATE_TASK = "Read the agent's install, identity and unit, and what differs from this role's settings"
+# actions that run a module on the host (every other task of the no-change path runs on the controller)
+ON_HOST_ACTIONS = ("agent_state", "setup", "gather_facts", "command", "shell", "stat", "file", "copy", "template",
+                   "systemd_service", "systemd", "user", "group", "pip", "wait_for", "slurp")
 ROLE_TASKS = "Roll out the agent, in batches"
 # tasks of the install, configure and service phases: none may run on the no-change path
 FULL_PATH_TASKS = ("Create the bot group", "Copy the agent's wheels to the host", "Write the agent config",
@@ -59,8 +63,12 @@ def _assert_no_change_path(fleet):
     ran = _ran(run)
     drift = [r["result"].get("msg") for r in run.results if r["task"].endswith("Report what differs from this role's settings")]
     assert not set(ran) & set(FULL_PATH_TASKS), (drift, set(ran) & set(FULL_PATH_TASKS))
-    # once per host and run: the role reuses the answer the playbook got at the top of the play
-    assert ran.count("Read the agent's install, identity and unit, and what differs from this role's settings") == 1
+    # once per host and run: the role reuses the answer the playbook got at the top of the play; it is the only
+    # module run on the host (no fact gathering, and the cluster question is asked inside it)
+    assert ran.count(STATE_TASK) == 1
+    on_host = [r["task"].split(" : ", 1)[-1] for r in run.results if r["host"] == HOST and r["status"] != "skipped"
+               and not r["result"].get("skipped") and r.get("action", "").split(".")[-1] in ON_HOST_ACTIONS]
+    assert on_host == [STATE_TASK], on_host
     # only the control plane's own reads (cluster, locks, role): nothing per host, no bot, no token
     new_calls = fleet._calls()[calls:]
     assert new_calls and not [c for c in new_calls if c[:1] in (["bots"], ["tokens"])], new_calls
@@ -71,9 +79,13 @@ def test_1_first_rollout_then_a_rerun_on_the_no_change_path(fleet):
     run = fleet.rollout()
     assert run.rc == 0, run.stdout[-6000:]
     assert "Write the agent config" in _ran(run)
-    _run, ran = _assert_no_change_path(fleet)
-    # the reader still gets checked against the cluster on the no-change path when kubectl is on the host
-    assert "Ask the cluster, as the reader, whether it may list pods" in ran
+    run, ran = _assert_no_change_path(fleet)
+    # the reader still gets checked against the cluster on the no-change path when kubectl is on the host: by
+    # agent_state, in the same module run, as the reader through the destination's kubeconfig
+    state = [r["result"] for r in run.results if r["host"] == HOST and r["task"].endswith(STATE_TASK)][0]
+    assert [(c["directory"], c["stdout"]) for c in state["cluster_check"]] == [("/opt/machine-id", "yes")], state
+    assert "Ask the cluster, as the reader, whether it may list pods" not in ran
+    assert "The reader reaches the cluster through the kubeconfig" not in ran
     assert fleet.reader_get_pods(HOST).returncode == 0
 
 
@@ -127,3 +139,19 @@ def test_3_an_application_user_as_the_reader_keeps_its_shell(fleet):
     _assert_no_change_path(fleet)
     assert _sh(fleet, "[ \"$(getent passwd app | cut -d: -f7)\" = /bin/bash ]").returncode == 0
     assert fleet.reader_get_pods(HOST).returncode == 0
+
+
+def test_4_the_no_change_path_still_fails_a_host_the_cluster_refuses(fleet):
+    """The cluster's answer on the no-change path is real: with the RoleBinding gone (and the rollout told not to
+    touch the control plane, which would put it back), the converged host fails verify, naming kubectl's answer."""
+    fleet.kube.kubectl("-n", "demo", "delete", "rolebinding", "example-rolebinding-group", check=True)
+    try:
+        run = fleet.rollout(extra_args=["--skip-tags", "machine_id_control_plane"])
+        assert run.rc != 0, run.stdout[-4000:]
+        assert changed_by_host(run)[HOST] == 0, run.stdout[-4000:]
+        assert "kubectl auth can-i list pods -n demo answered no" in run.stdout, run.stdout[-4000:]
+        assert "Ask the cluster, as the reader, whether it may list pods" not in _ran(run)
+    finally:
+        run = fleet.rollout()  # the control plane play puts the RoleBinding back
+    assert run.rc == 0, run.stdout[-6000:]
+    _assert_no_change_path(fleet)

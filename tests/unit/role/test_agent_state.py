@@ -110,10 +110,24 @@ def _fake_agent(path, status, init_out="unchanged: /x"):
     path.chmod(0o755)
 
 
-def _module_play(tmp_path, **params):
+def _module_play(tmp_path, env=None, **params):
     task = {"lanyard.machine_id.agent_state": params, "register": "state"}
     play = [{"hosts": "localhost", "gather_facts": False, "tasks": [task]}]
-    return run_playbook(tmp_path, yaml.safe_dump(play, sort_keys=False))
+    return run_playbook(tmp_path, yaml.safe_dump(play, sort_keys=False), env=env)
+
+
+def _fake_systemd(bindir):
+    """A systemctl that answers like systemd with every unit loaded, enabled and active (this machine runs none)."""
+    bindir.mkdir(exist_ok=True)
+    (bindir / "systemctl").write_text(textwrap.dedent("""\
+        #!/bin/sh
+        case "$1" in
+          --version) echo 'systemd 252 (252.30-1~deb12u2)' ;;
+          show) printf 'LoadState=loaded\\nActiveState=active\\nUnitFileState=enabled\\nNeedDaemonReload=no\\n' ;;
+        esac
+        """))
+    (bindir / "systemctl").chmod(0o755)
+    return {"PATH": "%s:%s" % (bindir, os.environ["PATH"])}
 
 
 def test_module_on_a_converged_tree_reports_no_drift_and_one_for_each_change(tmp_path):
@@ -189,3 +203,65 @@ def test_module_names_outputs_without_valid_credentials_and_an_agent_whose_pytho
     assert any("interpreter" in line for line in res["drift"]), res["drift"]
     # the status error is named as what differs (the role then takes the full path and mints no token for it)
     assert any(line.startswith(str(agent) + " status: ") for line in res["drift"]), res["drift"]
+
+
+def test_wheel_target_and_host_facts_read_without_fact_gathering():
+    assert host.wheel_target({"rc": 0, "stdout": '{"python": "3.11", "machine": "x86_64", "libc": ["glibc", "2.36"]}'}) \
+        == "3.11:x86_64:2.36"
+    assert host.wheel_target({"rc": 127, "stdout": ""}) is None
+    assert host.wheel_target({"rc": 0, "stdout": "not json"}) is None
+    info = host.host_info((3, 12, 1))
+    assert info["python"] == "3.12"
+    assert set(info) == {"service_mgr", "distribution", "distribution_version", "distribution_major_version",
+                         "python"}
+    assert info["distribution_major_version"] == info["distribution_version"].split(".")[0]
+
+
+def _fake_kubectl(path, log, answer):
+    path.write_text('#!/bin/sh\necho "$@" >> %s\necho %s\n' % (log, answer))
+    path.chmod(0o755)
+
+
+def test_module_asks_the_cluster_only_for_a_host_where_nothing_differs(tmp_path):
+    """The no-change path's cluster question: asked (as the reader, through each destination's kubeconfig) when
+    nothing differs; not asked when something does (the role fixes it first and verify asks afterwards)."""
+    conf = tmp_path / "tbot.yaml"
+    conf.write_text("x: 1\n")
+    agent, agent_log = tmp_path / "machine-id-agent", tmp_path / "agent.log"
+    _fake_agent(agent, '{"identity": {"valid": true}, "outputs": [{"destination": "/d", "valid": true}]}')
+    agent.write_text(agent.read_text().replace("#!/bin/sh\n", '#!/bin/sh\necho "$1" >> %s\n' % agent_log))
+    kubectl, log = tmp_path / "kubectl", tmp_path / "kubectl.log"
+    _fake_kubectl(kubectl, log, "yes")
+    dests = [str(tmp_path / "a"), str(tmp_path / "b")]
+    base = {"agent_bin": str(agent), "agent_python": "python3", "config_path": str(conf), "bot_user": "root",
+            "bot_group": "root", "reader_user": "root", "service_name": "nothere", "service_active": True,
+            "destinations": dests,
+            "kubectl": str(kubectl), "cluster_check_namespace": "demo"}
+    env = _fake_systemd(tmp_path / "bin")
+    res = _module_play(tmp_path, env=env, **base).result("lanyard.machine_id.agent_state")
+    assert res["drift"] == [], res["drift"]
+    assert res["systemd_version"] == 252 and res["unit"]["ActiveState"] == "active"
+    assert [(c["directory"], c["stdout"], c["rc"]) for c in res["cluster_check"]] == [(d, "yes", 0) for d in dests]
+    assert log.read_text().splitlines() == [
+        "--kubeconfig %s/kubeconfig.yaml --request-timeout 30s auth can-i list pods -n demo" % d for d in dests]
+    assert res["host"]["python"] and res["wheel_target"]
+    # the cluster's "yes" as the reader proved the reader reads there: no `wait` of the agent's
+    assert "wait" not in agent_log.read_text().split(), agent_log.read_text()
+
+    # a "no" (the reader may not list pods, or could not read at all): the reader's read is checked with `wait`
+    _fake_kubectl(kubectl, log, "no")
+    agent_log.unlink()
+    res = _module_play(tmp_path, env=env, **base).result("lanyard.machine_id.agent_state")
+    assert [c["stdout"] for c in res["cluster_check"]] == ["no", "no"]
+    assert agent_log.read_text().split().count("wait") == 2 and res["drift"] == [], res
+    _fake_kubectl(kubectl, log, "yes")
+
+    # something differs: no question to the cluster
+    log.unlink()
+    res = _module_play(tmp_path, env=env, **dict(base, files=[{"path": str(conf), "mode": "0600"}])).result(
+        "lanyard.machine_id.agent_state")
+    assert res["drift"] and "cluster_check" not in res and not log.exists()
+    # not asked for either without the namespace (verify off) or when the service is not to run
+    for extra in ({"cluster_check_namespace": None}, {"service_active": False}):
+        res = _module_play(tmp_path, env=env, **dict(base, **extra)).result("lanyard.machine_id.agent_state")
+        assert "cluster_check" not in res and not log.exists(), extra

@@ -2,7 +2,8 @@
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 """The role's final assertion (tasks/verify.yml "Assert the agent works") run by real Ansible with the results
 it judges: it passes a working agent and, for a broken one, fails with a message that names the unit state,
-the reader's `kubectl auth can-i` answer and the journal."""
+the reader's `kubectl auth can-i` answer (verify's own on the full path, agent_state's on the no-change path) and
+the journal."""
 
 from __future__ import annotations
 
@@ -40,13 +41,27 @@ CASES = {
     "inactive": ({"__machine_id_active": {"stdout": "activating"}, "__machine_id_can_i": SKIPPED,
                   "__machine_id_journal": {"stdout_lines": ["joining the cluster", "join failed: token expired"]}},
                  ["machine-id.service is activating", "Journal: joining the cluster | join failed: token expired"]),
-    # the no-change path: agent_state saw the unit active, verify waited for nothing
+    # the no-change path: agent_state saw the unit active and asked the cluster (cluster_check); verify waited for
+    # nothing and ran no kubectl of its own
     "converged": ({"_machine_id_converged": True, "__machine_id_active": SKIPPED, "__machine_id_journal": SKIPPED,
-                   "__machine_id_can_i": {"results": [{"stdout": "yes", "stderr": ""}]}}, None),
+                   "_machine_id_state": {"cluster_check": [{"directory": "/opt/machine-id", "rc": 0, "stdout": "yes",
+                                                            "stderr": ""}]}}, None),
     "converged-refused": ({"_machine_id_converged": True, "__machine_id_active": SKIPPED,
                            "__machine_id_journal": SKIPPED,
-                           "__machine_id_can_i": {"results": [{"stdout": "no", "stderr": "Forbidden"}]}},
-                          ["machine-id.service is active; kubectl auth can-i list pods -n demo answered no"]),
+                           "_machine_id_state": {"cluster_check": [{"directory": "/opt/machine-id", "rc": 1,
+                                                                    "stdout": "no", "stderr": "Forbidden"}]}},
+                          ["machine-id.service is active; kubectl auth can-i list pods -n demo answered no (Forbidden)"]),
+    # a stale kubectl answer from verify's own task is not the no-change path's: agent_state's answer is judged
+    "converged-stale-full-path-answer": ({"_machine_id_converged": True, "__machine_id_active": SKIPPED,
+                                          "__machine_id_journal": SKIPPED,
+                                          "__machine_id_can_i": {"results": [{"stdout": "yes", "stderr": ""}]},
+                                          "_machine_id_state": {"cluster_check": [{"directory": "/opt/machine-id",
+                                                                                   "rc": 1, "stdout": "no",
+                                                                                   "stderr": "Forbidden"}]}},
+                                         ["kubectl auth can-i list pods -n demo answered no"]),
+    # kubectl is not on the host: no answer, nothing to judge
+    "converged-no-kubectl": ({"_machine_id_converged": True, "__machine_id_active": SKIPPED,
+                              "__machine_id_journal": SKIPPED, "_machine_id_state": {}}, None),
     "refused": ({"__machine_id_active": {"stdout": "active"}, "__machine_id_journal": SKIPPED,
                  "__machine_id_can_i": {"results": [{"stdout": "no", "stderr": "Forbidden"}]}},
                 ["kubectl auth can-i list pods -n demo answered no (Forbidden)"]),
