@@ -65,7 +65,8 @@ def agent_state(module):
     result["agent_found"] = bool(agent.get("exists"))
     result["installed"] = bool(agent.get("exists") and config.get("exists"))
     if result["installed"]:
-        result["status"], error = host.agent_status(module, p["agent_bin"], p["bot_user"], p["config_path"])
+        result["status"], error = host.agent_status(module, p["agent_bin"], p["bot_user"], p["config_path"],
+                                                    check_acls=bool(p["destinations"]))
         if error:
             result["status_error"] = error
             found.append("%s status: %s" % (p["agent_bin"], error.strip().splitlines()[-1][-300:]))
@@ -105,10 +106,17 @@ def agent_state(module):
                 found.append("%s: no valid credentials (%s)" % (out.get("destination"),
                                                                 out.get("problem") or "status says not valid"))
     to_read = []  # destinations whose ACLs are as wanted: does the reader read valid credentials there?
+    # what `init` would change in each destination: judged by the agent's status run above when it could (as the
+    # agent's user, with the config's readers and acls), else by `init --check` with the role's settings
+    judged = dict((o.get("destination"), o["acl_check"]) for o in result["status"].get("outputs") or []
+                  if isinstance(o, dict) and isinstance(o.get("acl_check"), dict))
     if agent.get("exists"):
         for directory in p["destinations"]:
-            acl = host.destination_acls(module, p["agent_bin"], directory, p["acls"], p["bot_user"],
-                                        p["bot_group"], p["reader_user"])
+            if directory in judged and result["status"] and not result.get("status_error"):
+                acl = drift.acl_check_drift(judged[directory])
+            else:
+                acl = host.destination_acls(module, p["agent_bin"], directory, p["acls"], p["bot_user"],
+                                            p["bot_group"], p["reader_user"])
             if acl:
                 found.append("%s: %s" % (directory, acl))
             elif p["reader_user"] and p["service_active"] is not False:

@@ -99,6 +99,16 @@ def install_drift(marker, wheels_key, status, agent_version):
     return out
 
 
+def acl_check_drift(check):
+    """A destination's ``acl_check`` from the agent's ``status --check-acls``: None when ``init`` would change
+    nothing there, else what it would change (the words ``init --check`` prints), or why it could not tell."""
+    if check.get("error"):
+        return "cannot check it as the agent's user (%s)" % check["error"]
+    if check.get("changed"):
+        return "would change: %s" % "; ".join(check.get("actions") or ["something"])
+    return None
+
+
 def stray_drift(found, wanted):
     """Paths the role owns by name (a glob) that its settings no longer list, e.g. a removed reload unit."""
     return ["%s: not in the role's settings any more (left over)" % path for path in found if path not in wanted]

@@ -228,10 +228,14 @@ def small_text(path, limit=65536):
         return None
 
 
-def agent_status(module, agent_bin, bot_user, config_path):
-    """The agent's own ``status --json`` as the bot user (the same call preflight made as a task)."""
-    rc, out, err = run(module, ["runuser", "-u", bot_user, "--", agent_bin, "status", "-c", config_path,
-                                "--json"])
+def agent_status(module, agent_bin, bot_user, config_path, check_acls=False):
+    """The agent's own ``status --json`` as the bot user (the same call preflight made as a task); with
+    ``check_acls`` also what ``init`` would change in each output (``outputs[].acl_check``), from an agent that
+    knows ``--check-acls`` (an older one is asked again without it)."""
+    argv = ["runuser", "-u", bot_user, "--", agent_bin, "status", "-c", config_path, "--json"]
+    rc, out, err = run(module, argv + (["--check-acls"] if check_acls else []))
+    if check_acls and rc == 2 and "--check-acls" in err:
+        rc, out, err = run(module, argv)
     text = out.strip()
     if rc == 0 and text.startswith("{"):
         try:

@@ -15,7 +15,8 @@ description:
   - Reads on the host, in one module run, what the C(lanyard.machine_id.machine_id) role would otherwise find out
     with a task each - the agent's Python, the systemd version, the agent's
     own C(status --json), the files and directories the role writes (owner, group, mode, SHA-256 of content), the
-    users and groups, the unit's state, the destinations' owner and ACLs (C(machine-id-agent init --check)), and
+    users and groups, the unit's state, the destinations' owner and ACLs (what C(machine-id-agent init) would change,
+    from the same C(status --check-acls) run as the bot user; C(init --check) for an older agent), and
     whether the reader user, running the agent's program (C(machine-id-agent wait)), reads valid credentials in
     each destination; and the host facts the role checks (service manager, distribution, Python).
   - With O(cluster_check_namespace), on a host where nothing differs, also asks the cluster as the reader whether
@@ -60,12 +61,16 @@ options:
     type: str
     default: ""
   destinations:
-    description: Destination directories; each is checked with C(init --check) and with C(wait) as O(reader_user).
+    description:
+      - Destination directories; what C(init) would change in each comes from the agent's C(status --check-acls)
+        (C(init --check) for an agent without that flag), and the reader's access from C(wait) as O(reader_user)
+        (or from O(cluster_check_namespace)'s answer).
     type: list
     elements: path
     default: []
   acls:
-    description: The role's C(machine_id_acls) (C(try), C(required) or C(off)), passed to C(init --check).
+    description: The role's C(machine_id_acls) (C(try), C(required) or C(off)), passed to C(init --check) (an agent
+      without C(status --check-acls)).
     type: str
     default: try
   service_name:

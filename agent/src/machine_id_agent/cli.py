@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("status", help="report the stored identity and the outputs (offline)")
     cfg_arg(sp)
     sp.add_argument("--json", action="store_true")
+    sp.add_argument("--check-acls", action="store_true",
+                    help="also report, per output, what `init` would change there (owner, mode, ACLs), as this "
+                         "user (run it as the agent's user): the role's no-change check")
 
     sp = sub.add_parser("wait", help="wait until the outputs are usable")
     sp.add_argument("-c", "--config", help="wait for every output of this config (file-based)")
@@ -177,7 +180,22 @@ def cmd_start(args) -> int:
     return agent.run()
 
 
-def status_doc(cfg: configmod.Config, backend=None) -> Dict[str, Any]:
+def _acl_check(o, cfg: configmod.Config) -> Dict[str, Any]:
+    """What ``init`` would change in an output's destination, judged as the running user (the agent's user, who owns
+    it): ``init -c CONFIG`` run by that user, without changing anything. ``changed`` and ``actions``, or ``error``."""
+    from machine_id_agent import acl
+    warnings: List[str] = []
+    try:
+        uid = os.geteuid()
+        readers = [acl.resolve_user(r, "readers of %s" % o.destination) for r in o.readers]
+        res = acl.init_dir(o.destination, uid, _primary_gid(uid), uid, readers, o.acls or cfg.acls,
+                           warn=warnings.append, symlinks=o.symlinks, dry_run=True)
+    except (AgentError, OSError) as e:
+        return {"error": str(e)}
+    return {"changed": res.changed, "actions": res.actions, "warnings": warnings}
+
+
+def status_doc(cfg: configmod.Config, backend=None, check_acls: bool = False) -> Dict[str, Any]:
     """What is on disk, judged offline: the identity, its state and the fix, and the outputs.
 
     ``identity.state`` is one of ``none`` (not joined yet), ``ok``, ``expired`` (a new token is needed),
@@ -290,13 +308,15 @@ def status_doc(cfg: configmod.Config, backend=None) -> Dict[str, Any]:
     for o in cfg.outputs:
         d = outputs.inspect(o.destination, now)
         d["kubernetes_cluster"] = o.kubernetes_cluster
+        if check_acls:
+            d["acl_check"] = _acl_check(o, cfg)
         outs.append(d)
     return {"identity": ident_doc, "outputs": outs, "agent_version": __version__}
 
 
 def cmd_status(args) -> int:
     cfg = _load_config(args.config)
-    doc = status_doc(cfg)
+    doc = status_doc(cfg, check_acls=args.check_acls)
     if args.json:
         print(json.dumps(doc))
     else:

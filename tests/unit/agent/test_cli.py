@@ -161,3 +161,28 @@ def test_status_names_locked_lost_and_full_storage_with_the_fix(tmp_path, monkey
     monkeypatch.setattr(identmod, "MIN_FREE_BYTES", 1 << 62)
     i = status()
     assert i["state"] == "storage-full" and "free" in i["problem"] and "renews again by itself" in i["fix"]
+
+
+def test_status_check_acls_reports_what_init_would_change_as_the_running_user(tmp_path, monkeypatch, capsys):
+    """``status --check-acls`` (the role's no-change check, one process for status and the ACLs): per output what
+    ``init -c CONFIG`` run by this user would change, with the config's readers; nothing is changed."""
+    monkeypatch.setattr(service, "Backend", lambda: FakeBackend())
+    d = tmp_path / "machine-id"
+    cfg = make_cfg(tmp_path, destinations=[{"directory": str(d), "kubernetes_cluster": "k", "readers": ["nobody"]}],
+                   acls="try")
+
+    def check():
+        assert cli.main(["status", "-c", str(cfg.source), "--json", "--check-acls"]) == 0
+        return json.loads(capsys.readouterr().out)["outputs"][0]["acl_check"]
+
+    assert check() == {"changed": True, "actions": ["would create %s" % d, "would chown root:root",
+                                                    "would set the acl of %s" % d], "warnings": []}
+    assert not d.exists()
+    assert run_cli("init", "-c", str(cfg.source), "--init-dir", str(d), "--bot-user", "root").returncode == 0
+    assert check() == {"changed": False, "actions": [], "warnings": []}
+    # the reader's entry removed by hand: named (the role sends the host down its full path, whose init fixes it)
+    subprocess.run(["setfacl", "-x", "u:nobody", str(d)], check=True)
+    assert check()["actions"] == ["would set the acl of %s" % d]
+    # without the flag, no acl_check (what an older role asks)
+    assert cli.main(["status", "-c", str(cfg.source), "--json"]) == 0
+    assert "acl_check" not in json.loads(capsys.readouterr().out)["outputs"][0]

@@ -7,6 +7,7 @@ stand-in agent (the real agent and the real host are in tests/integration/rollou
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pwd
 import textwrap
@@ -265,3 +266,46 @@ def test_module_asks_the_cluster_only_for_a_host_where_nothing_differs(tmp_path)
     for extra in ({"cluster_check_namespace": None}, {"service_active": False}):
         res = _module_play(tmp_path, env=env, **dict(base, **extra)).result("lanyard.machine_id.agent_state")
         assert "cluster_check" not in res and not log.exists(), extra
+
+
+def test_module_takes_the_acl_judgement_from_status_and_asks_an_older_agent_again(tmp_path):
+    """One agent process for status and the destinations' ACLs (``status --check-acls`` as the agent's user);
+    ``init --check`` only for an agent that does not know the flag (an upgrade in progress)."""
+    conf = tmp_path / "tbot.yaml"
+    conf.write_text("x: 1\n")
+    dest = str(tmp_path / "out")
+    agent, agent_log = tmp_path / "machine-id-agent", tmp_path / "agent.log"
+    base = {"agent_bin": str(agent), "agent_python": "python3", "config_path": str(conf), "bot_user": "root",
+            "bot_group": "root", "service_name": "nothere", "destinations": [dest]}
+
+    def agent_says(check, knows_flag=True):
+        doc = json.dumps({"identity": {"valid": True}, "outputs": [
+            dict({"destination": dest, "valid": True}, **({"acl_check": check} if check else {}))]})
+        agent.write_text(textwrap.dedent("""\
+            #!/bin/sh
+            echo "$@" >> %s
+            case "$1" in
+              status) %s echo '%s' ;;
+              init) echo 'would change: would set the acl of %s' ;;
+            esac
+            """ % (agent_log, "" if knows_flag else
+                   'case "$*" in *--check-acls*) echo "error: unrecognized arguments: --check-acls" >&2; exit 2;; esac;',
+                   doc, dest)))
+        agent.chmod(0o755)
+        if agent_log.exists():
+            agent_log.unlink()
+        res = _module_play(tmp_path, **base).result("lanyard.machine_id.agent_state")
+        return res, agent_log.read_text().splitlines()
+
+    res, calls = agent_says({"changed": False, "actions": [], "warnings": []})
+    assert res["drift"] == [] and [c.split()[0] for c in calls] == ["status"] and "--check-acls" in calls[0]
+    res, calls = agent_says({"changed": True, "actions": ["would set the acl of %s" % dest]})
+    assert res["drift"] == ["%s: would change: would set the acl of %s" % (dest, dest)]
+    assert [c.split()[0] for c in calls] == ["status"]
+    res, calls = agent_says({"error": "%s: Permission denied" % dest})
+    assert res["drift"] == ["%s: cannot check it as the agent's user (%s: Permission denied)" % (dest, dest)]
+    # an agent from before the flag: status again without it, then init --check as before
+    res, calls = agent_says(None, knows_flag=False)
+    assert [c.split()[0] for c in calls] == ["status", "status", "init"] and "--check-acls" not in calls[1]
+    assert res["status"]["identity"] == {"valid": True} and "status_error" not in res
+    assert res["drift"] == ["%s: would change: would set the acl of %s" % (dest, dest)]
