@@ -414,6 +414,13 @@ def inspect(destination: Path, now: Optional[_dt.datetime] = None) -> Dict[str, 
         except OutputError:
             creds = None
         if creds is None:
+            if names is None and fsutil.read_bytes(dest / IDENTITY) is None and _no_context(kc):
+                # a kubernetes/v2 output whose selectors matched nothing at its last renewal
+                out["clusters"] = []
+                out["error"] = ("%s has no context: the output's selectors match no Kubernetes cluster its roles "
+                                "may access (check the labels with `tctl get kube_server` and the selectors)"
+                                % KUBECONFIG)
+                return out
             out["error"] = "no %s (what the exec plugin reads) and no inline credentials in %s" % (IDENTITY, KUBECONFIG)
             return out
         na = cert_not_after(creds["cert"])
@@ -430,6 +437,16 @@ def inspect(destination: Path, now: Optional[_dt.datetime] = None) -> Dict[str, 
     except Exception as e:  # a damaged file must not crash status/wait
         out["error"] = "unreadable: %s" % (str(e).splitlines() or [type(e).__name__])[0]
     return out
+
+
+def _no_context(kc: bytes) -> bool:
+    """True for a kubeconfig that has an empty list of contexts (what a kubernetes/v2 output with no selected
+    cluster writes)."""
+    try:
+        doc = yaml.safe_load(kc)
+    except yaml.YAMLError:
+        return False
+    return isinstance(doc, dict) and doc.get("contexts") == []
 
 
 def _cluster_identities(dest: Path) -> Optional[List[str]]:

@@ -121,3 +121,15 @@ def test_cluster_names_are_escaped_as_label_values():
         in text
     r = pt.check_metrics(text)
     assert r.returncode == 0, (r.stdout, r.stderr)
+
+
+def test_inspect_names_an_output_whose_selectors_match_nothing(tmp_path, logbuf):
+    from machine_id_agent import outputs
+    be = PerClusterBackend()
+    be.available = {"c": {"team": "red"}}
+    cfg = mc.load(tmp_path, mc.v2(tmp_path, selectors=[{"labels": {"team": "blue"}}]))
+    assert Agent(cfg, backend=be, log=logbuf[0]).attempt() is None
+    st = outputs.inspect(tmp_path / "out")
+    assert st["present"] and not st["valid"] and st["clusters"] == []
+    assert st["error"].startswith("kubeconfig.yaml has no context: the output's selectors match no Kubernetes "
+                                  "cluster"), st
