@@ -19,6 +19,7 @@ host's configuration is shortened for the test.
 
 from __future__ import annotations
 
+import base64
 import re
 import time
 
@@ -28,6 +29,7 @@ import yaml
 import testbed as tb
 from helpers import promtool as pt
 from helpers.fleet import GUEST_KUBECTL, Fleet, changed_by_host, wait_for
+from testbed.teleport import DYNAMIC_KUBE_LABEL
 
 pytestmark = [pytest.mark.testbed, pytest.mark.slow]
 
@@ -252,8 +254,10 @@ def test_5_verify_names_the_destination_whose_selectors_match_nothing(fleet):
         print(f"verify failed after {took:.0f}s: {msg}")
         assert "\n" not in msg and "Traceback" not in run.stdout, msg
         assert msg.startswith(f"machine_id on {HOST}: machine-id.service is active"), msg
-        assert (f"destination {DEST}: its kubeconfig has no context, the selectors match no Kubernetes cluster the "
-                "Teleport role may access") in msg, msg
+        assert msg.count(DEST) == 1 and (
+            f"destination {DEST}: its kubeconfig has no context, the selectors match no Kubernetes cluster the "
+            "Teleport role may access (check the clusters' labels with `tctl get kube_server` and the selectors in "
+            "machine_id_destinations)") in msg, msg
         assert _contexts(fleet) == [] and _identities(fleet) == []
     finally:
         _extra_vars(fleet.extra_vars, [{"labels": {"team": "blue"}}])
@@ -262,4 +266,47 @@ def test_5_verify_names_the_destination_whose_selectors_match_nothing(fleet):
     run = _rollout(fleet)
     _assert_ok(run)
     assert fleet.token_creations() == tokens
+    assert _contexts(fleet) == _ctx(fleet, "mc-alpha")
+
+
+def _put_unreachable_kube_cluster(tp, name: str, labels: dict) -> None:
+    """A kube_cluster Teleport serves but cannot reach (its API server address refuses connections): Teleport issues
+    certificates for it like for any other, so it gets a context, but nothing works through that context."""
+    kubeconfig = {"apiVersion": "v1", "kind": "Config",
+                  "clusters": [{"name": name, "cluster": {"server": "https://127.0.0.1:9"}}],
+                  "users": [{"name": "x", "user": {"token": "unused"}}],
+                  "contexts": [{"name": name, "context": {"cluster": name, "user": "x"}}], "current-context": name}
+    labels = dict(labels, **{DYNAMIC_KUBE_LABEL: "yes"})  # the label the bed's kubernetes_service serves
+    doc = {"kind": "kube_cluster", "version": "v3", "metadata": {"name": name, "labels": labels},
+           "spec": {"kubeconfig": base64.b64encode(yaml.safe_dump(kubeconfig).encode()).decode()}}
+    path = tp.workdir / f"kube_cluster-{name}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    try:
+        tp.tctl("create", "-f", "--force", str(path), check=True)
+    finally:
+        path.unlink()
+    assert wait_for(lambda: name in tp.kube_servers(), 60, 1), tp.kube_servers()
+
+
+def test_6_verify_names_the_context_that_does_not_work(fleet):
+    tp = fleet.teleport
+    _put_unreachable_kube_cluster(tp, "mc-down", {"team": "blue"})
+    try:
+        _reload_agent(fleet)  # the next renewal, now: mc-down (team=blue) gets a context
+        assert _contexts(fleet) == _ctx(fleet, "mc-alpha", "mc-down")
+        run = _rollout(fleet)
+        assert run.rc != 0, run.stdout[-4000:]
+        failed = [r for r in run.results if r["status"] == "failed" and r["host"] == HOST]
+        assert [r["task"] for r in failed] == ["lanyard.machine_id.machine_id : Assert the agent works"], failed
+        msg = failed[0]["result"]["msg"]
+        print(f"verify failed: {msg}")
+        assert "\n" not in msg and "Traceback" not in run.stdout, msg
+        down, alpha = _ctx(fleet, "mc-down")[0], _ctx(fleet, "mc-alpha")[0]
+        assert f"destination {DEST} context {down}: kubectl auth can-i list pods -n {tb.DEMO_NAMESPACE} answered" \
+            in msg and alpha not in msg, msg
+    finally:
+        tp.remove_kube_cluster("mc-down")
+    _reload_agent(fleet)
+    run = _rollout(fleet)
+    _assert_ok(run)
     assert _contexts(fleet) == _ctx(fleet, "mc-alpha")
