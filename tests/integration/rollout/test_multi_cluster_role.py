@@ -187,8 +187,8 @@ def test_2_metrics_name_each_cluster_and_pass_promtool(fleet):
     assert sorted(per) == [key % (DEST, "mc-alpha"), key % (DEST, "mc-beta")], text
     # the role's default certificate_ttl (1h): fresh certificates, each valid for about an hour
     assert all(3000 < v <= 3600 for v in per.values()), per
-    [soonest] = _series(text, "seconds_to_expiry").values()
-    assert soonest == min(per.values())
+    soonest = list(_series(text, "seconds_to_expiry").values())
+    assert soonest == [min(per.values())]
     print("metrics: " + " ".join(f"{k}={v:.0f}" for k, v in sorted(per.items())))
 
 

@@ -71,8 +71,8 @@ def test_each_selected_cluster_has_its_expiry_and_the_output_its_count(tmp_path,
     assert sorted(per) == [key % (dest, "a"), key % (dest, "b")]
     assert near(per[key % (dest, "a")], 86400) and near(per[key % (dest, "b")], 43200), per
     # the output's own series is the soonest of its clusters
-    [soonest] = series(text, "seconds_to_expiry").values()
-    assert soonest == per[key % (dest, "b")]
+    soonest = list(series(text, "seconds_to_expiry").values())
+    assert soonest == [per[key % (dest, "b")]]
 
     # relabelled and added in Teleport: the series follow at the next renewal (b's series is gone)
     be.available["b"] = {"team": "red"}
