@@ -40,6 +40,7 @@ ARGSPEC = dict(
     storage_dir=dict(type="path"),
     tbot_units=dict(type="list", elements="str", default=[]),
     cluster_check_namespace=dict(type="str"),
+    cluster_check_every_context=dict(type="list", elements="path", default=[]),
 )
 
 
@@ -129,10 +130,13 @@ def agent_state(module):
     answered = set()
     if (p["cluster_check_namespace"] and not found and result["kubectl_path"] and p["service_active"]
             and result["installed"]):
-        result["cluster_check"] = [host.cluster_check(module, p["reader_user"], result["kubectl_path"], directory,
-                                                      p["cluster_check_namespace"])
-                                   for directory in p["destinations"]]
-        answered = set(c["directory"] for c in result["cluster_check"] if c["stdout"] == "yes")
+        every = set(p["cluster_check_every_context"])
+        result["cluster_check"] = [c for directory in p["destinations"]
+                                   for c in host.cluster_check(module, p["reader_user"], result["kubectl_path"],
+                                                               directory, p["cluster_check_namespace"],
+                                                               every_context=directory in every)]
+        answered = set(directory for directory in p["destinations"]
+                       if all(c["stdout"] == "yes" for c in result["cluster_check"] if c["directory"] == directory))
     for directory in to_read:
         if directory in answered:
             continue

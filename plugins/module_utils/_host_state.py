@@ -73,14 +73,33 @@ def wheel_target(probe):
         return None
 
 
-def cluster_check(module, reader_user, kubectl_path, directory, namespace):
-    """``kubectl auth can-i list pods`` as the reader through the destination's kubeconfig: the question the role's
-    verify phase asks the cluster. rc, stdout and stderr, for the role to judge."""
-    argv = ([] if not reader_user else ["runuser", "-u", reader_user, "--"]) + [
-        kubectl_path, "--kubeconfig", os.path.join(directory, "kubeconfig.yaml"), "--request-timeout", "30s",
-        "auth", "can-i", "list", "pods", "-n", namespace]
-    rc, out, err = run(module, argv)
-    return {"directory": directory, "rc": rc, "stdout": out.strip(), "stderr": err.strip()[-500:]}
+def cluster_check(module, reader_user, kubectl_path, directory, namespace, every_context=False):
+    """The verify phase's question to the cluster: ``kubectl auth can-i list pods -n NAMESPACE`` as the reader
+    through the destination's kubeconfig -- its current context, or with ``every_context`` (a kubeconfig of several
+    clusters, kubernetes/v2) each of its contexts, listed as the reader. One entry per question: ``directory``,
+    ``context`` (None for the current one), ``rc``, ``stdout`` (``yes`` when allowed) and ``stderr``; a kubeconfig
+    with no context gives one entry with ``no_context`` true, one whose contexts cannot be listed ``list_failed``."""
+    as_reader = [] if not reader_user else ["runuser", "-u", reader_user, "--"]
+    kubeconfig = os.path.join(directory, "kubeconfig.yaml")
+    contexts = [None]
+    if every_context:
+        rc, out, err = run(module, as_reader + [kubectl_path, "--kubeconfig", kubeconfig, "config", "get-contexts",
+                                                "-o", "name"])
+        if rc != 0:
+            return [{"directory": directory, "context": None, "list_failed": True, "rc": rc, "stdout": "",
+                     "stderr": err.strip()[-500:]}]
+        contexts = [line.strip() for line in out.splitlines() if line.strip()]
+        if not contexts:
+            return [{"directory": directory, "context": None, "no_context": True, "rc": 0, "stdout": "",
+                     "stderr": ""}]
+    checks = []
+    for context in contexts:
+        argv = as_reader + [kubectl_path, "--kubeconfig", kubeconfig] + (["--context", context] if context else []) \
+            + ["--request-timeout", "30s", "auth", "can-i", "list", "pods", "-n", namespace]
+        rc, out, err = run(module, argv)
+        checks.append({"directory": directory, "context": context, "rc": rc, "stdout": out.strip(),
+                       "stderr": " ".join(err.split())[-500:]})
+    return checks
 
 
 def run(module, argv):

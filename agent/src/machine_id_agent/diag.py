@@ -119,6 +119,16 @@ def render_metrics(snap: Dict) -> str:
     metric("seconds_to_expiry", "gauge", "Seconds until the certificate of each output expires.",
            [({"destination": o["destination"], "kubernetes_cluster": o.get("kubernetes_cluster", "")},
              o["seconds_to_expiry"]) for o in outs])
+    multi = [o for o in snap.get("outputs", []) if o.get("kubernetes_clusters") is not None]
+    if multi:
+        # kubernetes/v2 outputs: seconds_to_expiry above is the soonest of the output's clusters; these name each
+        metric("selected_clusters", "gauge",
+               "Kubernetes clusters the selectors of each kubernetes/v2 output selected at its last renewal.",
+               [({"destination": o["destination"]}, len(o["kubernetes_clusters"])) for o in multi])
+        metric("cluster_seconds_to_expiry", "gauge",
+               "Seconds until the certificate of each selected cluster of a kubernetes/v2 output expires.",
+               [({"destination": o["destination"], "kubernetes_cluster": c}, secs)
+                for o in multi for c, secs in sorted((o.get("cluster_seconds_to_expiry") or {}).items())])
     if snap.get("last_success_unix") is not None:
         metric("last_success_timestamp_seconds", "gauge", "Unix time of the last successful renewal.",
                [({}, snap["last_success_unix"])])

@@ -195,6 +195,7 @@ class WriteResult:
     not_after: Optional[_dt.datetime]
     acl_changes: List[str] = field(default_factory=list)
     clusters: List[str] = field(default_factory=list)  # kubernetes/v2: the clusters written
+    cluster_not_after: Dict[str, _dt.datetime] = field(default_factory=dict)  # kubernetes/v2: expiry per cluster
 
 
 def write_kube(output: KubeOutput, creds: Any, teleport_cluster: str, endpoint: KubeEndpoint,
@@ -408,6 +409,13 @@ def inspect(destination: Path, now: Optional[_dt.datetime] = None) -> Dict[str, 
         except OutputError:
             creds = None
         if creds is None:
+            if names is None and fsutil.read_bytes(dest / IDENTITY) is None and _no_context(kc):
+                # a kubernetes/v2 output whose selectors matched nothing at its last renewal
+                out["clusters"] = []
+                out["error"] = ("%s has no context: the output's selectors match no Kubernetes cluster its roles "
+                                "may access (check the labels with `tctl get kube_server` and the selectors)"
+                                % KUBECONFIG)
+                return out
             out["error"] = "no %s (what the exec plugin reads) and no inline credentials in %s" % (IDENTITY, KUBECONFIG)
             return out
         na = cert_not_after(creds["cert"])
@@ -426,6 +434,16 @@ def inspect(destination: Path, now: Optional[_dt.datetime] = None) -> Dict[str, 
     return out
 
 
+def _no_context(kc: bytes) -> bool:
+    """True for a kubeconfig that has an empty list of contexts (what a kubernetes/v2 output with no selected
+    cluster writes)."""
+    try:
+        doc = yaml.safe_load(kc)
+    except yaml.YAMLError:
+        return False
+    return isinstance(doc, dict) and doc.get("contexts") == []
+
+
 def _cluster_identities(dest: Path) -> Optional[List[str]]:
     """The clusters with an identity file in a kubernetes/v2 destination, or None when it is not one."""
     try:
@@ -439,6 +457,7 @@ def _inspect_multi(dest: Path, kc: bytes, clusters: List[str], now: _dt.datetime
                    out: Dict[str, Any]) -> Dict[str, Any]:
     """inspect() of a kubernetes/v2 destination: valid when every cluster's identity is; expiry is the soonest."""
     out["clusters"] = clusters
+    out["cluster_expires"] = {}
     soonest = None
     for c in clusters:
         creds = read_credentials(dest, c)
@@ -446,6 +465,7 @@ def _inspect_multi(dest: Path, kc: bytes, clusters: List[str], now: _dt.datetime
         if not key_matches_cert(creds["key"], creds["cert"]):
             out["error"] = "%s: certificate does not match key" % identity_name(c)
             return out
+        out["cluster_expires"][c] = na.isoformat()
         soonest = na if soonest is None or na < soonest else soonest
     out["expires"] = soonest.isoformat()
     out["seconds_to_expiry"] = int((soonest - now).total_seconds())
@@ -537,8 +557,6 @@ def write_kube_multi(output: KubeOutput, creds: Dict[str, Any], teleport_cluster
             if (name.startswith(IDENTITY_PREFIX) and name not in keep) or name in (IDENTITY, KEY, TLSCERT):
                 d.unlink(name)
         d.fsync()
-    soonest = None
-    for c in creds.values():
-        na = getattr(c, "not_after", None) or cert_not_after(c.cert_pem)
-        soonest = na if soonest is None or na < soonest else soonest
-    return WriteResult(str(dest), soonest, changes, sorted(creds))
+    expiry = {n: getattr(c, "not_after", None) or cert_not_after(c.cert_pem) for n, c in creds.items()}
+    soonest = min(expiry.values()) if expiry else None
+    return WriteResult(str(dest), soonest, changes, sorted(creds), expiry)

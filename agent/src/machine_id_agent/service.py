@@ -29,7 +29,7 @@ import signal
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -118,14 +118,18 @@ class OutputState:
     not_after: Optional[_dt.datetime] = None
     last_error: Optional[str] = None
     clusters: Optional[List[str]] = None  # kubernetes/v2: the clusters selected at the last renewal
+    multi: bool = False  # a kubernetes/v2 output
+    cluster_not_after: Dict[str, _dt.datetime] = field(default_factory=dict)  # kubernetes/v2: expiry per cluster
 
     def view(self, now: _dt.datetime) -> Dict[str, Any]:
         secs = int((self.not_after - now).total_seconds()) if self.not_after else None
         out = {"destination": self.destination, "kubernetes_cluster": self.kubernetes_cluster,
                "expires": self.not_after.isoformat() if self.not_after else None, "seconds_to_expiry": secs,
                "valid": bool(secs is not None and secs > 0), "error": self.last_error}
-        if self.clusters is not None:
-            out["kubernetes_clusters"] = list(self.clusters)
+        if self.multi or self.clusters is not None:
+            out["kubernetes_clusters"] = list(self.clusters or [])
+            out["cluster_seconds_to_expiry"] = {c: int((na - now).total_seconds())
+                                                for c, na in sorted(self.cluster_not_after.items())}
         return out
 
 
@@ -192,10 +196,18 @@ class Agent:
             key = str(o.destination)
             st = old.get(key) or OutputState(key, o.kubernetes_cluster)
             st.kubernetes_cluster = o.kubernetes_cluster
+            st.multi = bool(getattr(o, "multi", False))
+            if not st.multi:
+                st.clusters, st.cluster_not_after = None, {}
             if st.not_after is None:
                 found = outputs.inspect(o.destination)
                 if found.get("valid") and found.get("expires"):
                     st.not_after = _dt.datetime.fromisoformat(found["expires"])
+                    # a kubernetes/v2 output found on disk at start: its clusters until the first renewal
+                    if st.multi and found.get("cluster_expires"):
+                        st.cluster_not_after = {c: _dt.datetime.fromisoformat(v)
+                                                for c, v in found["cluster_expires"].items()}
+                        st.clusters = sorted(st.cluster_not_after)
             self.outputs[key] = st
         # an output that is no longer configured loses its task series, like its seconds_to_expiry
         tasks = {}
@@ -440,6 +452,7 @@ class Agent:
                     st.not_after, st.last_error = res.not_after, None
                     if getattr(out, "multi", False):
                         st.clusters = list(getattr(res, "clusters", []))
+                        st.cluster_not_after = dict(getattr(res, "cluster_not_after", {}) or {})
                         if not st.clusters:
                             st.last_error = self._no_match(out)
                 if getattr(out, "multi", False):

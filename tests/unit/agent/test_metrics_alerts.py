@@ -131,11 +131,15 @@ def test_promtool_rules_pass():
 
 
 def test_the_rules_test_catches_a_wrong_rule(tmp_path):
-    """A threshold a healthy agent at the defaults stays under for minutes (3000 s: it goes down to 2460 s), and a failing-renewals rule
-    that forgets the later success, both make the test fail."""
+    """A threshold a healthy agent at the defaults stays under for minutes (3000 s: it goes down to 2460 s), a
+    failing-renewals rule that forgets the later success, an expiry rule that also alerts on a kubernetes/v2
+    output's own series (a second alert without the cluster) or misses its per-cluster series: each makes the
+    test fail."""
     text = pt.RULES.read_text()
-    for old, new in (("machine_id_agent_seconds_to_expiry < 1800", "machine_id_agent_seconds_to_expiry < 3000"),
-                     ("unless", "or")):
+    v2 = 'machine_id_agent_seconds_to_expiry{kubernetes_cluster!=""} < 1800'
+    for old, new in ((v2, v2.replace("1800", "3000")), ("unless", "or"),
+                     (v2, "machine_id_agent_seconds_to_expiry < 1800"),
+                     ("or machine_id_agent_cluster_seconds_to_expiry < 1800", "")):
         assert old in text
         (tmp_path / "rules.yml").write_text(text.replace(old, new, 1))
         doc = yaml.safe_load(TEST_FILE.read_text())

@@ -309,3 +309,32 @@ def test_module_takes_the_acl_judgement_from_status_and_asks_an_older_agent_agai
     assert [c.split()[0] for c in calls] == ["status", "status", "init"] and "--check-acls" not in calls[1]
     assert res["status"]["identity"] == {"valid": True} and "status_error" not in res
     assert res["drift"] == ["%s: would change: would set the acl of %s" % (dest, dest)]
+
+
+def test_cluster_check_asks_each_context_of_a_kubeconfig_of_several_clusters(tmp_path):
+    """module cluster_check (verify's full path) and agent_state (the no-change path) ask the same questions: the
+    current context of a one-cluster kubeconfig, each context (listed as the reader) of a kubernetes/v2 one."""
+    kubectl, log = tmp_path / "kubectl", tmp_path / "kubectl.log"
+    kubectl.write_text(textwrap.dedent("""\
+        #!/bin/sh
+        echo "$@" >> %s
+        case "$*" in
+          *get-contexts*) case "$*" in *empty*) ;; *) printf 'a@bed\\nb@bed\\n' ;; esac ;;
+          *"--context b@bed"*) echo 'an error on the server' >&2; exit 1 ;;
+          *) echo yes ;;
+        esac
+        """ % log))
+    kubectl.chmod(0o755)
+    one, multi, empty = str(tmp_path / "one"), str(tmp_path / "multi"), str(tmp_path / "empty")
+    task = {"lanyard.machine_id.cluster_check": {
+        "kubectl": str(kubectl), "namespace": "demo",
+        "destinations": [{"directory": one}, {"directory": multi, "every_context": True},
+                         {"directory": empty, "every_context": True}]}}
+    run = run_playbook(tmp_path, yaml.safe_dump([{"hosts": "localhost", "gather_facts": False, "tasks": [task]}]))
+    assert run.rc == 0, run.stdout[-3000:]
+    checks = run.result("lanyard.machine_id.cluster_check")["checks"]
+    assert [(c["directory"], c["context"], c["stdout"], c["stderr"]) for c in checks] == [
+        (one, None, "yes", ""), (multi, "a@bed", "yes", ""), (multi, "b@bed", "", "an error on the server"),
+        (empty, None, "", "")]
+    assert checks[-1]["no_context"] is True
+    assert "--context a@bed --request-timeout 30s auth can-i list pods -n demo" in log.read_text()

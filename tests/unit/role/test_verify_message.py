@@ -35,36 +35,59 @@ def _assert_task() -> dict:
 
 
 SKIPPED = {"skipped": True, "changed": False}
+
+
+def _check(stdout, stderr="", directory="/opt/machine-id", context=None, **extra):
+    return dict({"directory": directory, "context": context, "rc": 0 if stdout == "yes" else 1, "stdout": stdout,
+                 "stderr": stderr}, **extra)
+
+
+V2 = "/opt/machine-id-fleet"
 CASES = {
     "ok": ({"__machine_id_active": {"stdout": "active"}, "__machine_id_journal": SKIPPED,
-            "__machine_id_can_i": {"results": [{"stdout": "yes", "stderr": ""}, {"skipped": True}]}}, None),
-    "inactive": ({"__machine_id_active": {"stdout": "activating"}, "__machine_id_can_i": SKIPPED,
+            "__machine_id_cluster_check": {"checks": [_check("yes")]}}, None),
+    "inactive": ({"__machine_id_active": {"stdout": "activating"}, "__machine_id_cluster_check": SKIPPED,
                   "__machine_id_journal": {"stdout_lines": ["joining the cluster", "join failed: token expired"]}},
                  ["machine-id.service is activating", "Journal: joining the cluster | join failed: token expired"]),
+    "refused": ({"__machine_id_active": {"stdout": "active"}, "__machine_id_journal": SKIPPED,
+                 "__machine_id_cluster_check": {"checks": [_check("no", "Forbidden")]}},
+                ["kubectl auth can-i list pods -n demo answered no (Forbidden)"]),
+    # kubectl is not on the host: no answer, nothing to judge
+    "no-kubectl": ({"__machine_id_active": {"stdout": "active"}, "__machine_id_journal": SKIPPED,
+                    "__machine_id_cluster_check": SKIPPED}, None),
     # the no-change path: agent_state saw the unit active and asked the cluster (cluster_check); verify waited for
-    # nothing and ran no kubectl of its own
+    # nothing and asked nothing itself
     "converged": ({"_machine_id_converged": True, "__machine_id_active": SKIPPED, "__machine_id_journal": SKIPPED,
-                   "_machine_id_state": {"cluster_check": [{"directory": "/opt/machine-id", "rc": 0, "stdout": "yes",
-                                                            "stderr": ""}]}}, None),
+                   "_machine_id_state": {"cluster_check": [_check("yes")]}}, None),
     "converged-refused": ({"_machine_id_converged": True, "__machine_id_active": SKIPPED,
                            "__machine_id_journal": SKIPPED,
-                           "_machine_id_state": {"cluster_check": [{"directory": "/opt/machine-id", "rc": 1,
-                                                                    "stdout": "no", "stderr": "Forbidden"}]}},
+                           "_machine_id_state": {"cluster_check": [_check("no", "Forbidden")]}},
                           ["machine-id.service is active; kubectl auth can-i list pods -n demo answered no (Forbidden)"]),
-    # a stale kubectl answer from verify's own task is not the no-change path's: agent_state's answer is judged
+    # a stale answer from an earlier full-path verify is not the no-change path's: agent_state's is judged
     "converged-stale-full-path-answer": ({"_machine_id_converged": True, "__machine_id_active": SKIPPED,
                                           "__machine_id_journal": SKIPPED,
-                                          "__machine_id_can_i": {"results": [{"stdout": "yes", "stderr": ""}]},
-                                          "_machine_id_state": {"cluster_check": [{"directory": "/opt/machine-id",
-                                                                                   "rc": 1, "stdout": "no",
-                                                                                   "stderr": "Forbidden"}]}},
+                                          "__machine_id_cluster_check": {"checks": [_check("yes")]},
+                                          "_machine_id_state": {"cluster_check": [_check("no", "Forbidden")]}},
                                          ["kubectl auth can-i list pods -n demo answered no"]),
-    # kubectl is not on the host: no answer, nothing to judge
     "converged-no-kubectl": ({"_machine_id_converged": True, "__machine_id_active": SKIPPED,
                               "__machine_id_journal": SKIPPED, "_machine_id_state": {}}, None),
-    "refused": ({"__machine_id_active": {"stdout": "active"}, "__machine_id_journal": SKIPPED,
-                 "__machine_id_can_i": {"results": [{"stdout": "no", "stderr": "Forbidden"}]}},
-                ["kubectl auth can-i list pods -n demo answered no (Forbidden)"]),
+    # kubernetes/v2: every context asked; the one that does not answer yes is named with its destination
+    "v2-context-refused": ({"__machine_id_active": {"stdout": "active"}, "__machine_id_journal": SKIPPED,
+                            "__machine_id_cluster_check": {"checks": [
+                                _check("yes", directory=V2, context="mc-alpha@bed"),
+                                _check("", "an error on the server", directory=V2, context="mc-down@bed")]}},
+                           ["destination %s context mc-down@bed: kubectl auth can-i list pods -n demo answered '' "
+                            "(an error on the server)" % V2]),
+    "v2-no-context": ({"__machine_id_active": {"stdout": "active"}, "__machine_id_journal": SKIPPED,
+                       "__machine_id_read": {"results": [{"item": {"directory": V2}, "rc": 1,
+                                                          "stderr_lines": ["kubeconfig.yaml has no context"]}]},
+                       "__machine_id_cluster_check": {"checks": [_check("", directory=V2, no_context=True)]}},
+                      ["destination %s: its kubeconfig has no context, the selectors match no Kubernetes cluster" % V2]),
+    "unread": ({"__machine_id_active": {"stdout": "active"}, "__machine_id_journal": SKIPPED,
+                "__machine_id_read": {"results": [{"item": {"directory": "/opt/machine-id"}, "rc": 1,
+                                                   "stderr_lines": ["permission denied"]}]},
+                "__machine_id_cluster_check": SKIPPED},
+               ["the reader app cannot use /opt/machine-id: permission denied"]),
 }
 
 
@@ -72,7 +95,8 @@ CASES = {
 def test_verify_assertion(tmp_path, case):
     registered, words = CASES[case]
     play = [{"hosts": "localhost", "gather_facts": False,
-             "vars": dict(registered, machine_id_service_name="machine-id", machine_id_verify_namespace="demo"),
+             "vars": dict(registered, machine_id_service_name="machine-id", machine_id_verify_namespace="demo",
+                          machine_id_reader_user="app"),
              "tasks": [_assert_task()]}]
     run = run_playbook(tmp_path, yaml.safe_dump(play, sort_keys=False) + "\n")
     if words is None:
@@ -82,4 +106,6 @@ def test_verify_assertion(tmp_path, case):
     msg = run.result("Assert the agent works")["msg"]
     for w in words:
         assert w in msg, msg
+    if case == "v2-no-context":  # named once, by the cluster check, not again by the reader's wait
+        assert "cannot use" not in msg, msg
     assert "{{" not in msg and "{%" not in msg, msg
