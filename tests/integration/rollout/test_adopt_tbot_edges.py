@@ -194,7 +194,9 @@ def test_3_a_full_storage_fails_the_takeover_clearly_keeps_the_identity_and_a_re
     print("[full storage]", fatal)
     assert len(fatal) == 1 and "Traceback" not in run.stdout, run.stdout[-8000:]
     msg = json.loads(fatal[0].split("=> ", 1)[1])["msg"]
-    assert f"{STORAGE}: cannot import tbot's identity (" in msg and "free space" in msg, msg
+    # verify's line: the agent not ready, and its own words from the journal (what, why, the fix)
+    assert msg.startswith(f"machine_id on {T1}: machine-id.service is activating"), msg
+    assert STORAGE in msg and "free space" in msg and "No space left on device" in msg, msg
     assert fleet.token_creations() == tokens
     # the identity is not lost: tbot's files as they were (not moved aside), no identity.json half written
     after = tree_digest(host, STORAGE)
@@ -294,7 +296,9 @@ def test_5_one_batch_trixie_host_taken_over_while_the_other_host_is_unreachable(
     assert run.rc != 0, run.stdout[-6000:]
     assert f"fatal: [{T4}]: UNREACHABLE!" in run.stdout, run.stdout[-6000:]
     assert f"rollout stopped after this batch: {T4} failed or could not be reached" in run.stdout, run.stdout[-6000:]
-    assert not _failed_lines(run, T3) and "Traceback" not in run.stdout
+    # the rollout's own report (a run_once task, shown under the batch's first host) is te-3's only failure line
+    assert [line for line in _failed_lines(run, T3) if "rollout stopped after this batch" not in line] == []
+    assert "Traceback" not in run.stdout
     assert fleet.token_creations() == tokens
     _taken_over(fleet, T3)
     assert unit_state(t3, "tbot")[:2] == ("inactive", "disabled")
