@@ -82,8 +82,8 @@ def _failed_lines(run, host):
 def _untouched(fleet, name, before_storage, before_dest, pid):
     """tbot still runs (same process), its files and outputs unchanged, no agent identity, the reader reads."""
     host = fleet.hosts[name]
-    active, _, now_pid = unit_state(host, UNITS[name])
-    assert (active, now_pid) == ("active", pid), (active, now_pid, pid)
+    state = unit_state(host, UNITS[name])
+    assert (state[0], state[2]) == ("active", pid), (state, pid)
     assert tree_digest(host, STORAGE) == before_storage
     assert tree_digest(host, DEST) == before_dest
     assert not (host.root / STORAGE.lstrip("/") / "identity.json").exists()
@@ -144,8 +144,8 @@ def test_2_a_running_tbot_with_a_partial_or_mismatched_storage_is_refused_then_t
                        "&& chown teleport:teleport tlscert",
                        "is mismatched: key is not the key of tlscert"),
     }
-    (host.root / "var/tmp/other-tlscert").write_bytes((fleet.hosts[T4].root / STORAGE.lstrip("/") / "tlscert")
-                                                     .read_bytes())
+    other_tlscert = (fleet.hosts[T4].root / STORAGE.lstrip("/") / "tlscert").read_bytes()
+    (host.root / "var/tmp/other-tlscert").write_bytes(other_tlscert)
     for case, (damage, why) in cases.items():
         sh(host, f"cd {STORAGE} && {damage}")
         storage, dest = tree_digest(host, STORAGE), tree_digest(host, DEST)
@@ -156,7 +156,8 @@ def test_2_a_running_tbot_with_a_partial_or_mismatched_storage_is_refused_then_t
         assert len(fatal) == 1 and "Traceback" not in run.stdout, run.stdout[-6000:]
         msg = json.loads(fatal[0].split("=> ", 1)[1])["msg"]
         assert "\n" not in msg
-        assert msg.startswith(f"machine_id on {T2}: tbot.service runs tbot, but tbot's identity in {STORAGE} {why}"), msg
+        assert msg.startswith(f"machine_id on {T2}: tbot.service runs tbot, but tbot's identity in {STORAGE} {why}"), \
+            msg
         assert "no token was minted" in msg and "systemctl reload tbot.service" in msg, msg
         assert fleet.token_creations() == tokens
         _untouched(fleet, T2, storage, dest, pid)
@@ -164,8 +165,7 @@ def test_2_a_running_tbot_with_a_partial_or_mismatched_storage_is_refused_then_t
 
     # the fix the message names: tbot renews on SIGHUP and writes its whole identity again
     sh(host, "systemctl reload tbot.service")
-    assert wait_for(lambda: (store / "tlscert").read_bytes() not in (good_tlscert, (host.root / "var/tmp/other-tlscert")
-                                                                      .read_bytes()), timeout=60), \
+    assert wait_for(lambda: (store / "tlscert").read_bytes() not in (good_tlscert, other_tlscert), timeout=60), \
         sh(host, "journalctl -u tbot --no-pager -o cat | tail -20", check=False).stdout
     time.sleep(2)  # tbot writes its files one after the other
     run = fleet.rollout(extra_args=["--limit", T2])
@@ -196,7 +196,8 @@ def test_3_a_full_storage_fails_the_takeover_clearly_keeps_the_identity_and_a_re
     msg = json.loads(fatal[0].split("=> ", 1)[1])["msg"]
     # verify's line: the agent not ready, and its own words from the journal (what, why, the fix)
     assert msg.startswith(f"machine_id on {T1}: machine-id.service is activating"), msg
-    assert STORAGE in msg and "free space" in msg and "No space left on device" in msg, msg
+    assert f"{STORAGE}: cannot import tbot's identity (storage {STORAGE}: only 0 KiB free" in msg, msg
+    assert f"free space or fix the permissions of {STORAGE}" in msg, msg
     assert fleet.token_creations() == tokens
     # the identity is not lost: tbot's files as they were (not moved aside), no identity.json half written
     after = tree_digest(host, STORAGE)
@@ -250,7 +251,7 @@ def test_4_verify_and_the_no_change_path_catch_a_stopped_or_failed_reload_path_u
     dropin.parent.mkdir(parents=True, exist_ok=True)
     dropin.write_text("[Unit]\nStartLimitIntervalSec=60\nStartLimitBurst=1\n")
     sh(host, "systemctl daemon-reload")
-    for _ in range(3):
+    for _renewal in range(3):
         _replace_kubeconfig(host)
         time.sleep(1.5)
     assert wait_for(lambda: unit_state(host, f"{RELOAD}.path")[0] == "failed", 20), \
