@@ -47,6 +47,11 @@ CASES = {
                            "__machine_id_journal": SKIPPED,
                            "__machine_id_can_i": {"results": [{"stdout": "no", "stderr": "Forbidden"}]}},
                           ["machine-id.service is active; kubectl auth can-i list pods -n demo answered no"]),
+    # a long journal keeps its most recent lines (the agent's own words), e.g. after a tbot under the same unit name
+    "long-journal": ({"__machine_id_active": {"stdout": "activating"}, "__machine_id_can_i": SKIPPED,
+                      "__machine_id_journal": {"stdout_lines": ["INFO [TBOT] renewed " + "x" * 200] * 20
+                                               + ["ERROR: renewal failed: storage full; free space"]}},
+                     ["machine-id.service is activating", "Journal: ...", "ERROR: renewal failed: storage full; free space"]),
     "refused": ({"__machine_id_active": {"stdout": "active"}, "__machine_id_journal": SKIPPED,
                  "__machine_id_can_i": {"results": [{"stdout": "no", "stderr": "Forbidden"}]}},
                 ["kubectl auth can-i list pods -n demo answered no (Forbidden)"]),
