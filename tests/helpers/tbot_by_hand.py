@@ -97,6 +97,13 @@ def tree_digest(host, path: str) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
 
 
+def tree_digest_inside(host, path: str) -> dict[str, str]:
+    """Like :func:`tree_digest`, read inside the host (through its mounts, e.g. a tmpfs mounted over ``path``,
+    which the controller's view of the root file system does not see)."""
+    out = sh(host, f"cd {path} && find . -type f -exec sha256sum {{}} +").stdout
+    return {name[2:]: digest for digest, name in (line.split(None, 1) for line in out.splitlines())}
+
+
 def unit_state(host, unit: str) -> tuple[str, str, str]:
     """(ActiveState, UnitFileState, MainPID) of ``unit``."""
     out = sh(host, f"systemctl show {unit} -p ActiveState -p UnitFileState -p MainPID", check=False).stdout

@@ -28,7 +28,7 @@ import pytest
 import testbed as tb
 from helpers.fleet import Fleet, agent_status, changed_by_host, wait_for
 from helpers.tbot_by_hand import (DEST, STORAGE, build_by_hand, control_plane_by_hand, sh, tbot_processes,
-                                  tree_digest, unit_state)
+                                  tree_digest, tree_digest_inside, unit_state)
 
 pytestmark = [pytest.mark.testbed, pytest.mark.slow]
 
@@ -96,7 +96,8 @@ def _taken_over(fleet, name):
     status = agent_status(host)
     assert status["identity"]["state"] == "ok" and status["identity"]["bot"] == BOTS[name], status
     assert not tbot_processes(host), tbot_processes(host)
-    assert (host.root / STORAGE.lstrip("/") / "adopted-from-tbot" / "tlscert").exists()
+    # inside the host: te-1's storage is a tmpfs mounted in the host's own mount namespace
+    assert sh(host, f"test -f {STORAGE}/adopted-from-tbot/tlscert", check=False).returncode == 0
     journal = sh(host, "journalctl -u machine-id --no-pager -o cat", check=False).stdout
     assert "adopted the identity tbot left in" in journal and "joining the cluster" not in journal, journal[-3000:]
     assert fleet.reader_get_pods(name).returncode == 0
@@ -185,7 +186,7 @@ def test_3_a_full_storage_fails_the_takeover_clearly_keeps_the_identity_and_a_re
     assert wait_for(lambda: unit_state(host, "machine-id")[0] == "active", 30)
     sh(host, f"dd if=/dev/zero of={STORAGE}/filler bs=4k 2>/dev/null; sync", check=False)
     assert sh(host, f"df -k --output=avail {STORAGE} | tail -1").stdout.strip() == "0"
-    tbot_files = {k: v for k, v in tree_digest(host, STORAGE).items() if k != "filler"}
+    tbot_files = {k: v for k, v in tree_digest_inside(host, STORAGE).items() if k != "filler"}
     tokens = fleet.token_creations()
 
     run = fleet.rollout(extra_args=["--limit", T1])
@@ -200,7 +201,7 @@ def test_3_a_full_storage_fails_the_takeover_clearly_keeps_the_identity_and_a_re
     assert f"free space or fix the permissions of {STORAGE}" in msg, msg
     assert fleet.token_creations() == tokens
     # the identity is not lost: tbot's files as they were (not moved aside), no identity.json half written
-    after = tree_digest(host, STORAGE)
+    after = tree_digest_inside(host, STORAGE)
     assert {k: after.get(k) for k in tbot_files} == tbot_files, (after, tbot_files)
     assert not [k for k in after if k.startswith("identity.json") or k.startswith(".identity")], after
     assert not tbot_processes(host)
