@@ -184,6 +184,9 @@ def test_3_a_full_storage_fails_the_takeover_clearly_keeps_the_identity_and_a_re
              f"mount -t tmpfs -o size=1m,mode=0700,uid=$(id -u teleport),gid=$(id -g teleport) te-full {STORAGE} && "
              f"cp -a /root/te-bot/. {STORAGE}/ && systemctl start machine-id")
     assert wait_for(lambda: unit_state(host, "machine-id")[0] == "active", 30)
+    # tbot renews once when it starts (and rewrites tlscert, key-cert.pub): let that finish before the snapshot
+    assert wait_for(lambda: sh(host, "journalctl -u machine-id -o cat --no-pager --since=-60s", check=False).stdout
+                    .count("Persisted certificates successfully") >= 1, 60)
     sh(host, f"dd if=/dev/zero of={STORAGE}/filler bs=4k 2>/dev/null; sync", check=False)
     assert sh(host, f"df -k --output=avail {STORAGE} | tail -1").stdout.strip() == "0"
     tbot_files = {k: v for k, v in tree_digest_inside(host, STORAGE).items() if k != "filler"}
