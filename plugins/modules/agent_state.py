@@ -168,6 +168,13 @@ options:
       - A C(yes) also proves that the reader reads valid credentials in that destination, so C(wait) is not run
         there; any other answer is followed by C(wait), which names a reader that cannot read in RV(drift).
     type: str
+  cluster_check_every_context:
+    description:
+      - Destinations (of O(destinations)) whose kubeconfig holds several clusters (a C(kubernetes/v2) output) - for
+        these, O(cluster_check_namespace)'s question is asked through each context, listed as O(reader_user).
+    type: list
+    elements: path
+    default: []
 notes:
   - Differences are named by path, unit or user and never include a file's content.
 seealso:

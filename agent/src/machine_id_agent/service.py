@@ -626,8 +626,15 @@ class Agent:
                                   % (d, " (pid %d)" % holder if holder else "")) from None
             # the previous agent died and its renewal worker is finishing: wait for it
             time.sleep(0.05)
-        os.ftruncate(fd, 0)
-        os.write(fd, ("%d\n" % os.getpid()).encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, ("%d\n" % os.getpid()).encode())
+        except OSError as e:
+            # The flock is the lock; the pid in the file only names its holder to the next agent. A full storage
+            # (ENOSPC) must not stop the agent here with a traceback: the cycle then says what the storage lacks
+            # (e.g. "cannot import tbot's identity (...); free space ...") and retries until it is fixed.
+            self.log.warning("storage %s: cannot write this agent's pid into %s (%s); carrying on, the lock is held",
+                             d, d / LOCK_FILE, e.strerror or e)
         self._lock_fd = fd
         try:
             self._tbot_lock_fd = self._acquire_tbot_lock(d)

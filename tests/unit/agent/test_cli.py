@@ -166,7 +166,7 @@ def test_status_names_locked_lost_and_full_storage_with_the_fix(tmp_path, monkey
 def test_status_check_acls_reports_what_init_would_change_as_the_running_user(tmp_path, monkeypatch, capsys):
     """``status --check-acls`` (the role's no-change check, one process for status and the ACLs): per output what
     ``init -c CONFIG`` run by this user would change, with the config's readers; nothing is changed."""
-    monkeypatch.setattr(service, "Backend", lambda: FakeBackend())
+    monkeypatch.setattr(service, "Backend", FakeBackend)
     d = tmp_path / "machine-id"
     cfg = make_cfg(tmp_path, destinations=[{"directory": str(d), "kubernetes_cluster": "k", "readers": ["nobody"]}],
                    acls="try")

@@ -15,6 +15,8 @@ import yaml
 from helpers.playbook import run_playbook
 
 VERIFY = Path(__file__).resolve().parents[3] / "roles" / "machine_id" / "tasks" / "verify.yml"
+# the role variable the assert reads the agent's state through (verify_ready.yml's is-active, first line)
+ROLE_VARS = yaml.safe_load((VERIFY.parents[1] / "vars" / "main.yml").read_text())
 
 
 def _assert_task() -> dict:
@@ -88,6 +90,14 @@ CASES = {
                                                    "stderr_lines": ["permission denied"]}]},
                 "__machine_id_cluster_check": SKIPPED},
                ["the reader app cannot use /opt/machine-id: permission denied"]),
+    # a long journal keeps its most recent lines (the agent's own words), e.g. after a tbot under the same unit name
+    "long-journal": ({"__machine_id_active": {"stdout": "activating"}, "__machine_id_cluster_check": SKIPPED,
+                      "__machine_id_journal": {"stdout_lines": ["INFO [TBOT] renewed " + "x" * 200] * 20
+                                               + ["ERROR: renewal failed: storage full; free space"]}},
+                     ["machine-id.service is activating", "Journal: ...", "ERROR: renewal failed: storage full; free space"]),
+    # the reload .path units are asked in the same is-active: the agent's state is the first line
+    "path-units-listed": ({"__machine_id_active": {"stdout": "active\nactive\nfailed"}, "__machine_id_journal": SKIPPED,
+                           "__machine_id_cluster_check": {"checks": [_check("yes")]}}, None),
 }
 
 
@@ -96,7 +106,7 @@ def test_verify_assertion(tmp_path, case):
     registered, words = CASES[case]
     play = [{"hosts": "localhost", "gather_facts": False,
              "vars": dict(registered, machine_id_service_name="machine-id", machine_id_verify_namespace="demo",
-                          machine_id_reader_user="app"),
+                          machine_id_reader_user="app", _machine_id_agent_active=ROLE_VARS["_machine_id_agent_active"]),
              "tasks": [_assert_task()]}]
     run = run_playbook(tmp_path, yaml.safe_dump(play, sort_keys=False) + "\n")
     if words is None:
