@@ -4,8 +4,9 @@
 #
 # Every test (make test / .ci/run), in two pytest processes that run at the same time:
 #   lane A: the tests that spend their time waiting on Teleport (CA rotations step by step) and on systemd
-#           (crash and restart loops on a rolled-out host) -- about 20 minutes of mostly idle CPU -- and the
-#           controller matrix (unit tests, sanity and a rollout on other ansible-core versions);
+#           (crash and restart loops on a rolled-out host, a start that waits out TimeoutStartSec on a full
+#           storage, tbot's own start-up) -- mostly idle CPU -- the tbot takeovers, and the controller matrix (unit
+#           tests, sanity and a rollout on other ansible-core versions);
 #   lane B: everything else (unit, real bed, molecule, rollouts, sanity, lint).
 # Each lane has its own test bed (free ports, own temp dirs) and its own test hosts (names differ per module).
 # Lane B prints as it goes; lane A's output follows at the end. Non-zero when either lane fails; a lane that
@@ -18,7 +19,8 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
 py=${PYTHON:-python3}
 LANE_A=(tests/integration/agent/test_rotation_real.py tests/integration/agent/test_crash_real.py
-        tests/integration/collection/test_controller_matrix.py)
+        tests/integration/collection/test_controller_matrix.py
+        tests/integration/rollout/test_adopt_tbot.py tests/integration/rollout/test_adopt_tbot_edges.py)
 
 if [ "${LANYARD_TEST_LANES:-2}" = 1 ]; then
   exec "$py" -m pytest tests "$@"
