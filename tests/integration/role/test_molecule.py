@@ -176,9 +176,10 @@ def test_molecule_default_scenario(bed, tmp_path, release):
         token_sha = _host("sha256sum", "/etc/machine-id-agent/token").split()[0]
         assert token_sha == hashlib.sha256((token + "\n").encode()).hexdigest(), "token file content differs"
         idem = molecule("idempotence")
-        # The host now holds a valid identity and nothing differs: the play passes no token, the configure phase
-        # (with the token file task) is skipped as a whole (the no-change path), and the token file stays.
-        assert _task_status(idem, "Configure the agent") == "skipping"
+        # The host now holds a valid identity and nothing differs: the play passes no token, the install,
+        # configure (with the token file task) and service phases are skipped as a whole (the no-change path), and
+        # the token file stays.
+        assert _task_status(idem, "Install, take over, configure and run the agent") == "skipping"
         assert ": Write the join token file (0600, bot user)]" not in idem
         assert _host("sha256sum", "/etc/machine-id-agent/token").split()[0] == token_sha
         converged_check = molecule("converge", "--", "--check")
