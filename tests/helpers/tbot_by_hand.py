@@ -4,9 +4,8 @@
 takeover tests: Step 1 (the Teleport role, Kubernetes RBAC for group ``example``) and Step 2 on one host (the bot
 from ``tctl bots add``, ``/etc/tbot.yaml`` v1 with the onboarding token and CA pin, ``tbot init`` with the guide's
 flags, the storage directory, the guide's unit under a chosen name, started). The one deviation from the guide:
-the bed's web CA goes into the host's CA bundle (a real proxy has a public certificate).
-
-The same steps as tests/integration/rollout/test_adopt_tbot.py, parametrised by bot and unit name."""
+the bed's web CA goes into the host's CA bundle (a real proxy has a public certificate). Used by
+tests/integration/rollout/test_adopt_tbot.py and test_adopt_tbot_edges.py, parametrised by bot and unit name."""
 
 from __future__ import annotations
 

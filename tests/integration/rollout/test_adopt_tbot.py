@@ -20,49 +20,25 @@ nothing. ``ad-3``'s tbot identity expired before its first rollout: it gets a to
 from __future__ import annotations
 
 import json
-import shutil
 import time
-from pathlib import Path
 
 import pytest
-import yaml
 from cryptography import x509
 
 import testbed as tb
 from helpers.fleet import AGENT, Fleet, agent_status, changed_by_host, wait_for
-from helpers.guide import GUIDE_ROLE
+from helpers.tbot_by_hand import DEST, STORAGE, build_by_hand, control_plane_by_hand
+from helpers.tbot_by_hand import sh as _sh
+from helpers.tbot_by_hand import tbot_processes as _tbot_processes
 
 pytestmark = [pytest.mark.testbed, pytest.mark.slow]
 
 GUIDE_HOST, OTHER_UNIT_HOST, EXPIRED_HOST = "ad-1", "ad-2", "ad-3"
 BOTS = {GUIDE_HOST: "example", OTHER_UNIT_HOST: "example-ad2", EXPIRED_HOST: "example-ad3"}
 UNITS = {GUIDE_HOST: "machine-id", OTHER_UNIT_HOST: "tbot", EXPIRED_HOST: "tbot"}
-STORAGE = "/var/lib/teleport/bot"
-DEST = "/opt/machine-id"
 OID_GENERATION = x509.ObjectIdentifier("1.3.9999.1.14")
 LOOP_LOG = "/var/tmp/reader-loop/log"
 TAKEOVER_TASK = "Stop (and disable) the hand-built tbot that renews this storage; the agent takes its identity over"
-
-# The guide's unit, verbatim (Step 2).
-GUIDE_UNIT = """[Unit]
-Description=Teleport Machine ID Service
-After=network.target
-
-[Service]
-Type=simple
-User=teleport
-Group=teleport
-Restart=on-failure
-Environment="TELEPORT_ANONYMOUS_TELEMETRY=1"
-ExecStart=/usr/local/bin/tbot start -c /etc/tbot.yaml
-ExecReload=/bin/kill -HUP $MAINPID
-PIDFile=/run/machine-id.pid
-LimitNOFILE=524288
-
-[Install]
-WantedBy=multi-user.target
-"""
-
 
 # A reader loop as `app`: one line per `kubectl get pods` with its exit status and which kubeconfig it read (tbot's
 # exec plugin or the agent's), until /var/tmp/reader-loop/stop appears.
@@ -97,54 +73,6 @@ def fleet(bed, tmp_path_factory):
         f.stop()
 
 
-def _sh(host, script, check=True, timeout=120):
-    r = host.run(["sh", "-c", script], check=False, timeout=timeout)
-    if check:
-        assert r.returncode == 0, f"{script}\n{r.stdout}\n{r.stderr}"
-    return r
-
-
-def _control_plane_by_hand(tp, kube, tmp_path):
-    """Step 1 of the guide: the Teleport role and a Kubernetes Role/RoleBinding for group `example`. The Kubernetes
-    objects get names of their own (`guide-role`, `guide-rolebinding-group`): the rollout manages `example-role`
-    with server-side apply and would refuse to take over fields `kubectl create` owns (409, force_conflicts)."""
-    role = tmp_path / "role.yaml"
-    role.write_text(GUIDE_ROLE)
-    tp.tctl("create", "-f", str(role), check=True)
-    kube.kubectl("create", "role", "guide-role", "--namespace=demo", "--verb=get,list",
-                 "--resource=pods,deployments", check=True)
-    kube.kubectl("create", "rolebinding", "guide-rolebinding-group", "--namespace=demo", "--role=guide-role",
-                 "--group=example", check=True)
-
-
-def _build_by_hand(fleet, bed, name, extra_config=None):
-    """Step 2 of the guide on one host, with the real tbot."""
-    tp, host = fleet.teleport, fleet.hosts[name]
-    token = tp.bot_add(BOTS[name], ["machine-id-kube-role"])
-    pin = tp.status_ca_pin()
-    shutil.copy2(bed.bins["tbot"], host.root / "usr/local/bin/tbot")
-    # the bed's proxy certificate is signed by the bed's own web CA: trusted like a public CA on a real host
-    bundle = host.root / "etc/ssl/certs/ca-certificates.crt"
-    bundle.parent.mkdir(parents=True, exist_ok=True)
-    with open(bundle, "a") as f:
-        f.write(Path(tp.web_ca_path).read_text())
-    cfg = {"auth_server": tp.proxy_addr,
-           "onboarding": {"join_method": "token", "token": token, "ca_pins": [pin]},
-           "storage": {"directory": STORAGE},
-           "destinations": [{"directory": DEST, "kubernetes_cluster": "example-k8s-cluster"}]}
-    cfg.update(extra_config or {})
-    (host.root / "etc/tbot.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    _sh(host, "useradd --system --create-home teleport && useradd --create-home app")
-    _sh(host, "tbot init -c /etc/tbot.yaml --init-dir=/opt/machine-id --bot-user=teleport "
-              "--owner=teleport:teleport --reader-user=app")
-    _sh(host, f"mkdir -p {STORAGE} && chown teleport:teleport {STORAGE} && chmod +x /var/lib/teleport {STORAGE}")
-    (host.root / f"etc/systemd/system/{UNITS[name]}.service").write_text(GUIDE_UNIT)
-    _sh(host, f"systemctl daemon-reload && systemctl enable {UNITS[name]} && systemctl start {UNITS[name]}")
-    ok = wait_for(lambda: fleet.reader_get_pods(name).returncode == 0, timeout=90)
-    assert ok, (fleet.reader_get_pods(name).stderr,
-                _sh(host, f"journalctl -u {UNITS[name]} --no-pager | tail -30", check=False).stdout)
-
-
 def _cert_generation(pem: bytes) -> int:
     cert = x509.load_pem_x509_certificate(pem)
     return int(cert.subject.get_attributes_for_oid(OID_GENERATION)[0].value)
@@ -163,16 +91,11 @@ def _changed_tasks(run) -> list[tuple[str, str]]:
     return [(r["host"], r["task"]) for r in run.results if r["status"] == "ok" and r["result"].get("changed")]
 
 
-def _tbot_processes(host) -> list[str]:
-    out = _sh(host, "ps -eo pid,user,args", check=False).stdout
-    return [line for line in out.splitlines() if "/usr/local/bin/tbot " in line]
-
-
 def test_1_one_rollout_takes_over_hand_built_tbot_hosts_with_no_token(fleet, bed, tmp_path):
     tp, kube = fleet.teleport, fleet.kube
-    _control_plane_by_hand(tp, kube, tmp_path)
+    control_plane_by_hand(tp, kube, tmp_path)
     for name in (GUIDE_HOST, OTHER_UNIT_HOST):
-        _build_by_hand(fleet, bed, name)
+        build_by_hand(fleet, bed, name, BOTS[name], UNITS[name])
     guide = fleet.hosts[GUIDE_HOST]
     # what the real tbot v13.3.8 leaves in its storage and destination (recorded in docs/protocol-findings.md)
     print("[tbot storage]", _sh(guide, f"ls -la {STORAGE}").stdout)
@@ -268,7 +191,7 @@ def test_2_an_expired_tbot_identity_gets_a_token_like_a_new_host(fleet, bed):
     and its identity expired before the rollout."""
     fleet.add_hosts([EXPIRED_HOST])
     host = fleet.hosts[EXPIRED_HOST]
-    _build_by_hand(fleet, bed, EXPIRED_HOST, extra_config={"certificate_ttl": "1m", "renewal_interval": "30s"})
+    build_by_hand(fleet, bed, EXPIRED_HOST, BOTS[EXPIRED_HOST], UNITS[EXPIRED_HOST], extra_config={"certificate_ttl": "1m", "renewal_interval": "30s"})
     _sh(host, "systemctl stop tbot")
     pem = (host.root / STORAGE.lstrip("/") / "tlscert").read_bytes()
     not_after = x509.load_pem_x509_certificate(pem).not_valid_after_utc.timestamp()
