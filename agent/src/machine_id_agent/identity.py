@@ -344,9 +344,19 @@ def load(storage_dir: Path) -> Optional[Identity]:
                             f"new token from `tctl bots add`") from None
 
 
-def stored_token_hash(storage_dir: Path) -> Optional[str]:
-    """The token hash stored with the identity (None when there is no identity or no hash)."""
-    doc = _read_doc(storage_dir)
+def stored_token_hash(storage_dir: Path, required: bool = False) -> Optional[str]:
+    """The token hash stored with the identity (None when there is no identity or no hash). ``required``: a
+    renewal copies the hash into the new identity, so StorageError when the storage cannot be read or is gone
+    (a directory moved away for a moment must never yield an identity without its hash)."""
+    try:
+        doc = _read_doc(storage_dir)
+    except IdentityError as exc:
+        if not required:
+            raise
+        raise StorageError(str(exc)) from None
+    if doc is None and required and not os.path.isdir(str(storage_dir)):
+        raise StorageError(f"the storage directory {storage_dir} is gone; nothing was asked of the server; the next "
+                           f"cycle retries (check what moved it)")
     if doc is not None:
         h = doc.get("tokenhash")
         return h if isinstance(h, str) and h else None

@@ -417,10 +417,8 @@ class AuthClient:
         req = proto.user_certs_request(username=old.username, expires=expires,
                                        ssh_public_key=ident.ssh_public_key(key_pem),
                                        tls_public_key=ident.tls_public_key(key_pem), server_major=major)
-        try:
-            token_hash = ident.stored_token_hash(storage)
-        except ident.IdentityError:
-            token_hash = None
+        # the hash goes into the new identity; StorageError (nothing asked) when it cannot be read for sure
+        token_hash = ident.stored_token_hash(storage, required=True)
         reservation = ident.Reservation(storage)  # StorageError here: nothing asked, nothing lost
         try:
             ident.mark_in_flight(storage, old)  # from here until the answer is on disk, the outcome is in doubt

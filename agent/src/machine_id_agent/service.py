@@ -168,6 +168,9 @@ class Agent:
         self._wake_fd: Optional[int] = None
         self.watcher = None
         self._unsaved = None  # (identity, token hash) the server issued but the storage refused
+        # hash of a configured token Teleport refused while the stored identity was still valid: not tried again
+        # by this process (a new token, or a restart, tries again)
+        self._refused_token_hash: Optional[str] = None
         self._deferred: Optional[AgentError] = None
         self._reload = False
         self._lock_fd: Optional[int] = None
@@ -361,7 +364,8 @@ class Agent:
             logs.REDACTOR.add([token])
         want_hash = be.token_hash(token) if token else None
         joined = False
-        token_changed = want_hash is not None and stored_hash != want_hash and self._unsaved is None
+        token_changed = (want_hash is not None and stored_hash != want_hash and self._unsaved is None
+                         and want_hash != self._refused_token_hash)
         if ident is None or not ident.valid() or token_changed:
             why = ("no stored identity" if ident is None else "the stored identity expired" if not ident.valid()
                    else "the configured token changed")
@@ -372,13 +376,22 @@ class Agent:
             self.log.info("joining the cluster with the configured token (%s)", why)
             try:
                 ident = be.join(dataclasses.replace(cfg, token=token))
-            except JoinError:
-                raise
+                joined = True
+            except JoinError as e:
+                if not (e.needs_token and ident is not None and ident.valid()):
+                    raise
+                # Only the token changed and Teleport refused it: the identity in hand is still good, so keep
+                # renewing it rather than letting it run out on a token that cannot join.
+                self._refused_token_hash = want_hash
+                self.log.warning("%s; keeping the current identity of %s (valid until %s) and renewing it; this "
+                                 "token is not tried again until it changes or the agent restarts",
+                                 e, _bot(ident), ident.not_after.isoformat())
             except AgentError as e:
                 if not hasattr(e, "identity"):
                     raise
                 ident = self._keep_unsaved(e, be.token_hash(token))
-            joined = True
+                joined = True
+        if joined:
             self._force_renew = False
             self.log.info("joined as %s; identity valid until %s", _bot(ident), ident.not_after.isoformat())
         facts = self._endpoint_facts()

@@ -249,6 +249,7 @@ def auth():
 def cfg(tmp_path, auth, **kw):
     d = dict(auth_server=auth.addr, proxy_server=None, storage_dir=tmp_path / "bot", ca_path=None, insecure=False)
     d.update(kw)
+    d["storage_dir"].mkdir(mode=0o700, parents=True, exist_ok=True)  # `init` made it before any renewal
     return SimpleNamespace(**d)
 
 
@@ -463,6 +464,26 @@ def test_renewal_timings_and_storage_refused_before_the_call(tmp_path, auth, mon
         with renew.AuthClient(c, ident.load(c.storage_dir)) as client:
             client.renew_identity(3600)
     assert len(auth.requests) == n, "nothing asked of the server"
+
+
+def test_a_storage_that_vanished_for_a_moment_never_loses_the_token_hash(tmp_path, auth):
+    """Seen on the real bed: the storage directory swapped away between loading the identity and renewing it
+    made the renewal store the new identity without its token hash; every later cycle then took the configured
+    (spent) token for a new one. The hash must be read for sure, or nothing is asked."""
+    c = direct_cfg(tmp_path, auth)
+    idt = auth.join()
+    ident.store(c.storage_dir, idt, ident.token_hash("t"))
+    n = len(auth.requests)
+    moved = tmp_path / "moved"
+    c.storage_dir.rename(moved)  # the directory is gone at the moment the renewal reads the hash
+    with pytest.raises(ident.StorageError, match="is gone; nothing was asked"):
+        with renew.AuthClient(c, idt) as client:
+            client.renew_identity(3600)
+    assert len(auth.requests) == n, "nothing asked of the server"
+    moved.rename(c.storage_dir)
+    with renew.AuthClient(c, idt) as client:
+        client.renew_identity(3600)
+    assert ident.stored_token_hash(c.storage_dir) == ident.token_hash("t")
 
 
 def test_kube_credentials_default_roles_and_host_ca(tmp_path, auth):

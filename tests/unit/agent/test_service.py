@@ -181,6 +181,53 @@ def test_token_change_rejoins_same_token_never(tmp_path, logbuf):
     assert be.hash == "h:new-token-abcdef"
 
 
+def test_a_refused_new_token_keeps_the_valid_identity_renewing_and_is_not_retried(tmp_path, logbuf):
+    """Seen on the real bed (CI, test_paths_real): a stored hash that no longer matched the configured, spent
+    token made every cycle try to join with it and fail until the identity ran out. Teleport's refusal of a
+    changed token must leave the identity in hand renewing; the token is tried again only once it changes."""
+    be = FakeBackend()
+    agent = Agent(make_cfg(tmp_path), backend=be, log=logbuf[0])
+    assert agent.attempt() is None
+    be.hash = "h:something-else"  # the stored hash differs from the configured token's
+    be.join_error = JoinError("the proxy refused the join token: it is used, expired or unknown", needs_token=True)
+    be.calls.clear()
+    assert agent.attempt() is None  # the cycle succeeds with the stored identity
+    assert be.calls == [("join", TOKEN), ("kube", 1, "example-k8s-cluster")]
+    assert "keeping the current identity of" in logbuf[1].getvalue()
+    assert TOKEN not in logbuf[1].getvalue()
+    be.calls.clear()
+    agent._force_renew = True
+    assert agent.attempt() is None  # not tried again; the identity is renewed as usual
+    assert be.calls == [("renew", 1), ("store", 2), ("kube", 2, "example-k8s-cluster")]
+    be.join_error = None
+    agent.cfg.token = "new-token-abcdef"  # a new token is tried
+    be.calls.clear()
+    assert agent.attempt() is None
+    assert be.calls[0] == ("join", "new-token-abcdef") and be.hash == "h:new-token-abcdef"
+
+
+def test_a_refused_token_with_no_valid_identity_still_fails(tmp_path, logbuf):
+    be = FakeBackend()
+    be.stored, be.hash = FakeIdent(7, ttl=-5), "h:old"
+    be.join_error = JoinError("the proxy refused the join token: it is used, expired or unknown", needs_token=True)
+    agent = Agent(make_cfg(tmp_path), backend=be, log=logbuf[0])
+    err = agent.attempt()
+    assert isinstance(err, JoinError) and err.needs_token
+
+
+def test_an_unreachable_proxy_during_a_token_change_is_retried(tmp_path, logbuf):
+    be = FakeBackend()
+    agent = Agent(make_cfg(tmp_path), backend=be, log=logbuf[0])
+    agent.attempt()
+    agent.cfg.token = "new-token-abcdef"
+    be.join_error = JoinError("the proxy localhost:1: connection refused; the join can be retried")
+    assert isinstance(agent.attempt(), JoinError)
+    be.join_error = None
+    be.calls.clear()
+    assert agent.attempt() is None
+    assert be.calls[0] == ("join", "new-token-abcdef")
+
+
 def test_expired_identity_rejoins(tmp_path, logbuf):
     be = FakeBackend()
     be.stored, be.hash = FakeIdent(7, ttl=-5), "h:" + TOKEN
