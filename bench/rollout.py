@@ -6,10 +6,10 @@
 for a baseline commit checked out beside it (a git worktree) in the same run.
 
     python3 bench/rollout.py [--sizes 1,4,12,24] [--modes ramp,all] [--baseline 648c7e0] [--no-baseline]
-                             [--forks 25]
+                             [--baseline-modes all] [--reruns 3] [--baseline-reruns 1] [--forks 25]
 
 Per tree, size and mode: a fresh bed (TLS routing) and fresh hosts. Measured per run:
-- wall time of ansible-playbook;
+- wall time of ansible-playbook (the no-change rerun is run --reruns times in a row: median and range);
 - controller CPU seconds: user+sys of ansible-playbook and every process it waited for (its forks, the
   connection's nsenter, tctl, the wheel build), from getrusage(RUSAGE_CHILDREN) around the run;
 - tctl calls (a counting wrapper) and join tokens created (Teleport's audit log and `tctl bots add`);
@@ -26,6 +26,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -78,7 +79,7 @@ def tasks_per_host(run) -> float:
     return round(sum(hosts.values()) / len(hosts), 1) if hosts else 0.0
 
 
-def one_run(tree: Path, n: int, mode: str) -> dict:
+def one_run(tree: Path, n: int, mode: str, reruns: int = 3) -> dict:
     work = Path(tempfile.mkdtemp(prefix=f"lanyard-bench-rollout-{n}-{mode}-"))
     colls = work / "collections"
     (colls / "ansible_collections" / "lanyard").mkdir(parents=True)
@@ -96,18 +97,27 @@ def one_run(tree: Path, n: int, mode: str) -> dict:
                                capture_output=True, text=True, check=False).stdout.strip()
         row = {"tree": ("now " if tree == REPO else "baseline ") + sha + ("+changes" if dirty else ""),
                "hosts": n, "mode": mode}
-        for label in ("first", "rerun"):
+        samples = []
+        for label in ["first"] + ["rerun"] * reruns:
             calls0, tokens0 = fleet.tctl_calls(), fleet.token_creations()
             cpu0, t0 = _children_cpu(), time.monotonic()
             run = fleet.rollout()
-            row[f"{label}_s"] = round(time.monotonic() - t0, 1)
-            row[f"{label}_cpu_s"] = round(_children_cpu() - cpu0, 1)
+            wall, cpu = round(time.monotonic() - t0, 1), round(_children_cpu() - cpu0, 1)
             if run.rc != 0:
                 raise SystemExit(f"rollout ({tree}, {label}, {n} hosts, {mode}) failed:\n{run.stdout[-4000:]}")
-            row[f"{label}_tctl_calls"] = fleet.tctl_calls() - calls0
-            row[f"{label}_tokens"] = fleet.token_creations() - tokens0
-            row[f"{label}_changed"] = sum(changed_by_host(run).values())
-            row[f"{label}_tasks_per_host"] = tasks_per_host(run)
+            got = {"s": wall, "cpu_s": cpu, "tctl_calls": fleet.tctl_calls() - calls0,
+                   "tokens": fleet.token_creations() - tokens0, "changed": sum(changed_by_host(run).values()),
+                   "tasks_per_host": tasks_per_host(run)}
+            if label == "first":
+                row.update({f"first_{k}": v for k, v in got.items()})
+            else:
+                samples.append(got)
+        # the no-change rerun, run `reruns` times in a row: the median, and every sample (the spread)
+        for k in ("s", "cpu_s"):
+            row[f"rerun_{k}"] = statistics.median(x[k] for x in samples)
+            row[f"rerun_{k}_samples"] = [x[k] for x in samples]
+        for k in ("tctl_calls", "tokens", "changed", "tasks_per_host"):  # the worst sample
+            row[f"rerun_{k}"] = max(x[k] for x in samples)
         row["rerun_cpu_s_per_host"] = round(row["rerun_cpu_s"] / n, 2)
         row["host_pss_mb"] = round(sum(host_pss_kb(h.leader_pid) for h in fleet.hosts.values()) / n / 1024, 1)
         return row
@@ -115,6 +125,40 @@ def one_run(tree: Path, n: int, mode: str) -> dict:
         fleet.stop()
         bed.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _range(xs) -> str:
+    return f"{min(xs)}-{max(xs)}" if len(xs) > 1 else str(xs[0])
+
+
+def table(rows) -> str:
+    """The markdown table, then the issue's ratios computed from the same rows."""
+    out = ["| tree | hosts | batches | first (s) | first CPU (s) | first tctl | first tokens | first tasks/host | "
+           "rerun (s), median [range] | rerun CPU (s), median [range] | rerun CPU/host (s) | rerun tctl | "
+           "rerun tasks/host | rerun changed | host PSS (MB) |", "|" + "---|" * 15]
+    for r in rows:
+        out.append(f"| {r['tree']} | {r['hosts']} | {r['mode']} | {r['first_s']} | {r['first_cpu_s']} | "
+                   f"{r['first_tctl_calls']} | {r['first_tokens']} | {r['first_tasks_per_host']} | "
+                   f"{r['rerun_s']} [{_range(r['rerun_s_samples'])}] | "
+                   f"{r['rerun_cpu_s']} [{_range(r['rerun_cpu_s_samples'])}] | {r['rerun_cpu_s_per_host']} | "
+                   f"{r['rerun_tctl_calls']} | {r['rerun_tasks_per_host']} | {r['rerun_changed']} | "
+                   f"{r['host_pss_mb']} |")
+    now = [r for r in rows if r["tree"].startswith("now")]
+    base = [r for r in rows if r["tree"].startswith("baseline")]
+    out.append("")
+    for r in now:
+        b = [x for x in base if x["hosts"] == r["hosts"]]
+        if b:
+            out.append(f"- {r['hosts']} host(s), {r['mode']}: rerun CPU per host {r['rerun_cpu_s_per_host']} / "
+                       f"baseline {b[0]['rerun_cpu_s_per_host']} ({b[0]['mode']}) = "
+                       f"{r['rerun_cpu_s_per_host'] / b[0]['rerun_cpu_s_per_host']:.3f}x (target <= 0.3x)")
+    for mode in sorted({r["mode"] for r in now}):
+        one = [r for r in now if r["mode"] == mode and r["hosts"] == 1]
+        for r in (x for x in now if x["mode"] == mode and x["hosts"] > 1):
+            if one:
+                out.append(f"- {r['hosts']} hosts vs 1, {mode}: rerun wall {r['rerun_s']} / {one[0]['rerun_s']} = "
+                           f"{r['rerun_s'] / one[0]['rerun_s']:.2f}x (medians; target for 24 all-at-once <= 4x)")
+    return "\n".join(out)
 
 
 def baseline_tree(commit: str) -> Path:
@@ -131,6 +175,11 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="ramp,all")
     ap.add_argument("--baseline", default="648c7e0", help="commit to compare with (a git worktree in the cache)")
     ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--baseline-modes", default="all",
+                    help="modes the baseline runs in (its rerun costs ~30 CPU-s per host, so one mode by default)")
+    ap.add_argument("--reruns", type=int, default=3,
+                    help="no-change reruns per fleet; the table gives the median and the range")
+    ap.add_argument("--baseline-reruns", type=int, default=1, help="the same for the baseline (slow: one by default)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "rollout.json"))
     ap.add_argument("--forks", type=int, default=25,
                     help="ansible-playbook --forks (Ansible's default of 5 would serialise 24 hosts by itself)")
@@ -141,21 +190,16 @@ def main(argv=None) -> int:
     for n in (int(s) for s in args.sizes.split(",")):
         for mode in args.modes.split(","):
             for tree in trees:
+                if tree != REPO and mode not in args.baseline_modes.split(","):
+                    continue
                 print(f"[bench] {tree.name}: rollout to {n} host(s), {mode} ...", file=sys.stderr, flush=True)
-                rows.append(one_run(tree, n, mode))
+                reruns = args.reruns if tree == REPO else args.baseline_reruns
+                rows.append(one_run(tree, n, mode, reruns))
                 print(f"[bench] {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
                 out = Path(args.out)
                 out.parent.mkdir(exist_ok=True)
                 out.write_text(json.dumps(rows, indent=2))
-    print("| tree | hosts | batches | first (s) | first CPU (s) | first tctl | first tokens | tasks/host | "
-          "rerun (s) | rerun CPU (s) | rerun CPU/host (s) | rerun tctl | rerun tasks/host | rerun changed | "
-          "host PSS (MB) |")
-    print("|" + "---|" * 15)
-    for r in rows:
-        print(f"| {r['tree']} | {r['hosts']} | {r['mode']} | {r['first_s']} | {r['first_cpu_s']} | "
-              f"{r['first_tctl_calls']} | {r['first_tokens']} | {r['first_tasks_per_host']} | {r['rerun_s']} | "
-              f"{r['rerun_cpu_s']} | {r['rerun_cpu_s_per_host']} | {r['rerun_tctl_calls']} | "
-              f"{r['rerun_tasks_per_host']} | {r['rerun_changed']} | {r['host_pss_mb']} |")
+    print(table(rows))
     return 0
 
 

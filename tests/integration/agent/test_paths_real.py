@@ -210,6 +210,11 @@ def test_symlink_swapped_into_the_storage_parent_writes_nothing_through_it(telep
     print("[paths] storage mode=%s swaps=%d cycles ok=%d refused=%d, generation %d -> %d"
           % (teleport.mode, swaps, ok, failed, gen0, identmod.load(h.storage).generation))
     assert swaps > 100 and failed >= 1 and ok >= 1, (swaps, ok, failed)
+    # every identity renewed during the attack kept the join token's hash (CI, stop 24: a renewal that read the
+    # hash while the directory was swapped away stored none, and the agent then re-joined with the spent token
+    # every cycle until the identity expired)
+    assert identmod.stored_token_hash(h.storage) == identmod.token_hash(h.token)
+    assert "the configured token changed" not in h.log(), h.log()[-3000:]
     # the bot is not locked and the identity on disk is the one the server expects: one more renewal works
     _good_cycle_after(h, p, diag, final, "a good cycle after the attack")
     assert identmod.load(h.storage).generation > gen0
