@@ -25,7 +25,6 @@ import time
 import pytest
 from cryptography import x509
 
-import testbed as tb
 from helpers.fleet import AGENT, Fleet, agent_status, changed_by_host, wait_for
 from helpers.tbot_by_hand import DEST, STORAGE, build_by_hand, control_plane_by_hand
 from helpers.tbot_by_hand import sh as _sh
@@ -51,16 +50,6 @@ while [ ! -e /var/tmp/reader-loop/stop ]; do
   sleep 0.3
 done
 """
-
-
-@pytest.fixture(scope="module")
-def bed(testbed_bins):
-    try:
-        b = tb.Testbed.start(modes=("multiplex",))
-    except (tb.TestbedError, tb.BuildError) as exc:
-        pytest.fail(f"the real test bed failed to start: {exc}", pytrace=False)
-    yield b
-    b.stop()
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,6 @@ import time
 
 import pytest
 
-import testbed as tb
 from helpers.fleet import Fleet, agent_status, changed_by_host, wait_for
 from helpers.tbot_by_hand import (DEST, STORAGE, build_by_hand, control_plane_by_hand, sh, tbot_processes,
                                   tree_digest, tree_digest_inside, unit_state)
@@ -49,16 +48,6 @@ ExecReload=/bin/sh -c 'echo reload >> {READER_STATE}/reloads'
 [Install]
 WantedBy=multi-user.target
 """
-
-
-@pytest.fixture(scope="module")
-def bed(testbed_bins):
-    try:
-        b = tb.Testbed.start(modes=("multiplex",))
-    except (tb.TestbedError, tb.BuildError) as exc:
-        pytest.fail(f"the real test bed failed to start: {exc}", pytrace=False)
-    yield b
-    b.stop()
 
 
 @pytest.fixture(scope="module")

@@ -26,11 +26,7 @@ BUILD_TASK = "Build the agent's wheel sets on the controller (one per host Pytho
 
 
 @pytest.fixture(scope="module")
-def fleet(testbed_bins, tmp_path_factory):
-    try:
-        bed = tb.Testbed.start(modes=("multiplex",))
-    except (tb.TestbedError, tb.BuildError) as exc:
-        pytest.fail(f"the real test bed failed to start: {exc}", pytrace=False)
+def fleet(bed, tmp_path_factory):
     f = Fleet(tmp_path_factory.mktemp("mixed-fleet"), teleport=bed.teleport["multiplex"], kube=bed.kube, serial=2)
     try:
         for name, (release, _py) in HOSTS.items():
@@ -38,7 +34,6 @@ def fleet(testbed_bins, tmp_path_factory):
         yield f
     finally:
         f.stop()
-        bed.stop()
 
 
 def _build_targets(run) -> dict:

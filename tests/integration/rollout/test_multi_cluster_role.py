@@ -53,11 +53,7 @@ def _extra_vars(path, selectors) -> None:
 
 
 @pytest.fixture(scope="module")
-def fleet(testbed_bins, tmp_path_factory):
-    try:
-        bed = tb.Testbed.start(modes=("multiplex",))
-    except (tb.TestbedError, tb.BuildError) as exc:
-        pytest.fail(f"the real test bed failed to start: {exc}", pytrace=False)
+def fleet(bed, tmp_path_factory):
     tp = bed.teleport["multiplex"]
     f = None
     try:
@@ -75,7 +71,6 @@ def fleet(testbed_bins, tmp_path_factory):
     finally:
         if f is not None:
             f.stop()
-        bed.stop()
 
 
 def _rollout(fleet, *args, **kw):

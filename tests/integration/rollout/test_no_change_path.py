@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import pytest
 
-import testbed as tb
 from helpers.fleet import Fleet, changed_by_host
 
 pytestmark = [pytest.mark.testbed, pytest.mark.slow]
@@ -33,18 +32,13 @@ FULL_PATH_TASKS = ("Create the bot group", "Copy the agent's wheels to the host"
 
 
 @pytest.fixture(scope="module")
-def fleet(testbed_bins, tmp_path_factory):
-    try:
-        bed = tb.Testbed.start(modes=("multiplex",))
-    except (tb.TestbedError, tb.BuildError) as exc:
-        pytest.fail(f"the real test bed failed to start: {exc}", pytrace=False)
+def fleet(bed, tmp_path_factory):
     f = Fleet(tmp_path_factory.mktemp("fleet"), teleport=bed.teleport["multiplex"], kube=bed.kube)
     try:
         f.add_hosts([HOST])
         yield f
     finally:
         f.stop()
-        bed.stop()
 
 
 def _ran(run, host=HOST):

@@ -43,11 +43,7 @@ WantedBy=multi-user.target
 
 
 @pytest.fixture(scope="module")
-def fleet(testbed_bins, tmp_path_factory):
-    try:
-        bed = tb.Testbed.start(modes=("multiplex",))
-    except (tb.TestbedError, tb.BuildError) as exc:
-        pytest.fail(f"the real test bed failed to start: {exc}", pytrace=False)
+def fleet(bed, tmp_path_factory):
     f = Fleet(tmp_path_factory.mktemp("reader-reload"), teleport=bed.teleport["multiplex"], kube=bed.kube)
     try:
         # A renewal every 20 s (certificates of 1 min) instead of the default 20 min, so that several renewals,
@@ -58,7 +54,6 @@ def fleet(testbed_bins, tmp_path_factory):
         yield f
     finally:
         f.stop()
-        bed.stop()
 
 
 def _assert_ok(run):

@@ -35,11 +35,7 @@ ROLLOUT_PLAY = "Roll out the agent, in batches"
 
 
 @pytest.fixture(scope="module")
-def fleet(testbed_bins, tmp_path_factory):
-    try:
-        bed = tb.Testbed.start(modes=("multiplex",))
-    except (tb.TestbedError, tb.BuildError) as exc:
-        pytest.fail(f"the real test bed failed to start: {exc}", pytrace=False)
+def fleet(bed, tmp_path_factory):
     f = Fleet(tmp_path_factory.mktemp("fleet"), teleport=bed.teleport["multiplex"], kube=bed.kube, serial=2)
     try:
         # app-2's identity expires while it is powered off in test_2c: a short TTL there, the defaults elsewhere
@@ -48,7 +44,6 @@ def fleet(testbed_bins, tmp_path_factory):
         yield f
     finally:
         f.stop()
-        bed.stop()
 
 
 def _assert_ok(run):

@@ -18,7 +18,6 @@ from collections import Counter
 
 import pytest
 
-import testbed as tb
 from helpers.fleet import Fleet, changed_by_host
 
 pytestmark = [pytest.mark.testbed, pytest.mark.slow]
@@ -28,11 +27,7 @@ MAX_PER_NEW_HOST = 2
 
 
 @pytest.fixture(scope="module")
-def fleet(testbed_bins, tmp_path_factory):
-    try:
-        bed = tb.Testbed.start(modes=("multiplex",))
-    except (tb.TestbedError, tb.BuildError) as exc:
-        pytest.fail(f"the real test bed failed to start: {exc}", pytrace=False)
+def fleet(bed, tmp_path_factory):
     # serial=None: machine_id_rollout_serial is empty, so the playbook's default ramp applies
     f = Fleet(tmp_path_factory.mktemp("tc-fleet"), teleport=bed.teleport["multiplex"], kube=bed.kube, serial=None,
               bot_name=BOT)
@@ -41,7 +36,6 @@ def fleet(testbed_bins, tmp_path_factory):
         yield f
     finally:
         f.stop()
-        bed.stop()
 
 
 def _rollout(fleet):
