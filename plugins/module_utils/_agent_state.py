@@ -40,12 +40,16 @@ ARGSPEC = dict(
     storage_dir=dict(type="path"),
     tbot_units=dict(type="list", elements="str", default=[]),
     cluster_check_namespace=dict(type="str"),
+    cluster_check_verb=dict(type="str", default="list"),
+    cluster_check_resource=dict(type="str", default="pods"),
     cluster_check_every_context=dict(type="list", elements="path", default=[]),
 )
 
 
 def agent_state(module):
     p = module.params
+    if p["cluster_check_namespace"]:  # a bad question fails the run at once, whatever the host's state
+        host.can_i_words(p["cluster_check_verb"], p["cluster_check_resource"])
     result = {"agent_python": host.agent_python(module, p["agent_python"]),
               "systemd_version": host.systemd_version(module), "unit": {}, "status": {}, "drift": [],
               "tbot_units": [], "host": host.host_info(sys.version_info)}
@@ -134,7 +138,9 @@ def agent_state(module):
         result["cluster_check"] = [c for directory in p["destinations"]
                                    for c in host.cluster_check(module, p["reader_user"], result["kubectl_path"],
                                                                directory, p["cluster_check_namespace"],
-                                                               every_context=directory in every)]
+                                                               every_context=directory in every,
+                                                               verb=p["cluster_check_verb"],
+                                                               resource=p["cluster_check_resource"])]
         answered = set(directory for directory in p["destinations"]
                        if all(c["stdout"] == "yes" for c in result["cluster_check"] if c["directory"] == directory))
     for directory in to_read:

@@ -20,6 +20,8 @@ import os
 import pwd
 import stat
 
+from ansible_collections.lanyard.machine_id.plugins.module_utils._errors import LanyardError
+
 # The same probe preflight ran as a command task: version, wheel platform machine and libc of a Python.
 PYTHON_PROBE = (
     "import json, platform, struct, sys, sysconfig;"
@@ -73,12 +75,29 @@ def wheel_target(probe):
         return None
 
 
-def cluster_check(module, reader_user, kubectl_path, directory, namespace, every_context=False):
-    """The verify phase's question to the cluster: ``kubectl auth can-i list pods -n NAMESPACE`` as the reader
-    through the destination's kubeconfig -- its current context, or with ``every_context`` (a kubeconfig of several
-    clusters, kubernetes/v2) each of its contexts, listed as the reader. One entry per question: ``directory``,
-    ``context`` (None for the current one), ``rc``, ``stdout`` (``yes`` when allowed) and ``stderr``; a kubeconfig
-    with no context gives one entry with ``no_context`` true, one whose contexts cannot be listed ``list_failed``."""
+def can_i_words(verb, resource):
+    """``[VERB, RESOURCE]`` of the verify question, checked: one word each, not an option (kubectl would take a
+    word starting with ``-`` for a flag, e.g. ``--as``). LanyardError naming the bad value otherwise."""
+    words = []
+    for name, value in (("verb", verb), ("resource", resource)):
+        value = (value or "").strip()
+        if not value or value.startswith("-") or len(value.split()) != 1:
+            raise LanyardError("the verify question's %s %r is not one kubectl word (as in `kubectl auth can-i list "
+                               "pods`: a verb such as list or get, a resource such as pods, deployments.apps or "
+                               "configmaps/NAME); set machine_id_verify_%s to one" % (name, value, name))
+        words.append(value)
+    return words
+
+
+def cluster_check(module, reader_user, kubectl_path, directory, namespace, every_context=False, verb="list",
+                  resource="pods"):
+    """The verify phase's question to the cluster: ``kubectl auth can-i VERB RESOURCE -n NAMESPACE`` (``list
+    pods`` by default, the guide's role) as the reader through the destination's kubeconfig -- its current
+    context, or with ``every_context`` (a kubeconfig of several clusters, kubernetes/v2) each of its contexts,
+    listed as the reader. One entry per question: ``directory``, ``context`` (None for the current one), ``rc``,
+    ``stdout`` (``yes`` when allowed) and ``stderr``; a kubeconfig with no context gives one entry with
+    ``no_context`` true, one whose contexts cannot be listed ``list_failed``."""
+    question = can_i_words(verb, resource)
     as_reader = [] if not reader_user else ["runuser", "-u", reader_user, "--"]
     kubeconfig = os.path.join(directory, "kubeconfig.yaml")
     contexts = [None]
@@ -95,7 +114,7 @@ def cluster_check(module, reader_user, kubectl_path, directory, namespace, every
     checks = []
     for context in contexts:
         argv = as_reader + [kubectl_path, "--kubeconfig", kubeconfig] + (["--context", context] if context else []) \
-            + ["--request-timeout", "30s", "auth", "can-i", "list", "pods", "-n", namespace]
+            + ["--request-timeout", "30s", "auth", "can-i"] + question + ["-n", namespace]
         rc, out, err = run(module, argv)
         checks.append({"directory": directory, "context": context, "rc": rc, "stdout": out.strip(),
                        "stderr": " ".join(err.split())[-500:]})

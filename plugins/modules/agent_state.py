@@ -19,8 +19,8 @@ description:
     from the same C(status --check-acls) run as the bot user; C(init --check) for an older agent), and
     whether the reader user, running the agent's program (C(machine-id-agent wait)), reads valid credentials in
     each destination; and the host facts the role checks (service manager, distribution, Python).
-  - With O(cluster_check_namespace), on a host where nothing differs, also asks the cluster as the reader whether
-    it may list pods (the role's verify question).
+  - With O(cluster_check_namespace), on a host where nothing differs, also asks the cluster as the reader the
+    role's verify question (C(kubectl auth can-i list pods) by default).
   - Compares them with what the role would write and returns every difference in RV(drift). The role runs its
     install, configure and service phases only when something differs, so a converged host costs one round trip.
   - Read-only. The join token file is only looked at with C(stat), never read.
@@ -162,12 +162,20 @@ options:
   cluster_check_namespace:
     description:
       - When set, and nothing else differs, the agent is installed, O(service_active) is true and O(kubectl) is
-        found, ask the cluster as O(reader_user) through each destination's C(kubeconfig.yaml) whether it may list
-        pods in this namespace (C(kubectl auth can-i list pods)); the answers go to RV(cluster_check). The role's
-        verify phase uses them on the no-change path.
+        found, ask the cluster as O(reader_user) through each destination's C(kubeconfig.yaml) whether it may
+        O(cluster_check_verb) O(cluster_check_resource) in this namespace (C(kubectl auth can-i)); the answers go
+        to RV(cluster_check). The role's verify phase uses them on the no-change path.
       - A C(yes) also proves that the reader reads valid credentials in that destination, so C(wait) is not run
         there; any other answer is followed by C(wait), which names a reader that cannot read in RV(drift).
     type: str
+  cluster_check_verb:
+    description: The verb of O(cluster_check_namespace)'s question (see M(lanyard.machine_id.cluster_check)).
+    type: str
+    default: list
+  cluster_check_resource:
+    description: The resource of O(cluster_check_namespace)'s question (see M(lanyard.machine_id.cluster_check)).
+    type: str
+    default: pods
   cluster_check_every_context:
     description:
       - Destinations (of O(destinations)) whose kubeconfig holds several clusters (a C(kubernetes/v2) output) - for
@@ -283,7 +291,8 @@ wheel_target:
   sample: "3.11:x86_64:2.36"
 cluster_check:
   description: Per destination, C(directory), C(rc), C(stdout) (C(yes) when allowed) and C(stderr) of
-    C(kubectl auth can-i list pods -n) O(cluster_check_namespace) as O(reader_user).
+    C(kubectl auth can-i) O(cluster_check_verb) O(cluster_check_resource) C(-n) O(cluster_check_namespace) as
+    O(reader_user).
   returned: when O(cluster_check_namespace) is set and the conditions there hold
   type: list
   elements: dict

@@ -9,10 +9,11 @@ __metaclass__ = type
 
 DOCUMENTATION = r"""
 module: cluster_check
-short_description: Ask the Kubernetes cluster, as the reader user, whether each destination's kubeconfig may list pods
+short_description: Ask the Kubernetes cluster, as the reader user, what each destination's kubeconfig may do
 version_added: 0.1.0
 description:
-  - Runs C(kubectl auth can-i list pods -n) O(namespace) as O(reader_user) through each destination's
+  - Runs C(kubectl auth can-i) O(verb) O(resource) C(-n) O(namespace) (C(list pods) by default) as O(reader_user)
+    through each destination's
     C(kubeconfig.yaml), the question the C(lanyard.machine_id.machine_id) role's verify phase asks. With the exec
     plugin kubeconfig this also runs the agent's program as the reader, so a C(yes) proves the reader reads valid
     credentials there and the cluster takes them.
@@ -41,9 +42,19 @@ options:
     type: str
     default: ""
   namespace:
-    description: Namespace of the C(list pods) question.
+    description: Namespace of the question.
     type: str
     required: true
+  verb:
+    description: The verb asked about (C(list), C(get), C(watch), C(create), ...); one word.
+    type: str
+    default: list
+  resource:
+    description:
+      - The resource asked about, as C(kubectl auth can-i) takes it - C(pods), C(deployments.apps),
+        C(configmaps/NAME); one word. Pick one the reader's Kubernetes role grants.
+    type: str
+    default: pods
   destinations:
     description: Destination directories, each with C(directory) and C(every_context) (ask each of its contexts).
     type: list
@@ -75,6 +86,16 @@ EXAMPLES = r"""
       - directory: /opt/machine-id-fleet
         every_context: true
   register: checks
+
+- name: An app that only reads one ConfigMap - ask what it needs
+  lanyard.machine_id.cluster_check:
+    kubectl: /usr/local/bin/kubectl
+    reader_user: app
+    namespace: demo
+    verb: get
+    resource: configmaps/app-settings
+    destinations:
+      - directory: /opt/machine-id
 """
 
 RETURN = r"""
@@ -98,6 +119,8 @@ ARGSPEC = dict(
     kubectl=dict(type="path", required=True),
     reader_user=dict(type="str", default=""),
     namespace=dict(type="str", required=True),
+    verb=dict(type="str", default="list"),
+    resource=dict(type="str", default="pods"),
     destinations=dict(type="list", elements="dict", required=True,
                       options=dict(directory=dict(type="path", required=True),
                                    every_context=dict(type="bool", default=False))),
@@ -108,7 +131,8 @@ def cluster_check(module):
     p = module.params
     return {"checks": [c for d in p["destinations"]
                        for c in host.cluster_check(module, p["reader_user"], p["kubectl"], d["directory"],
-                                                   p["namespace"], every_context=d["every_context"])]}
+                                                   p["namespace"], every_context=d["every_context"],
+                                                   verb=p["verb"], resource=p["resource"])]}
 
 
 def main():

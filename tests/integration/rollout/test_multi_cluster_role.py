@@ -37,7 +37,7 @@ HOST = "vr-1"
 DEST = "/opt/machine-id-fleet"
 DIAG = "127.0.0.1:9101"
 TEMPLATE = "{{.KubeName}}@{{.ClusterName}}"
-VERIFY = "lanyard.machine_id.machine_id : Ask the cluster, as the reader, whether it may list pods"
+VERIFY = "lanyard.machine_id.machine_id : Ask the cluster, as the reader, the verify question (kubectl auth can-i)"
 STATE = "lanyard.machine_id.machine_id : Read the agent's install, identity and unit, and what differs from this role's settings"
 FINAL = "The reader reaches the cluster through the kubeconfig"
 

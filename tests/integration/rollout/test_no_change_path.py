@@ -24,6 +24,8 @@ BUILD_TASK = "Build the agent's wheel sets on the controller (one per host Pytho
 ON_HOST_ACTIONS = ("agent_state", "setup", "gather_facts", "command", "shell", "stat", "file", "copy", "template",
                    "systemd_service", "systemd", "user", "group", "pip", "wait_for", "slurp")
 ROLE_TASKS = "Roll out the agent, in batches"
+# verify's own question on the full path (module cluster_check); on the no-change path agent_state asks it
+VERIFY_TASK = "Ask the cluster, as the reader, the verify question (kubectl auth can-i)"
 # tasks of the install, configure and service phases: none may run on the no-change path
 FULL_PATH_TASKS = ("Create the bot group", "Copy the agent's wheels to the host", "Write the agent config",
                    "Create the storage directory (0700, bot user)", "Install the systemd unit",
@@ -75,13 +77,13 @@ def _assert_no_change_path(fleet):
 def test_1_first_rollout_then_a_rerun_on_the_no_change_path(fleet):
     run = fleet.rollout()
     assert run.rc == 0, run.stdout[-6000:]
-    assert "Write the agent config" in _ran(run)
+    assert "Write the agent config" in _ran(run) and VERIFY_TASK in _ran(run)
     run, ran = _assert_no_change_path(fleet)
     # the reader still gets checked against the cluster on the no-change path when kubectl is on the host: by
     # agent_state, in the same module run, as the reader through the destination's kubeconfig
     state = [r["result"] for r in run.results if r["host"] == HOST and r["task"].endswith(STATE_TASK)][0]
     assert [(c["directory"], c["stdout"]) for c in state["cluster_check"]] == [("/opt/machine-id", "yes")], state
-    assert "Ask the cluster, as the reader, whether it may list pods" not in ran
+    assert VERIFY_TASK not in ran
     assert "The reader reaches the cluster through the kubeconfig" not in ran
     assert fleet.reader_get_pods(HOST).returncode == 0
 
@@ -147,8 +149,28 @@ def test_4_the_no_change_path_still_fails_a_host_the_cluster_refuses(fleet):
         assert run.rc != 0, run.stdout[-4000:]
         assert changed_by_host(run)[HOST] == 0, run.stdout[-4000:]
         assert "kubectl auth can-i list pods -n demo answered no" in run.stdout, run.stdout[-4000:]
-        assert "Ask the cluster, as the reader, whether it may list pods" not in _ran(run)
+        assert VERIFY_TASK not in _ran(run)
     finally:
         run = fleet.rollout()  # the control plane play puts the RoleBinding back
     assert run.rc == 0, run.stdout[-6000:]
     _assert_no_change_path(fleet)
+
+
+def test_5_the_verify_question_is_the_one_the_user_chose(fleet):
+    """machine_id_verify_verb / machine_id_verify_resource: an app whose Kubernetes role grants something else than
+    the guide's pods asks about that. The guide's role grants get, watch and list on pods, nothing on secrets."""
+    run = fleet.rollout(extra_args=["-e", "machine_id_verify_verb=get", "-e", "machine_id_verify_resource=secrets"])
+    assert run.rc != 0, run.stdout[-4000:]
+    assert changed_by_host(run)[HOST] == 0, run.stdout[-4000:]
+    assert "kubectl auth can-i get secrets -n demo answered no" in run.stdout, run.stdout[-4000:]
+    run = fleet.rollout(extra_args=["-e", "machine_id_verify_verb=watch"])
+    assert run.rc == 0, run.stdout[-4000:]
+    assert changed_by_host(run)[HOST] == 0, run.stdout[-4000:]
+    state = [r["result"] for r in run.results if r["host"] == HOST and r["task"].endswith(STATE_TASK)][0]
+    assert [c["stdout"] for c in state["cluster_check"]] == ["yes"], state
+    # a flag in place of a resource is refused, naming the setting, and never reaches kubectl
+    run = fleet.rollout(extra_args=["-e", "machine_id_verify_resource=--as=system:admin"])
+    assert run.rc != 0, run.stdout[-4000:]
+    assert "machine_id_verify_resource" in run.stdout and "'--as=system:admin' is not one kubectl word" in \
+        run.stdout, run.stdout[-4000:]
+    assert changed_by_host(run).get(HOST, 0) == 0 and "Traceback" not in run.stdout

@@ -338,3 +338,23 @@ def test_cluster_check_asks_each_context_of_a_kubeconfig_of_several_clusters(tmp
         (empty, None, "", "")]
     assert checks[-1]["no_context"] is True
     assert "--context a@bed --request-timeout 30s auth can-i list pods -n demo" in log.read_text()
+
+
+def test_cluster_check_asks_the_verb_and_resource_given_and_refuses_a_flag(tmp_path):
+    kubectl, log = tmp_path / "kubectl", tmp_path / "kubectl.log"
+    _fake_kubectl(kubectl, log, "yes")
+    one = str(tmp_path / "one")
+    tasks = [{"name": "asked", "lanyard.machine_id.cluster_check": {
+        "kubectl": str(kubectl), "namespace": "demo", "verb": "get", "resource": "configmaps/app-settings",
+        "destinations": [{"directory": one}]}},
+        {"name": "refused", "lanyard.machine_id.cluster_check": {
+            "kubectl": str(kubectl), "namespace": "demo", "verb": "get", "resource": "--as=system:admin",
+            "destinations": [{"directory": one}]}, "ignore_errors": True}]
+    run = run_playbook(tmp_path, yaml.safe_dump([{"hosts": "localhost", "gather_facts": False, "tasks": tasks}]))
+    assert run.rc == 0, run.stdout[-3000:]
+    assert log.read_text().splitlines() == [
+        "--kubeconfig %s/kubeconfig.yaml --request-timeout 30s auth can-i get configmaps/app-settings -n demo" % one]
+    bad = run.result("refused")
+    assert bad["_status"] == "failed", bad
+    assert "machine_id_verify_resource" in bad["msg"] and "--as=system:admin" in bad["msg"]
+    assert "Traceback" not in json.dumps(bad)

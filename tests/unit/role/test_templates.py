@@ -5,6 +5,7 @@ parser with the values given, and the unit must score <= 2.0 in `systemd-analyze
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -236,3 +237,28 @@ def test_preflight_outputs_assert_accepts_selectors_or_a_cluster(tmp_path, desti
     assert (run.rc == 0) == ok, run.stdout[-2000:]
     if not ok:
         assert "either a kubernetes_cluster or a non-empty list of selectors (not both)" in run.stdout
+
+
+@pytest.mark.parametrize("verb,resource,ok", [
+    ("list", "pods", True),
+    ("get", "configmaps/app-settings", True),
+    ("watch", "deployments.apps", True),
+    ("get", "--as=system:admin", False),  # a flag for kubectl
+    ("", "pods", False),
+    ("list", "pods secrets", False),
+])
+def test_preflight_refuses_a_verify_question_that_is_not_one_word_each(tmp_path, verb, resource, ok):
+    tasks = yaml.safe_load((ROLE / "tasks" / "preflight.yml").read_text())
+    task = next(t for t in tasks if t["name"] == "Assert the settings are sane")
+    play = [{"name": "preflight verify question", "hosts": "localhost", "gather_facts": False,
+             "vars_files": [str(ROLE / "defaults" / "main.yml"), str(ROLE / "vars" / "main.yml")], "tasks": [task]}]
+    pb = tmp_path / "play.yml"
+    pb.write_text(yaml.safe_dump(play))
+    run = run_playbook(tmp_path / "run", pb, extra_vars={
+        "machine_id_proxy_server": "teleport.example.com:443", "machine_id_kubernetes_cluster": "k",
+        "machine_id_verify_verb": verb,
+        "machine_id_verify_resource": resource})
+    assert (run.rc == 0) == ok, run.stdout[-2000:]
+    if not ok:
+        assert "the verify question is `kubectl auth can-i VERB RESOURCE`" in run.stdout
+        assert "machine_id_verify_resource=%s" % json.dumps(resource) in run.stdout, run.stdout[-2000:]

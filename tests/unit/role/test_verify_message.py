@@ -106,6 +106,7 @@ def test_verify_assertion(tmp_path, case):
     registered, words = CASES[case]
     play = [{"hosts": "localhost", "gather_facts": False,
              "vars": dict(registered, machine_id_service_name="machine-id", machine_id_verify_namespace="demo",
+                          machine_id_verify_verb="list", machine_id_verify_resource="pods",
                           machine_id_reader_user="app", _machine_id_agent_active=ROLE_VARS["_machine_id_agent_active"]),
              "tasks": [_assert_task()]}]
     run = run_playbook(tmp_path, yaml.safe_dump(play, sort_keys=False) + "\n")
@@ -119,6 +120,20 @@ def test_verify_assertion(tmp_path, case):
     if case == "v2-no-context":  # named once, by the cluster check, not again by the reader's wait
         assert "cannot use" not in msg, msg
     assert "{{" not in msg and "{%" not in msg, msg
+
+
+def test_the_verify_message_names_the_question_the_user_chose(tmp_path):
+    registered = {"__machine_id_active": {"stdout": "active"}, "__machine_id_journal": SKIPPED,
+                  "__machine_id_cluster_check": {"checks": [_check("no")]}}
+    play = [{"hosts": "localhost", "gather_facts": False,
+             "vars": dict(registered, machine_id_service_name="machine-id", machine_id_verify_namespace="demo",
+                          machine_id_verify_verb="get", machine_id_verify_resource="configmaps/app-settings",
+                          machine_id_reader_user="app", _machine_id_agent_active=ROLE_VARS["_machine_id_agent_active"]),
+             "tasks": [_assert_task()]}]
+    run = run_playbook(tmp_path, yaml.safe_dump(play, sort_keys=False) + "\n")
+    assert run.rc != 0
+    msg = run.result("Assert the agent works")["msg"]
+    assert "kubectl auth can-i get configmaps/app-settings -n demo answered no" in msg, msg
 
 
 def test_the_wheel_build_reads_only_hosts_agent_state_has_read(tmp_path):
