@@ -216,6 +216,18 @@ def test_tbot_yaml_destination_with_selectors_is_a_kubernetes_v2_output(tmp_path
     assert many.roles == ["kube-a"] and many.exec_plugin
 
 
+def _settings_assert(tmp_path, extra_vars):
+    """The role's "Assert the settings are sane" task alone, with the role's defaults and ``extra_vars``."""
+    tasks = yaml.safe_load((ROLE / "tasks" / "preflight.yml").read_text())
+    task = next(t for t in tasks if t["name"] == "Assert the settings are sane")
+    play = [{"name": "preflight settings", "hosts": "localhost", "gather_facts": False,
+             "vars_files": [str(ROLE / "defaults" / "main.yml"), str(ROLE / "vars" / "main.yml")], "tasks": [task]}]
+    pb = tmp_path / "play.yml"
+    pb.write_text(yaml.safe_dump(play))
+    return run_playbook(tmp_path / "run", pb, extra_vars=dict({"machine_id_proxy_server": "teleport.example.com:443"},
+                                                              **extra_vars))
+
+
 @pytest.mark.parametrize("destinations,ok", [
     ([{"directory": "/opt/a", "selectors": [{"labels": {"team": "blue"}}]}], True),
     ([{"directory": "/opt/a", "selectors": [{"name": "k"}]}, {"directory": "/opt/b", "kubernetes_cluster": "k"}], True),
@@ -226,14 +238,7 @@ def test_tbot_yaml_destination_with_selectors_is_a_kubernetes_v2_output(tmp_path
     ([{"directory": "/opt/a"}], False),  # neither
 ])
 def test_preflight_outputs_assert_accepts_selectors_or_a_cluster(tmp_path, destinations, ok):
-    tasks = yaml.safe_load((ROLE / "tasks" / "preflight.yml").read_text())
-    task = next(t for t in tasks if t["name"] == "Assert the settings are sane")
-    play = [{"name": "preflight outputs", "hosts": "localhost", "gather_facts": False,
-             "vars_files": [str(ROLE / "defaults" / "main.yml"), str(ROLE / "vars" / "main.yml")], "tasks": [task]}]
-    pb = tmp_path / "play.yml"
-    pb.write_text(yaml.safe_dump(play))
-    run = run_playbook(tmp_path / "run", pb, extra_vars={"machine_id_destinations": destinations,
-                                                         "machine_id_proxy_server": "teleport.example.com:443"})
+    run = _settings_assert(tmp_path, {"machine_id_destinations": destinations})
     assert (run.rc == 0) == ok, run.stdout[-2000:]
     if not ok:
         assert "either a kubernetes_cluster or a non-empty list of selectors (not both)" in run.stdout
@@ -248,16 +253,8 @@ def test_preflight_outputs_assert_accepts_selectors_or_a_cluster(tmp_path, desti
     ("list", "pods secrets", False),
 ])
 def test_preflight_refuses_a_verify_question_that_is_not_one_word_each(tmp_path, verb, resource, ok):
-    tasks = yaml.safe_load((ROLE / "tasks" / "preflight.yml").read_text())
-    task = next(t for t in tasks if t["name"] == "Assert the settings are sane")
-    play = [{"name": "preflight verify question", "hosts": "localhost", "gather_facts": False,
-             "vars_files": [str(ROLE / "defaults" / "main.yml"), str(ROLE / "vars" / "main.yml")], "tasks": [task]}]
-    pb = tmp_path / "play.yml"
-    pb.write_text(yaml.safe_dump(play))
-    run = run_playbook(tmp_path / "run", pb, extra_vars={
-        "machine_id_proxy_server": "teleport.example.com:443", "machine_id_kubernetes_cluster": "k",
-        "machine_id_verify_verb": verb,
-        "machine_id_verify_resource": resource})
+    run = _settings_assert(tmp_path, {"machine_id_kubernetes_cluster": "k", "machine_id_verify_verb": verb,
+                                      "machine_id_verify_resource": resource})
     assert (run.rc == 0) == ok, run.stdout[-2000:]
     if not ok:
         assert "the verify question is `kubectl auth can-i VERB RESOURCE`" in run.stdout

@@ -101,15 +101,20 @@ CASES = {
 }
 
 
+def _verify(tmp_path, registered, verb="list", resource="pods"):
+    """verify.yml's assert alone, with ``registered`` as the earlier tasks' results."""
+    play = [{"hosts": "localhost", "gather_facts": False,
+             "vars": dict(registered, machine_id_service_name="machine-id", machine_id_verify_namespace="demo",
+                          machine_id_verify_verb=verb, machine_id_verify_resource=resource,
+                          machine_id_reader_user="app", _machine_id_agent_active=ROLE_VARS["_machine_id_agent_active"]),
+             "tasks": [_assert_task()]}]
+    return run_playbook(tmp_path, yaml.safe_dump(play, sort_keys=False) + "\n")
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_verify_assertion(tmp_path, case):
     registered, words = CASES[case]
-    play = [{"hosts": "localhost", "gather_facts": False,
-             "vars": dict(registered, machine_id_service_name="machine-id", machine_id_verify_namespace="demo",
-                          machine_id_verify_verb="list", machine_id_verify_resource="pods",
-                          machine_id_reader_user="app", _machine_id_agent_active=ROLE_VARS["_machine_id_agent_active"]),
-             "tasks": [_assert_task()]}]
-    run = run_playbook(tmp_path, yaml.safe_dump(play, sort_keys=False) + "\n")
+    run = _verify(tmp_path, registered)
     if words is None:
         assert run.rc == 0, run.stdout[-3000:]
         return
@@ -125,12 +130,7 @@ def test_verify_assertion(tmp_path, case):
 def test_the_verify_message_names_the_question_the_user_chose(tmp_path):
     registered = {"__machine_id_active": {"stdout": "active"}, "__machine_id_journal": SKIPPED,
                   "__machine_id_cluster_check": {"checks": [_check("no")]}}
-    play = [{"hosts": "localhost", "gather_facts": False,
-             "vars": dict(registered, machine_id_service_name="machine-id", machine_id_verify_namespace="demo",
-                          machine_id_verify_verb="get", machine_id_verify_resource="configmaps/app-settings",
-                          machine_id_reader_user="app", _machine_id_agent_active=ROLE_VARS["_machine_id_agent_active"]),
-             "tasks": [_assert_task()]}]
-    run = run_playbook(tmp_path, yaml.safe_dump(play, sort_keys=False) + "\n")
+    run = _verify(tmp_path, registered, verb="get", resource="configmaps/app-settings")
     assert run.rc != 0
     msg = run.result("Assert the agent works")["msg"]
     assert "kubectl auth can-i get configmaps/app-settings -n demo answered no" in msg, msg
