@@ -257,5 +257,6 @@ def test_preflight_refuses_a_verify_question_that_is_not_one_word_each(tmp_path,
                                       "machine_id_verify_resource": resource})
     assert (run.rc == 0) == ok, run.stdout[-2000:]
     if not ok:
-        assert "the verify question is `kubectl auth can-i VERB RESOURCE`" in run.stdout
-        assert "machine_id_verify_resource=%s" % json.dumps(resource) in run.stdout, run.stdout[-2000:]
+        msg = run.result("Assert the settings are sane")["msg"]
+        assert "the verify question is `kubectl auth can-i VERB RESOURCE`" in msg, msg
+        assert "machine_id_verify_resource=%s" % json.dumps(resource) in msg, msg
