@@ -163,8 +163,21 @@ def test_kubectl_proxy_started_once_keeps_answering_past_expiry_and_reads_always
         r0 = metric(diag, "renewals_total")
         answers = 0
         serials = set()
+        drops = []  # requests client-go cut off when it switched certificates (see below)
         while True:
             code, body = pods_via(port)
+            if code == 500 and "use of closed network connection" in body:
+                # client-go closes every connection when the exec plugin hands it a new certificate (at the
+                # plugin's expirationTimestamp, outputs.refresh_at); a request in flight at that moment fails. Seen
+                # in CI under load. Allowed only at such a moment, once per certificate, and never twice in a row.
+                t = now()
+                assert any(outputs.refresh_at(c) - dt.timedelta(seconds=3) <= t
+                           <= outputs.refresh_at(c) + dt.timedelta(seconds=10) for c in serials), (
+                    "a cut-off request away from any certificate switch at %s: %s" % (t.isoformat(), body[:300]))
+                assert not drops or drops[-1][1] < answers, "two requests in a row cut off"
+                drops.append((t, answers))
+                time.sleep(1)
+                continue
             assert code == 200 and has_demo_pod(body), (
                 "answer %d at %s (first certificate expires %s): HTTP %s %s\nproxy log: %s" % (
                     answers + 1, now().isoformat(), first_not_after.isoformat(), code, body[:500],
@@ -183,15 +196,16 @@ def test_kubectl_proxy_started_once_keeps_answering_past_expiry_and_reads_always
         stop_proxy(proxy)
     assert now() > first_not_after, "the certificate kubectl proxy first used has expired"
     assert len(serials) >= 3, "the agent wrote new certificates meanwhile"
+    assert len(drops) <= len(serials), drops
     assert not problems, problems[:5]
     assert len(seen_certs) >= 4, "the reader read the first certificate and those of 3 renewals (%d)" % len(seen_certs)
     assert metric(diag, "renewal_failures_total") == 0
     agent.send_signal(signal.SIGTERM)
     assert agent.wait(20) == 0
-    print("[long-lived] %d answers from one kubectl proxy over %.0f renewals; first certificate expired %s; "
-          "reads: %d identity (all matching, %d certificates), %d key+tlscert pairs (%d torn)" % (
-              answers, renewed, first_not_after.isoformat(), stats["identity"], len(seen_certs), stats["pairs"],
-              stats["torn_pairs"]))
+    print("[long-lived] %d answers from one kubectl proxy over %.0f renewals (%d cut off at a certificate switch); "
+          "first certificate expired %s; reads: %d identity (all matching, %d certificates), %d key+tlscert pairs "
+          "(%d torn)" % (answers, renewed, len(drops), first_not_after.isoformat(), stats["identity"],
+                         len(seen_certs), stats["pairs"], stats["torn_pairs"]))
 
 
 def test_inline_credentials_fail_after_the_first_certificate_expires(teleport_multiplex, make_host):
