@@ -257,7 +257,11 @@ def status_doc(cfg: configmod.Config, backend=None, check_acls: bool = False) ->
         except ConfigError:
             token = None
         if stored is not None and token:
-            ident_doc["token_hash_matches"] = stored == backend.token_hash(token)
+            want = backend.token_hash(token)
+            ident_doc["token_hash_matches"] = stored == want
+            refusal = identmod.token_refusal(cfg.storage_dir, want) if stored != want else None
+            if refusal:  # Teleport refused the configured token; the agent kept renewing its identity
+                ident_doc["token_refused"] = refusal
         ident_doc["seconds_to_expiry"] = int((ident.not_after - now).total_seconds())
         ident_doc["generation"] = getattr(ident, "generation", None)
         try:
@@ -324,9 +328,14 @@ def cmd_status(args) -> int:
         if not i["present"]:
             print("identity: none (the agent has not joined yet)")
         else:
+            refused = i.get("token_refused")
             print("identity: %s, %s until %s%s" % (
                 i.get("bot") or "?", "valid" if i["valid"] else "NOT valid", i.get("expires"),
-                "" if i["token_hash_matches"] in (None, True) else " (configured token differs: re-join pending)"))
+                "" if i["token_hash_matches"] in (None, True) else " (configured token differs: %s)" % (
+                    "Teleport refused it, the agent keeps renewing this identity" if refused
+                    else "re-join pending")))
+            if refused:
+                print("token: refused at %s: %s" % (refused.get("at"), refused.get("reason")))
         if i.get("source") == "tbot" and i["state"] == "ok":
             print("source: tbot's files in %s (the agent imports them when it starts; no token needed)"
                   % cfg.storage_dir)

@@ -619,5 +619,44 @@ def clear_in_flight(storage_dir: Path) -> None:
         pass  # a mark naming an older certificate is ignored (renewal_in_doubt)
 
 
+TOKEN_REFUSED_FILE = "token-refused.json"
+
+
+def mark_token_refused(storage_dir: Path, token_hash: str, reason: str) -> None:
+    """Remember, for ``status``, that Teleport refused the configured token (by its hash) while the agent kept
+    renewing the identity it had. Best effort: the journal has the refusal too."""
+    doc = {"token_hash": token_hash, "reason": reason,
+           "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    try:
+        with open_storage(storage_dir) as d:
+            d.write(TOKEN_REFUSED_FILE, (json.dumps(doc, sort_keys=True) + "\n").encode())
+    except (OSError, AgentError):
+        pass
+
+
+def clear_token_refused(storage_dir: Path) -> None:
+    if not os.path.lexists(os.path.join(str(storage_dir), TOKEN_REFUSED_FILE)):
+        return
+    try:
+        with open_storage(storage_dir) as d:
+            d.unlink(TOKEN_REFUSED_FILE)
+    except (OSError, AgentError):
+        pass
+
+
+def token_refusal(storage_dir: Path, token_hash: Optional[str]) -> Optional[dict]:
+    """``{"at": ..., "reason": ...}`` when Teleport refused exactly this token (hash) and the agent kept its
+    identity; None otherwise (a note about another token is an old one)."""
+    if not token_hash:
+        return None
+    try:
+        doc = json.loads(_read_storage(Path(storage_dir), TOKEN_REFUSED_FILE) or b"null")
+    except (AgentError, OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or not hmac.compare_digest(str(doc.get("token_hash") or ""), token_hash):
+        return None
+    return {"at": doc.get("at"), "reason": doc.get("reason")}
+
+
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()

@@ -93,6 +93,14 @@ class Backend:
     def token_hash(self, token: str) -> str:
         return self.identity.token_hash(token)
 
+    def note_token_refused(self, storage_dir: Path, token_hash: Optional[str], reason: Optional[str]) -> None:
+        """For ``status``: Teleport refused the token with this hash while the agent kept its identity (None: a
+        join succeeded, forget any refusal)."""
+        if token_hash is None:
+            self.identity.clear_token_refused(storage_dir)
+        else:
+            self.identity.mark_token_refused(storage_dir, token_hash, reason or "")
+
     def join(self, cfg):
         from machine_id_agent import join
         return join.join(cfg)
@@ -383,6 +391,7 @@ class Agent:
                 # Only the token changed and Teleport refused it: the identity in hand is still good, so keep
                 # renewing it rather than letting it run out on a token that cannot join.
                 self._refused_token_hash = want_hash
+                be.note_token_refused(cfg.storage_dir, want_hash, logs.REDACTOR.scrub(str(e)))
                 self.log.warning("%s; keeping the current identity of %s (valid until %s) and renewing it; this "
                                  "token is not tried again until it changes or the agent restarts",
                                  e, _bot(ident), ident.not_after.isoformat())
@@ -393,6 +402,7 @@ class Agent:
                 joined = True
         if joined:
             self._force_renew = False
+            be.note_token_refused(cfg.storage_dir, None, None)
             self.log.info("joined as %s; identity valid until %s", _bot(ident), ident.not_after.isoformat())
         facts = self._endpoint_facts()
         with be.client(cfg, ident, facts) as client:

@@ -188,6 +188,54 @@ def test_service_renewals_keep_kubectl_working(teleport, make_host):
     assert h.token not in log and "PRIVATE KEY" not in log
 
 
+def test_a_token_teleport_refuses_leaves_the_identity_renewing_and_status_says_so(teleport, make_host, tmp_path):
+    """An operator writes a token Teleport does not know into the token file of a working host: the agent tries
+    it once, keeps renewing the identity it has (the reader keeps working), does not try it again, and
+    ``status`` names the refusal instead of 're-join pending'. The token is in no output."""
+    diag = "127.0.0.1:%d" % free_port()
+    h = make_host(teleport, certificate_ttl="2m", renewal_interval="5s", diag_addr=diag)
+    token_file = h.root / "token"
+
+    def put_token(value):
+        tmp = token_file.with_suffix(".tmp")
+        tmp.write_text(value + "\n")
+        os.chown(tmp, 0, h.users[BOT_USER])
+        os.chmod(tmp, 0o640)
+        os.replace(tmp, token_file)
+
+    put_token(h.token)
+    h.write_config(certificate_ttl="2m", renewal_interval="5s", diag_addr=diag,
+                   onboarding={"join_method": "token", "token": str(token_file), "ca_pins": [h.pin]})
+    assert h.init().returncode == 0
+    p = h.start()
+    wait_for(lambda: http_get("http://%s/readyz" % diag)[0] == 200, 60, "first outputs (/readyz 200)")
+    bogus = "lanyardbogus%s" % os.urandom(8).hex()
+    put_token(bogus)
+    wait_for(lambda: "keeping the current identity" in h.log(), 30, "the refusal of the unknown token")
+    renewals = metric(diag, "renewals_total")
+    wait_for(lambda: metric(diag, "renewals_total") >= renewals + 2, 40, "two renewals after the refusal")
+    assert h.pods_as(APP_USER).returncode == 0
+    log = h.log()
+    assert log.count("(the configured token changed)") == 1, log  # tried once, not every cycle
+    st = h.status()["identity"]
+    assert st["state"] == "ok" and st["valid"] and st["token_hash_matches"] is False, st
+    assert st["token_refused"]["at"] and "token" in st["token_refused"]["reason"], st
+    text = h.run("status", "-c", str(h.config_path), as_bot=False)
+    assert "Teleport refused it, the agent keeps renewing this identity" in text.stdout, text.stdout
+    assert "re-join pending" not in text.stdout
+    note = (h.storage / "token-refused.json").read_text()
+    for where in (log, note, text.stdout, text.stderr, json.dumps(st)):
+        assert bogus not in where and h.token not in where
+    # the operator puts the old token back: nothing to join, nothing refused any more
+    put_token(h.token)
+    st = h.status()["identity"]
+    assert st["token_hash_matches"] is True and "token_refused" not in st, st
+    assert p.poll() is None
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(20) == 0
+    assert h.log().count("(the configured token changed)") == 1
+
+
 # --- 5: wrong pin, used token, second agent with the same identity -------------------------------------------
 def test_failures_are_explained(teleport, make_host):
     # wrong CA pin, joining directly through auth (where pins apply)

@@ -186,3 +186,31 @@ def test_status_check_acls_reports_what_init_would_change_as_the_running_user(tm
     # without the flag, no acl_check (what an older role asks)
     assert cli.main(["status", "-c", str(cfg.source), "--json"]) == 0
     assert "acl_check" not in json.loads(capsys.readouterr().out)["outputs"][0]
+
+
+def test_status_names_a_configured_token_teleport_refused(tmp_path, monkeypatch, capsys):
+    """The agent keeps renewing when Teleport refuses a changed token; status says so instead of 're-join
+    pending', from the note the agent leaves in the storage (only for that token)."""
+    from machine_id_agent import identity
+    be = FakeBackend()
+    monkeypatch.setattr(service, "Backend", lambda: be)
+    cfg = make_cfg(tmp_path)
+    identity.ensure_storage_dir(cfg.storage_dir)
+    service.Agent(cfg, backend=be).attempt()
+    be.hash = "h:other"  # the configured token is no longer the one the identity joined with
+    assert cli.main(["status", "-c", str(cfg.source)]) == 0
+    assert "re-join pending" in capsys.readouterr().out
+    identity.mark_token_refused(cfg.storage_dir, "h:someone-else", "refused")
+    cli.main(["status", "-c", str(cfg.source), "--json"])
+    assert "token_refused" not in json.loads(capsys.readouterr().out)["identity"]  # a note about another token
+    identity.mark_token_refused(cfg.storage_dir, "h:" + TOKEN, "the proxy refused the join token: it is used")
+    cli.main(["status", "-c", str(cfg.source), "--json"])
+    refused = json.loads(capsys.readouterr().out)["identity"]["token_refused"]
+    assert refused["reason"] == "the proxy refused the join token: it is used" and refused["at"].endswith("Z")
+    cli.main(["status", "-c", str(cfg.source)])
+    out = capsys.readouterr().out
+    assert "Teleport refused it, the agent keeps renewing this identity" in out and "re-join pending" not in out
+    assert "token: refused at " in out and TOKEN not in out
+    identity.clear_token_refused(cfg.storage_dir)
+    cli.main(["status", "-c", str(cfg.source)])
+    assert "re-join pending" in capsys.readouterr().out

@@ -53,6 +53,7 @@ class FakeBackend:
         self.storage_error = None  # check_storage raises it (full disk)
         self.store_error = None  # store_identity raises it (the write itself fails)
         self.creds = make_creds()
+        self.refusal = None  # note_token_refused: (token hash, reason) for status
 
     def load_identity(self, d):
         return self.stored
@@ -74,6 +75,9 @@ class FakeBackend:
 
     def token_hash(self, t):
         return "h:" + t
+
+    def note_token_refused(self, d, h, reason):
+        self.refusal = (h, reason) if h else None
 
     def join(self, cfg):
         self.calls.append(("join", cfg.token))
@@ -195,6 +199,7 @@ def test_a_refused_new_token_keeps_the_valid_identity_renewing_and_is_not_retrie
     assert be.calls == [("join", TOKEN), ("kube", 1, "example-k8s-cluster")]
     assert "keeping the current identity of" in logbuf[1].getvalue()
     assert TOKEN not in logbuf[1].getvalue()
+    assert be.refusal == ("h:" + TOKEN, "the proxy refused the join token: it is used, expired or unknown")
     be.calls.clear()
     agent._force_renew = True
     assert agent.attempt() is None  # not tried again; the identity is renewed as usual
@@ -204,6 +209,7 @@ def test_a_refused_new_token_keeps_the_valid_identity_renewing_and_is_not_retrie
     be.calls.clear()
     assert agent.attempt() is None
     assert be.calls[0] == ("join", "new-token-abcdef") and be.hash == "h:new-token-abcdef"
+    assert be.refusal is None  # joined: status no longer reports the refusal
 
 
 def test_a_refused_token_with_no_valid_identity_still_fails(tmp_path, logbuf):
