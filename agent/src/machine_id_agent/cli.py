@@ -208,6 +208,7 @@ def status_doc(cfg: configmod.Config, backend=None, check_acls: bool = False) ->
     from machine_id_agent import identity as identmod
     from machine_id_agent import outputs
     now = _dt.datetime.now(_dt.timezone.utc)
+    refusal = None
     ident_doc: Dict[str, Any] = {"present": False, "valid": False, "expires": None, "bot": None,
                                  "token_hash_matches": None, "state": "none", "problem": None, "fix": None}
     if backend is None:
@@ -260,8 +261,6 @@ def status_doc(cfg: configmod.Config, backend=None, check_acls: bool = False) ->
             want = backend.token_hash(token)
             ident_doc["token_hash_matches"] = stored == want
             refusal = identmod.token_refusal(cfg.storage_dir, want) if stored != want else None
-            if refusal:  # Teleport refused the configured token; the agent kept renewing its identity
-                ident_doc["token_refused"] = refusal
         ident_doc["seconds_to_expiry"] = int((ident.not_after - now).total_seconds())
         ident_doc["generation"] = getattr(ident, "generation", None)
         try:
@@ -293,6 +292,10 @@ def status_doc(cfg: configmod.Config, backend=None, check_acls: bool = False) ->
         ident_doc["ca_trust"] = trust  # what the agent did after a CA rotation it missed
         if trust.get("state") == "untrusted" and ident_doc["state"] == "ok":
             ident_doc.update(state="untrusted", problem=trust.get("problem"), fix=trust.get("fix"))
+    if refusal and ident_doc["state"] == "ok" and ident_doc["valid"]:
+        # Teleport refused the configured token and the agent keeps renewing the identity it has; with an expired
+        # or stale identity the agent does not keep it (it tries the token at every cycle): state says what to do
+        ident_doc["token_refused"] = refusal
     try:
         storage_owner = os.stat(cfg.storage_dir).st_uid
     except OSError:

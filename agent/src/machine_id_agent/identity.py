@@ -653,8 +653,9 @@ def token_refusal(storage_dir: Path, token_hash: Optional[str]) -> Optional[dict
         doc = json.loads(_read_storage(Path(storage_dir), TOKEN_REFUSED_FILE) or b"null")
     except (AgentError, OSError, ValueError):
         return None
-    if not isinstance(doc, dict) or not hmac.compare_digest(str(doc.get("token_hash") or ""), token_hash):
-        return None
+    if not isinstance(doc, dict) or not hmac.compare_digest(str(doc.get("token_hash") or "").encode(),
+                                                            token_hash.encode()):
+        return None  # no note, a damaged one, or one about another token
     return {"at": doc.get("at"), "reason": doc.get("reason")}
 
 

@@ -12,6 +12,11 @@ from typing import Optional
 
 
 class Notifier:
+    # How long one notification may wait for room in systemd's queue (a unix datagram queue holds only
+    # net.unix.max_dgram_qlen messages, 10 by default, while PID 1 is busy); then it is dropped and send()
+    # answers False. Without a bound, a watchdog ping to a full queue blocked the service loop for good.
+    send_timeout = 5.0
+
     def __init__(self, environ=None):
         env = os.environ if environ is None else environ
         addr = env.get("NOTIFY_SOCKET") or ""
@@ -41,6 +46,7 @@ class Notifier:
         msg = "".join("%s=%s\n" % (k, str(v).replace("\n", " ")) for k, v in fields.items()).encode()
         s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         try:
+            s.settimeout(self.send_timeout)
             s.connect(self.addr)
             s.sendall(msg)
             return True

@@ -93,6 +93,10 @@ class Backend:
     def token_hash(self, token: str) -> str:
         return self.identity.token_hash(token)
 
+    def is_stale(self, storage_dir: Path, ident) -> bool:
+        """The identity must never be presented again (locked, lost a renewal, untrusted)."""
+        return self.identity.is_stale(storage_dir, ident)
+
     def note_token_refused(self, storage_dir: Path, token_hash: Optional[str], reason: Optional[str]) -> None:
         """For ``status``: Teleport refused the token with this hash while the agent kept its identity (None: a
         join succeeded, forget any refusal)."""
@@ -386,12 +390,14 @@ class Agent:
                 ident = be.join(dataclasses.replace(cfg, token=token))
                 joined = True
             except JoinError as e:
-                if not (e.needs_token and ident is not None and ident.valid()):
-                    raise
+                kept = ident is not None and ident.valid() and not be.is_stale(cfg.storage_dir, ident)
+                if not (e.needs_token and kept):
+                    raise  # no identity to fall back on (none, expired, or one never presented again): say why
                 # Only the token changed and Teleport refused it: the identity in hand is still good, so keep
-                # renewing it rather than letting it run out on a token that cannot join.
-                self._refused_token_hash = want_hash
-                be.note_token_refused(cfg.storage_dir, want_hash, logs.REDACTOR.scrub(str(e)))
+                # renewing it rather than letting it run out on a token that cannot join. The hash is the one of
+                # the token just sent (the file may have changed since the cycle began).
+                self._refused_token_hash = be.token_hash(token)
+                be.note_token_refused(cfg.storage_dir, self._refused_token_hash, logs.REDACTOR.scrub(str(e)))
                 self.log.warning("%s; keeping the current identity of %s (valid until %s) and renewing it; this "
                                  "token is not tried again until it changes or the agent restarts",
                                  e, _bot(ident), ident.not_after.isoformat())
@@ -875,8 +881,8 @@ class Agent:
                     next_at = now + jittered_interval(interval, self.rnd)
                     status = "renewed; next renewal in %ds" % int(next_at - now)
                     if not ready_sent:
-                        self.notifier.ready(status)
-                        ready_sent = True
+                        # READY=1 dropped (systemd's queue full): sent again after the next good cycle
+                        ready_sent = self.notifier.ready(status) or not self.notifier.enabled
                     else:
                         self.notifier.status(status)
                 elif not ready_sent and getattr(err, "needs_token", False):

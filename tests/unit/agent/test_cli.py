@@ -214,3 +214,60 @@ def test_status_names_a_configured_token_teleport_refused(tmp_path, monkeypatch,
     identity.clear_token_refused(cfg.storage_dir)
     cli.main(["status", "-c", str(cfg.source)])
     assert "re-join pending" in capsys.readouterr().out
+
+
+def _real_identity(hours: float):
+    from machine_id_agent import identity
+    from test_identity import _cert  # noqa: E402  (same directory)
+    key = identity.generate_key()
+    return identity.Identity(key_pem=key, tls_cert_pem=_cert(key, hours=hours), ssh_cert=b"x\n",
+                             tls_ca_pems=[b"-----BEGIN CERTIFICATE-----\nX\n-----END CERTIFICATE-----\n"],
+                             ssh_ca_lines=[b"@cert-authority x\n"])
+
+
+@pytest.mark.parametrize("case", ["expired", "lost-renewal", "locked"])
+def test_status_names_a_refusal_only_while_the_agent_keeps_its_identity(tmp_path, capsys, case):
+    """An expired or stale identity is not kept: the agent tries the configured token at every cycle. The note
+    left from an earlier refusal must not make status say the agent keeps renewing; state says what to do."""
+    from machine_id_agent import identity
+    cfg = make_cfg(tmp_path)
+    ident = _real_identity(-0.01 if case == "expired" else 1)
+    identity.store(cfg.storage_dir, ident, "hash-of-an-older-token")
+    if case != "expired":
+        identity.mark_stale(cfg.storage_dir, ident, case)
+    identity.mark_token_refused(cfg.storage_dir, identity.token_hash(TOKEN), "the proxy refused the join token")
+    assert cli.main(["status", "-c", str(cfg.source), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)["identity"]
+    assert doc["state"] == case and doc["token_hash_matches"] is False and "token_refused" not in doc
+    cli.main(["status", "-c", str(cfg.source)])
+    out = capsys.readouterr().out
+    assert "keeps renewing" not in out and "token: refused" not in out and "re-join pending" in out
+
+
+def test_a_damaged_refusal_note_is_ignored(tmp_path, capsys):
+    from machine_id_agent import identity
+    cfg = make_cfg(tmp_path)
+    identity.ensure_storage_dir(cfg.storage_dir)
+    note = cfg.storage_dir / identity.TOKEN_REFUSED_FILE
+    for text in ('{"token_hash": "\u00e9"}', "not json", "[1, 2]", '{"token_hash": null}'):
+        note.write_text(text)
+        assert identity.token_refusal(cfg.storage_dir, "ab" * 32) is None, text
+
+
+def test_the_refusal_note_on_a_real_storage(tmp_path):
+    """The real Backend's note: written without following a symlink planted in its place, read back only for
+    the same token hash, removed after a join."""
+    from machine_id_agent import identity
+    cfg = make_cfg(tmp_path)
+    identity.ensure_storage_dir(cfg.storage_dir)
+    victim = tmp_path / "victim"
+    victim.write_text("keep\n")
+    note = cfg.storage_dir / identity.TOKEN_REFUSED_FILE
+    note.symlink_to(victim)
+    be = service.Backend()
+    be.note_token_refused(cfg.storage_dir, "ab" * 32, "refused")
+    assert victim.read_text() == "keep\n" and not note.is_symlink()
+    assert identity.token_refusal(cfg.storage_dir, "ab" * 32)["reason"] == "refused"
+    assert identity.token_refusal(cfg.storage_dir, "cd" * 32) is None
+    be.note_token_refused(cfg.storage_dir, None, None)
+    assert not note.exists() and identity.token_refusal(cfg.storage_dir, "ab" * 32) is None

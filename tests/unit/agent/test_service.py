@@ -54,6 +54,7 @@ class FakeBackend:
         self.store_error = None  # store_identity raises it (the write itself fails)
         self.creds = make_creds()
         self.refusal = None  # note_token_refused: (token hash, reason) for status
+        self.stale = []  # identities is_stale answers True for (locked, lost a renewal, untrusted)
 
     def load_identity(self, d):
         return self.stored
@@ -75,6 +76,9 @@ class FakeBackend:
 
     def token_hash(self, t):
         return "h:" + t
+
+    def is_stale(self, d, ident):
+        return ident in self.stale
 
     def note_token_refused(self, d, h, reason):
         self.refusal = (h, reason) if h else None
@@ -219,6 +223,34 @@ def test_a_refused_token_with_no_valid_identity_still_fails(tmp_path, logbuf):
     agent = Agent(make_cfg(tmp_path), backend=be, log=logbuf[0])
     err = agent.attempt()
     assert isinstance(err, JoinError) and err.needs_token
+
+
+def test_a_refused_token_with_a_stale_identity_still_fails(tmp_path, logbuf):
+    """A locked (or lost-renewal, untrusted) identity is never presented again: nothing to keep renewing, so
+    Teleport's refusal of the re-enrolment token is the cycle's error, and the token is tried at every cycle."""
+    be = FakeBackend()
+    be.stored, be.hash = FakeIdent(7), "h:old"
+    be.stale.append(be.stored)
+    be.join_error = JoinError("the proxy refused the join token: it is used, expired or unknown", needs_token=True)
+    agent = Agent(make_cfg(tmp_path), backend=be, log=logbuf[0])
+    for _ in range(2):
+        err = agent.attempt()
+        assert isinstance(err, JoinError) and err.needs_token
+    assert [c[0] for c in be.calls] == ["join", "join"] and be.refusal is None
+
+
+def test_the_refusal_names_the_token_that_was_sent(tmp_path, logbuf, monkeypatch):
+    """The token file is read when the cycle starts and again for the join; if it changed in between, the
+    refusal (not retried, noted for status) is the one of the token Teleport was actually given."""
+    be = FakeBackend()
+    be.stored, be.hash = FakeIdent(1), "h:old"
+    be.join_error = JoinError("the proxy refused the join token: it is used, expired or unknown", needs_token=True)
+    reads = iter(["token-read-first", "token-sent-to-teleport"])
+    monkeypatch.setattr(config, "read_token", lambda c, required=False: next(reads))
+    agent = Agent(make_cfg(tmp_path), backend=be, log=logbuf[0])
+    assert agent.attempt() is None
+    assert be.calls[0] == ("join", "token-sent-to-teleport")
+    assert be.refusal[0] == "h:token-sent-to-teleport" and agent._refused_token_hash == "h:token-sent-to-teleport"
 
 
 def test_an_unreachable_proxy_during_a_token_change_is_retried(tmp_path, logbuf):
@@ -525,17 +557,48 @@ def test_watchdog_fed_while_a_worker_makes_progress(tmp_path, logbuf):
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     srv.bind(sock_path)
     srv.settimeout(0.1)
+    got = []
+    done = threading.Event()
+
+    def read():  # systemd's side: reads as the pings come (the queue holds only max_dgram_qlen of them)
+        while not done.is_set():
+            try:
+                got.append(srv.recv(64))
+            except socket.timeout:
+                pass
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
         notifier = Notifier({"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "200000"})
         agent = Agent(make_cfg(tmp_path), backend=Slow(), notifier=notifier, log=logbuf[0], isolate=True)
         assert agent.attempt() is None
-        pings = 0
-        try:
-            while True:
-                pings += srv.recv(64) == b"WATCHDOG=1\n"
-        except socket.timeout:
-            pass
-        assert pings >= 4, pings
+    finally:
+        done.set()
+        reader.join(5)
+        srv.close()
+    assert got.count(b"WATCHDOG=1\n") >= 4, got
+
+
+def test_a_full_notify_queue_drops_the_notification_instead_of_blocking(tmp_path):
+    """Seen in a unit test under load: with nobody reading $NOTIFY_SOCKET, the 11th watchdog ping (the
+    kernel's default max_dgram_qlen is 10) blocked the service loop forever. A notification now waits at most
+    Notifier.send_timeout for room, then is dropped."""
+    sock_path = str(tmp_path / "full.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    srv.bind(sock_path)
+    try:
+        n = Notifier({"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "200000"})
+        n.send_timeout = 0.05
+        sent = 0
+        while n.watchdog():  # until the queue is full (max_dgram_qlen messages)
+            sent += 1
+            assert sent < 100000, "the queue never filled"
+        assert sent >= 1
+        t0 = time.monotonic()
+        assert n.ready("renewed") is False
+        assert time.monotonic() - t0 < 2
+        assert srv.recv(64) == b"WATCHDOG=1\n"  # what fitted was delivered
     finally:
         srv.close()
 
