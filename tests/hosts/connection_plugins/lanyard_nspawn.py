@@ -28,9 +28,11 @@ options:
       - name: inventory_hostname
       - name: ansible_host
   runs_dir:
-    description: Directory holding the harness' run state.
+    description:
+      - Directory holding the harness' run state.
+      - Default C($LANYARD_CACHE/hosts/runs), or C(~/.cache/lanyard/hosts/runs) when C(LANYARD_CACHE) is not set
+        (where the harness keeps it).
     type: str
-    default: ~/.cache/lanyard/hosts/runs
     env:
       - name: LANYARD_HOSTS_RUNS
     vars:
@@ -50,6 +52,11 @@ GUEST_ENV = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
              "LANG=C.UTF-8", "USER=root", "LOGNAME=root"]
 
 
+def _default_runs_dir():
+    """Where tests/hosts keeps its run state (hosts.runs_dir()): under $LANYARD_CACHE when it is set."""
+    return os.path.join(os.environ.get("LANYARD_CACHE") or os.path.expanduser("~/.cache/lanyard"), "hosts", "runs")
+
+
 class Connection(ConnectionBase):
     transport = "lanyard_nspawn"
     has_pipelining = True
@@ -64,7 +71,7 @@ class Connection(ConnectionBase):
         if self._connected:
             return self
         name = self.get_option("remote_addr")
-        state = os.path.join(os.path.expanduser(self.get_option("runs_dir")), name, "state.json")
+        state = os.path.join(os.path.expanduser(self.get_option("runs_dir") or _default_runs_dir()), name, "state.json")
         try:
             with open(state) as fh:
                 leader = int(json.load(fh)["leader_pid"])

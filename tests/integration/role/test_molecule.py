@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+import hosts
 import testbed as tb
 
 pytestmark = [pytest.mark.testbed, pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -213,4 +214,4 @@ def test_molecule_default_scenario(bed, tmp_path, release):
         finally:
             timings["total"] = round(time.monotonic() - t_all, 1)
             print(f"[molecule {release}] step timings (s): {timings}")
-    assert not (Path.home() / ".cache" / "lanyard" / "hosts" / "runs" / HOST).exists(), "destroy left the host behind"
+    assert not (hosts.runs_dir() / HOST).exists(), "destroy left the host behind"
