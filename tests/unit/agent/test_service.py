@@ -472,6 +472,40 @@ def test_service_loop_signals_notify_and_diag(tmp_path, logbuf):
     assert TOKEN not in logbuf[1].getvalue() and "second-token-7890" not in logbuf[1].getvalue()
 
 
+def test_a_dropped_ready_is_sent_again_after_the_next_good_cycle(tmp_path, logbuf):
+    """READY=1 that could not be delivered (systemd's queue full, see Notifier.send_timeout) would leave the unit
+    'activating' until systemd gives up: the loop sends it again after its next good cycle."""
+    class Flaky(Notifier):
+        def __init__(self):
+            super().__init__({})
+            self.addr = "\0unused"  # enabled; send() is not used below
+            self.readies = []
+
+        def send(self, **fields):
+            if "READY" in fields:
+                self.readies.append(fields.get("STATUS"))
+                return len(self.readies) > 1  # the first READY=1 is dropped
+            return True
+
+    cfg = make_cfg(tmp_path, renewal_interval="50s", certificate_ttl="10m")
+    notifier = Flaky()
+    agent = Agent(cfg, backend=FakeBackend(), notifier=notifier, log=logbuf[0])
+
+    def steps(seen):
+        _wait_for(lambda: agent.renewals == 1, "first renewal")
+        seen["after_first"] = list(notifier.readies)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        _wait_for(lambda: agent.renewals == 2, "SIGUSR1 renewal")
+        os.kill(os.getpid(), signal.SIGUSR1)
+        _wait_for(lambda: agent.renewals == 3, "another renewal")
+
+    rc, seen = _run_beside(agent, steps)
+    assert "error" not in seen, seen.get("error")
+    assert rc == 0
+    assert len(seen["after_first"]) == 1
+    assert len(notifier.readies) == 2 and all(r.startswith("renewed") for r in notifier.readies), notifier.readies
+
+
 def test_metrics_text_format():
     text = diag.render_metrics({"renewals": 2, "failures": 1, "ready": True,
                                 "outputs": [{"destination": '/a"b', "kubernetes_cluster": "k",
