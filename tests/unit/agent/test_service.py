@@ -233,9 +233,8 @@ def test_a_refused_token_with_a_stale_identity_still_fails(tmp_path, logbuf):
     be.stale.append(be.stored)
     be.join_error = JoinError("the proxy refused the join token: it is used, expired or unknown", needs_token=True)
     agent = Agent(make_cfg(tmp_path), backend=be, log=logbuf[0])
-    for _ in range(2):
-        err = agent.attempt()
-        assert isinstance(err, JoinError) and err.needs_token
+    errors = [agent.attempt(), agent.attempt()]
+    assert all(isinstance(err, JoinError) and err.needs_token for err in errors), errors
     assert [c[0] for c in be.calls] == ["join", "join"] and be.refusal is None
 
 
