@@ -619,42 +619,50 @@ def clear_in_flight(storage_dir: Path) -> None:
         pass  # a mark naming an older certificate is ignored (renewal_in_doubt)
 
 
+def write_note(storage_dir: Path, name: str, doc: Optional[dict]) -> None:
+    """A small JSON note for ``status`` in the storage, stamped with the time (``at``); None removes it. Best
+    effort: the journal says the same."""
+    try:
+        if doc is None:
+            if os.path.lexists(os.path.join(str(storage_dir), name)):
+                with open_storage(storage_dir) as d:
+                    d.unlink(name)
+            return
+        doc = dict(doc, at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        with open_storage(storage_dir) as d:
+            d.write(name, (json.dumps(doc, sort_keys=True) + "\n").encode())
+    except (OSError, AgentError):
+        pass
+
+
+def read_note(storage_dir: Path, name: str) -> Optional[dict]:
+    """The note ``name`` (a JSON object), or None when it is missing, unreadable or damaged."""
+    try:
+        raw = _read_storage(Path(storage_dir), name)
+        doc = json.loads(raw) if raw else None
+    except (AgentError, OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
 TOKEN_REFUSED_FILE = "token-refused.json"
 
 
 def mark_token_refused(storage_dir: Path, token_hash: str, reason: str) -> None:
     """Remember, for ``status``, that Teleport refused the configured token (by its hash) while the agent kept
-    renewing the identity it had. Best effort: the journal has the refusal too."""
-    doc = {"token_hash": token_hash, "reason": reason,
-           "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    try:
-        with open_storage(storage_dir) as d:
-            d.write(TOKEN_REFUSED_FILE, (json.dumps(doc, sort_keys=True) + "\n").encode())
-    except (OSError, AgentError):
-        pass
+    renewing the identity it had."""
+    write_note(storage_dir, TOKEN_REFUSED_FILE, {"token_hash": token_hash, "reason": reason})
 
 
 def clear_token_refused(storage_dir: Path) -> None:
-    if not os.path.lexists(os.path.join(str(storage_dir), TOKEN_REFUSED_FILE)):
-        return
-    try:
-        with open_storage(storage_dir) as d:
-            d.unlink(TOKEN_REFUSED_FILE)
-    except (OSError, AgentError):
-        pass
+    write_note(storage_dir, TOKEN_REFUSED_FILE, None)
 
 
 def token_refusal(storage_dir: Path, token_hash: Optional[str]) -> Optional[dict]:
     """``{"at": ..., "reason": ...}`` when Teleport refused exactly this token (hash) and the agent kept its
     identity; None otherwise (a note about another token is an old one)."""
-    if not token_hash:
-        return None
-    try:
-        doc = json.loads(_read_storage(Path(storage_dir), TOKEN_REFUSED_FILE) or b"null")
-    except (AgentError, OSError, ValueError):
-        return None
-    if not isinstance(doc, dict) or not hmac.compare_digest(str(doc.get("token_hash") or "").encode(),
-                                                            token_hash.encode()):
+    doc = read_note(storage_dir, TOKEN_REFUSED_FILE) if token_hash else None
+    if doc is None or not hmac.compare_digest(str(doc.get("token_hash") or "").encode(), token_hash.encode()):
         return None  # no note, a damaged one, or one about another token
     return {"at": doc.get("at"), "reason": doc.get("reason")}
 

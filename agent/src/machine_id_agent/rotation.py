@@ -39,7 +39,6 @@ proves nothing), the identity is marked ``untrusted`` (never presented again) an
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -351,17 +350,7 @@ def write_trust_note(storage_dir, doc: Optional[Dict[str, Any]]) -> None:
     "problem": ..., "fix": ..., "how": ..., "at": ...}``. Best effort."""
     from machine_id_agent import identity as ident
 
-    try:
-        if doc is None:
-            if os.path.lexists(os.path.join(str(storage_dir), TRUST_FILE)):
-                with ident.open_storage(storage_dir) as d:
-                    d.unlink(TRUST_FILE)
-            return
-        doc = dict(doc, at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        with ident.open_storage(storage_dir) as d:
-            d.write(TRUST_FILE, (json.dumps(doc, sort_keys=True) + "\n").encode())
-    except (OSError, AgentError):
-        pass
+    ident.write_note(storage_dir, TRUST_FILE, doc)
 
 
 def clear_untrusted(storage_dir) -> None:
@@ -376,9 +365,4 @@ def clear_untrusted(storage_dir) -> None:
 def read_trust_note(storage_dir) -> Optional[Dict[str, Any]]:
     from machine_id_agent import identity as ident
 
-    try:
-        raw = ident._read_storage(Path(storage_dir), TRUST_FILE)
-        doc = json.loads(raw) if raw else None
-    except (AgentError, OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
+    return ident.read_note(storage_dir, TRUST_FILE)
