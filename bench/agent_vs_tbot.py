@@ -11,7 +11,13 @@ Measures, for each program, in each listener mode:
 A renewal is counted when the destination's ``tlscert`` changes. Results are ratios agent/tbot; the
 table goes to stdout (markdown) and bench/results/agent_vs_tbot.json.
 
-    python3 bench/agent_vs_tbot.py [--runs 5] [--renewals 10] [--interval 3s]
+    python3 bench/agent_vs_tbot.py [--runs 5] [--renewals 10] [--interval 3s] [--agent LABEL=DIR ...]
+
+``--agent LABEL=DIR`` (repeatable) measures the agent from another source tree, e.g. a ``git worktree`` of an
+older commit (``git worktree add --detach /tmp/old b567b8e`` then ``--agent old=/tmp/old/agent --agent
+now=agent``): each is run by the same console script with ``PYTHONPATH=DIR/src``. The start runs interleave
+every program (tbot, then each agent, run after run), so a drift of the machine hits all of them alike; the
+table then gains one ratio per agent and, with two or more, a row comparing each agent's start with the first.
 """
 
 from __future__ import annotations
@@ -45,6 +51,26 @@ def agent_argv() -> list[str]:
     return [exe]
 
 
+def parse_agents(specs: list[str]) -> dict[str, Path]:
+    """``LABEL=DIR`` pairs; DIR is an agent source tree (``DIR/src/machine_id_agent``)."""
+    agents: dict[str, Path] = {}
+    for spec in specs or [f"agent={REPO / 'agent'}"]:
+        label, sep, d = spec.partition("=")
+        src = Path(d).resolve() / "src"
+        if not sep or not label or label == "tbot" or label in agents:
+            raise SystemExit(f"--agent {spec!r}: expected a new LABEL=DIR (LABEL not 'tbot', each LABEL once)")
+        if not (src / "machine_id_agent" / "__init__.py").is_file():
+            raise SystemExit(f"--agent {spec!r}: {src}/machine_id_agent is not an agent source tree")
+        agents[label] = src
+    return agents
+
+
+def source_commit(src: Path) -> str:
+    r = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                       check=False)
+    return r.stdout.strip() or "unknown"
+
+
 def write_config(d: Path, tp, token: str, pin: str, ttl: str, interval: str) -> Path:
     (d / "storage").mkdir(parents=True, mode=0o700)
     (d / "out").mkdir(mode=0o700)
@@ -62,6 +88,10 @@ def write_config(d: Path, tp, token: str, pin: str, ttl: str, interval: str) -> 
 def program_argv(name: str, bed, cfg: Path, oneshot: bool) -> list[str]:
     base = [str(bed.bins["tbot"])] if name == "tbot" else agent_argv()
     return base + ["start", "-c", str(cfg)] + (["--oneshot"] if oneshot else [])
+
+
+def program_env(name: str, base: dict, agents: dict[str, Path]) -> dict:
+    return dict(base) if name == "tbot" else dict(base, PYTHONPATH=str(agents[name]))
 
 
 def rss_kib(pid: int) -> int:
@@ -91,28 +121,30 @@ def cpu_seconds(pid: int) -> float:
     return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(name: str, bed, mode: str, runs: int, renewals: int, interval: str, work: Path) -> dict:
+def measure_start(name: str, bed, mode: str, i: int, env: dict, work: Path) -> float:
+    """One ``start --oneshot`` of a fresh bot until ``kubectl get pods`` works through its kubeconfig."""
     tp = bed.teleport[mode]
-    pin = tp.status_ca_pin()
-    env = dict(tp.env, SSL_CERT_FILE=str(tp.web_ca_path))
-    starts = []
-    for i in range(runs):
-        d = work / f"{name}-{mode}-start-{i}"
-        token = tp.bot_add(f"bench-{name}-{mode}-{i}", ["bench-kube"])
-        cfg = write_config(d, tp, token, pin, "1h", "20m")
-        t0 = time.monotonic()
-        r = subprocess.run(program_argv(name, bed, cfg, True), capture_output=True, text=True, env=env, timeout=120,
-                           check=False)
-        if r.returncode != 0:
-            raise SystemExit(f"{name} oneshot failed in {mode}: {r.stderr[-2000:]}")
-        k = bed.kube.kubectl("get", "pods", "-n", "demo", kubeconfig=d / "out" / "kubeconfig.yaml")
-        starts.append(time.monotonic() - t0)
-        if k.returncode != 0:
-            raise SystemExit(f"{name} kubeconfig does not work in {mode}: {k.stderr}")
-    # Long-running: count renewals by tlscert changes, then read RSS and CPU.
+    d = work / f"{name}-{mode}-start-{i}"
+    token = tp.bot_add(f"bench-{name}-{mode}-{i}", ["bench-kube"])
+    cfg = write_config(d, tp, token, tp.status_ca_pin(), "1h", "20m")
+    t0 = time.monotonic()
+    r = subprocess.run(program_argv(name, bed, cfg, True), capture_output=True, text=True, env=env, timeout=120,
+                       check=False)
+    if r.returncode != 0:
+        raise SystemExit(f"{name} oneshot failed in {mode}: {r.stderr[-2000:]}")
+    k = bed.kube.kubectl("get", "pods", "-n", "demo", kubeconfig=d / "out" / "kubeconfig.yaml")
+    took = time.monotonic() - t0
+    if k.returncode != 0:
+        raise SystemExit(f"{name} kubeconfig does not work in {mode}: {k.stderr}")
+    return took
+
+
+def measure_daemon(name: str, bed, mode: str, renewals: int, interval: str, env: dict, work: Path) -> dict:
+    """Long-running: count renewals by tlscert changes, then read RSS and CPU."""
+    tp = bed.teleport[mode]
     d = work / f"{name}-{mode}-daemon"
     token = tp.bot_add(f"bench-{name}-{mode}-daemon", ["bench-kube"])
-    cfg = write_config(d, tp, token, pin, "1m", interval)
+    cfg = write_config(d, tp, token, tp.status_ca_pin(), "1m", interval)
     proc = Process(f"{name}-{mode}", program_argv(name, bed, cfg, False), work / "logs", env=env)
     cert = d / "out" / "tlscert"
     seen, last, cpu0, t_first, peak = 0, None, None, None, 0
@@ -141,9 +173,27 @@ def measure(name: str, bed, mode: str, runs: int, renewals: int, interval: str, 
         wall = time.monotonic() - t_first
     finally:
         proc.stop()
-    return {"start_median_s": statistics.median(starts), "start_runs_s": starts, "rss_kib": rss,
-            "peak_tree_rss_kib": peak,
-            "cpu_s_per_renewal": cpu / renewals, "renewals": renewals, "renewal_wall_s": wall}
+    return {"rss_kib": rss, "peak_tree_rss_kib": peak, "cpu_s_per_renewal": cpu / renewals, "renewals": renewals,
+            "renewal_wall_s": wall}
+
+
+def measure_mode(bed, mode: str, names: list[str], agents: dict[str, Path], args, work: Path) -> dict:
+    tp = bed.teleport[mode]
+    base = dict(tp.env, SSL_CERT_FILE=str(tp.web_ca_path))
+    envs = {n: program_env(n, base, agents) for n in names}
+    starts: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(args.runs):  # interleaved: every program once per round
+        for n in names:
+            starts[n].append(measure_start(n, bed, mode, i, envs[n], work))
+    out = {}
+    for n in names:
+        print(f"[bench] {n} in {mode}: renewals ...", file=sys.stderr, flush=True)
+        out[n] = dict(measure_daemon(n, bed, mode, args.renewals, args.interval, envs[n], work),
+                      start_median_s=statistics.median(starts[n]), start_runs_s=starts[n])
+        if n != "tbot":
+            out[n]["source"] = str(agents[n].parent)
+            out[n]["commit"] = source_commit(agents[n])
+    return out
 
 
 def main(argv=None) -> int:
@@ -152,7 +202,11 @@ def main(argv=None) -> int:
     ap.add_argument("--renewals", type=int, default=10)
     ap.add_argument("--interval", default="3s")
     ap.add_argument("--modes", default=",".join(tb.MODES))
+    ap.add_argument("--agent", action="append", default=[], metavar="LABEL=DIR",
+                    help="an agent source tree to measure (repeatable); default: this tree's agent/")
     args = ap.parse_args(argv)
+    agents = parse_agents(args.agent)
+    names = ["tbot", *agents]
     modes = tuple(args.modes.split(","))
     work = Path(tempfile.mkdtemp(prefix="lanyard-bench-"))
     bed = tb.Testbed.start(modes=modes)
@@ -166,28 +220,42 @@ def main(argv=None) -> int:
             bed.kube.kubectl("create", "role", f"bench-{mode}", "-n", "demo", "--verb=get,list", "--resource=pods")
             bed.kube.kubectl("create", "rolebinding", f"bench-{mode}", "-n", "demo", f"--role=bench-{mode}",
                              "--group=bench", check=True)
-            for name in ("tbot", "agent"):
-                print(f"[bench] {name} in {mode} ...", file=sys.stderr, flush=True)
-                results.setdefault(mode, {})[name] = measure(name, bed, mode, args.runs, args.renewals,
-                                                             args.interval, work)
+            print(f"[bench] {mode}: {args.runs} interleaved start runs of {', '.join(names)} ...", file=sys.stderr,
+                  flush=True)
+            results[mode] = measure_mode(bed, mode, names, agents, args, work)
     finally:
         bed.stop()
         shutil.rmtree(work, ignore_errors=True)
-    print("| mode | metric | tbot | machine-id-agent | ratio (agent/tbot) | target |")
-    print("|---|---|---|---|---|---|")
-    for mode, r in results.items():
-        t, a = r["tbot"], r["agent"]
-        rows = [("start → usable kubeconfig (median s)", "start_median_s", "≤ 1.0"),
-                (f"RSS after {args.renewals} renewals (MiB)", "rss_kib", "≤ 0.6"),
-                ("peak RSS incl. workers, sampled every 0.1 s (MiB)", "peak_tree_rss_kib", "-"),
-                ("CPU per renewal (s)", "cpu_s_per_renewal", "-")]
-        for label, key, target in rows:
-            scale = 1024 if key.endswith("rss_kib") else 1
-            print(f"| {mode} | {label} | {t[key] / scale:.3f} | {a[key] / scale:.3f} | {a[key] / t[key]:.2f} | {target} |")
+    print(render(results, list(agents), args.renewals))
     out = REPO / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / "agent_vs_tbot.json").write_text(json.dumps(results, indent=2))
     return 0
+
+
+def render(results: dict, labels: list[str], renewals: int) -> str:
+    rows = [("start → usable kubeconfig (median s)", "start_median_s", "≤ 1.0"),
+            (f"RSS after {renewals} renewals (MiB)", "rss_kib", "≤ 0.6"),
+            ("peak RSS incl. workers, sampled every 0.1 s (MiB)", "peak_tree_rss_kib", "-"),
+            ("CPU per renewal (s)", "cpu_s_per_renewal", "-")]
+    lines = ["| mode | metric | tbot | " + " | ".join(labels) + " | " +
+             " | ".join(f"{lb} / tbot" for lb in labels) + " | target |",
+             "|---" * (4 + 2 * len(labels)) + "|"]
+    for mode, r in results.items():
+        t = r["tbot"]
+        for label, key, target in rows:
+            scale = 1024 if key.endswith("rss_kib") else 1
+            vals = " | ".join(f"{r[lb][key] / scale:.3f}" for lb in labels)
+            ratios = " | ".join(f"{r[lb][key] / t[key]:.2f}" for lb in labels)
+            lines.append(f"| {mode} | {label} | {t[key] / scale:.3f} | {vals} | {ratios} | {target} |")
+    for mode, r in results.items():  # A/B: every agent's start runs against the first agent's
+        first = labels[0]
+        for lb in labels[1:]:
+            a, b = r[first]["start_runs_s"], r[lb]["start_runs_s"]
+            lines.append(f"\n{mode}: start of {lb} / {first} = {statistics.median(b) / statistics.median(a):.2f} "
+                         f"(runs {first} {min(a):.2f}-{max(a):.2f} s, {lb} {min(b):.2f}-{max(b):.2f} s; "
+                         f"tbot {min(r['tbot']['start_runs_s']):.2f}-{max(r['tbot']['start_runs_s']):.2f} s)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
