@@ -20,21 +20,15 @@ from typing import Any, Dict, List, Optional
 
 from machine_id_agent import __version__
 from machine_id_agent import config as configmod
+from machine_id_agent import kubecreds
 from machine_id_agent import logs
-from machine_id_agent.errors import AgentError, ConfigError
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, like every other user mistake
-        sys.stderr.write("machine-id-agent: error: %s; see 'machine-id-agent %s--help'\n"
-                         % (message, (self.prog.split(" ", 1)[1] + " ") if " " in self.prog else ""))
-        sys.exit(2)
+from machine_id_agent.errors import AgentError, ConfigError, OneLineParser
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="machine-id-agent", description="Teleport Machine ID renewal agent for Kubernetes outputs.")
+    p = OneLineParser(prog="machine-id-agent", description="Teleport Machine ID renewal agent for Kubernetes outputs.")
     p.add_argument("--version", action="version", version="machine-id-agent " + __version__)
-    sub = p.add_subparsers(dest="cmd", parser_class=_Parser)
+    sub = p.add_subparsers(dest="cmd", parser_class=OneLineParser)
 
     def cfg_arg(sp, required=True):
         sp.add_argument("-c", "--config", default=None if not required else configmod.DEFAULT_PATH,
@@ -74,11 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--timeout", type=float, default=60.0, help="seconds (default 60)")
 
     sp = sub.add_parser("kube", help="Kubernetes helpers")
-    ksub = sp.add_subparsers(dest="kube_cmd", parser_class=_Parser)
+    ksub = sp.add_subparsers(dest="kube_cmd", parser_class=OneLineParser)
     kc = ksub.add_parser("credentials", help="print an ExecCredential for kubectl (exec plugin mode)")
-    kc.add_argument("--destination-dir", required=True)
-    kc.add_argument("--cluster", default=None,
-                    help="the Kubernetes cluster of a kubernetes/v2 output (reads identity-CLUSTER)")
+    kubecreds.add_arguments(kc)
 
     sub.add_parser("version", help="print the version")
     return p
@@ -404,11 +396,9 @@ def cmd_wait(args) -> int:
 
 
 def cmd_kube(args) -> int:
-    from machine_id_agent import outputs
     if args.kube_cmd != "credentials":
         raise ConfigError("kube: missing subcommand; use 'machine-id-agent kube credentials --destination-dir D'")
-    print(json.dumps(outputs.exec_credential(Path(args.destination_dir), cluster=getattr(args, "cluster", None))))
-    return 0
+    return kubecreds.run(args)
 
 
 COMMANDS = {"check": cmd_check, "init": cmd_init, "start": cmd_start, "status": cmd_status, "wait": cmd_wait,

@@ -5,9 +5,21 @@
 
 from __future__ import annotations
 
+import argparse
+import sys
+
 
 # `start` exits with this when it cannot get ready without a new join token (the unit's RestartPreventExitStatus=).
 EXIT_NEEDS_TOKEN = 78
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line and exit 2, like every other user mistake."""
+
+    def error(self, message):
+        sys.stderr.write("machine-id-agent: error: %s; see 'machine-id-agent %s--help'\n"
+                         % (message, (self.prog.split(" ", 1)[1] + " ") if " " in self.prog else ""))
+        sys.exit(2)
 
 
 class AgentError(Exception):

@@ -16,32 +16,28 @@ import base64
 import datetime as _dt
 import ipaddress
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import yaml
-from cryptography import x509
 
 from machine_id_agent import acl as aclmod
 from machine_id_agent import fsutil
 from machine_id_agent import identity as _identity
 from machine_id_agent.config import KubeOutput
 from machine_id_agent.errors import OutputError
+# reading a destination's credentials (and the exec plugin) lives in kubecreds, which imports little: kubectl
+# starts the plugin for every call
+from machine_id_agent.kubecreds import (EXEC_API_VERSION, IDENTITY, IDENTITY_PREFIX, KUBECONFIG, cert_not_after,
+                                        identity_name, key_matches_cert, read_credentials)
 
-KUBECONFIG = "kubeconfig.yaml"
 KEY = "key"
 TLSCERT = "tlscert"
 HOST_CA = "teleport-host-ca.crt"
-IDENTITY = "identity"
-# kubernetes/v2 outputs: one identity file per selected cluster, ``identity-<cluster>``
-IDENTITY_PREFIX = "identity-"
-_CLUSTER_FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 ALPN_SNI_PREFIX = "kube-teleport-proxy-alpn."
 DEFAULT_KUBE_PORT = 3026
-EXEC_API_VERSION = "client.authentication.k8s.io/v1beta1"
 
 
 @dataclass
@@ -179,16 +175,6 @@ def _nl(pem: bytes) -> bytes:
     return pem if pem.endswith(b"\n") else pem + b"\n"
 
 
-def cert_not_after(cert_pem: bytes) -> _dt.datetime:
-    return _identity.cert_not_after(x509.load_pem_x509_certificate(cert_pem))
-
-
-def key_matches_cert(key_pem: bytes, cert_pem: bytes) -> bool:
-    """Whether the key is the certificate's: their public keys compared (the key is loaded once per process,
-    without RSA's costly private-part check; a damaged private part fails the client's TLS handshake anyway)."""
-    return _identity.cert_key_matches(cert_pem, key_pem)
-
-
 @dataclass
 class WriteResult:
     destination: str
@@ -277,116 +263,6 @@ def apply_acls(output: KubeOutput, acls: Optional[str] = None, reader_uids: Sequ
         names = list(aclmod.ARTIFACTS) + sorted(n for n in d.listdir() if n.startswith(IDENTITY_PREFIX))
         changes += aclmod.apply_files(d, policy, names)
     return changes
-
-
-def identity_name(cluster: str) -> str:
-    """The file of one cluster's key and certificate in a kubernetes/v2 output (OutputError for a name that
-    cannot be a file name)."""
-    if not _CLUSTER_FILE_RE.match(cluster or ""):
-        raise OutputError("Kubernetes cluster name %r cannot name a file; rename the cluster in Teleport (letters, "
-                          "digits, '.', '_', '-') or leave it out with the output's selectors" % cluster)
-    return IDENTITY_PREFIX + cluster
-
-
-def read_credentials(destination: Path, cluster: Optional[str] = None) -> Dict[str, bytes]:
-    """Key and certificate from one destination (of one cluster of a kubernetes/v2 output), read consistently
-    (one file read)."""
-    dest = Path(destination)
-    if cluster is not None:
-        name = identity_name(cluster)
-        ident = fsutil.read_bytes(dest / name)
-        if ident is None:
-            raise OutputError("%s: no %s; cluster %r is not (or no longer) selected by this output, or the agent has "
-                              "not renewed yet (machine-id-agent status)" % (dest, name, cluster))
-        key, cert = _split_bundle(ident)
-        if key and cert:
-            return {"key": key, "cert": cert}
-        raise OutputError("%s: %s holds no key and certificate; restart the agent so that it writes it again"
-                          % (dest, name))
-    ident = fsutil.read_bytes(dest / IDENTITY)
-    if ident is not None:
-        key, cert = _split_bundle(ident)
-        if key and cert:
-            return {"key": key, "cert": cert}
-    kc = fsutil.read_bytes(dest / KUBECONFIG)
-    if kc is None:
-        raise OutputError("%s: no %s or %s yet; start the agent (machine-id-agent start) and wait for its first "
-                          "renewal" % (dest, IDENTITY, KUBECONFIG))
-    doc = yaml.safe_load(kc)
-    user = ((doc or {}).get("users") or [{}])[0].get("user") or {}
-    if "client-certificate-data" in user:
-        return {"key": base64.b64decode(user["client-key-data"]), "cert": base64.b64decode(user["client-certificate-data"])}
-    raise OutputError("%s: no key and certificate in %s and none inline in %s; let the agent finish a renewal "
-                      "(machine-id-agent status)" % (dest, IDENTITY, KUBECONFIG))
-
-
-_PEM_RE = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----", re.S)
-
-
-def _split_bundle(data: bytes):
-    key = cert = None
-    for m in _PEM_RE.finditer(data):
-        label = m.group(1)
-        if label.endswith(b"PRIVATE KEY") and key is None:
-            key = m.group(0) + b"\n"
-        elif label == b"CERTIFICATE" and cert is None:
-            cert = m.group(0) + b"\n"
-    return key, cert
-
-
-def _user() -> str:
-    try:
-        import pwd
-        return pwd.getpwuid(os.geteuid()).pw_name
-    except (KeyError, ImportError):
-        return "uid %d" % os.geteuid()
-
-
-def refresh_at(cert_pem: bytes) -> _dt.datetime:
-    """When a client should ask the plugin again: shortly before the certificate's notAfter (a tenth of its
-    lifetime, at most a minute), so that a request never leaves with a certificate about to expire."""
-    cert = x509.load_pem_x509_certificate(cert_pem)
-    na = cert_not_after(cert_pem)
-    nb = getattr(cert, "not_valid_before_utc", None)
-    if nb is None:
-        nb = cert.not_valid_before.replace(tzinfo=_dt.timezone.utc)
-    margin = min(_dt.timedelta(minutes=1), (na - nb) / 10)
-    return na - max(margin, _dt.timedelta(0))
-
-
-def exec_credential(destination: Path, now: Optional[_dt.datetime] = None,
-                    cluster: Optional[str] = None) -> Dict[str, Any]:
-    """The ExecCredential for ``kube credentials``: the key and certificate from one read of ``identity``.
-
-    Raises OutputError (the message names the destination, the cause and the fix) when the files are
-    missing, unreadable for this user, damaged, mismatched or expired: kubectl shows that line."""
-    dest = Path(destination)
-    now = now or _dt.datetime.now(_dt.timezone.utc)
-    try:
-        creds = read_credentials(dest, cluster)
-    except PermissionError as e:
-        raise OutputError("%s: %s may not read %s; add it to the output's readers (readers: in the agent's "
-                          "config, or machine_id_reader_user in the role) and let the agent renew once"
-                          % (dest, _user(), e.filename or dest)) from None
-    except OSError as e:
-        raise OutputError("%s: cannot read the credentials (%s); check that the destination exists and the agent "
-                          "is running (machine-id-agent status)" % (dest, e.strerror or e)) from None
-    try:
-        not_after = cert_not_after(creds["cert"])
-        matches = key_matches_cert(creds["key"], creds["cert"])
-    except (ValueError, TypeError) as e:
-        raise OutputError("%s: %s is damaged (%s); restart the agent so that it writes it again"
-                          % (dest, IDENTITY, str(e).splitlines()[0] if str(e) else type(e).__name__)) from None
-    if not matches:
-        raise OutputError("%s: the key and the certificate do not match; restart the agent so that it writes "
-                          "them again" % dest)
-    if not_after <= now:
-        raise OutputError("%s: the certificate expired at %s; check that the agent is running and renewing "
-                          "(machine-id-agent status, journalctl -u machine-id)" % (dest, not_after.isoformat()))
-    exp = refresh_at(creds["cert"])
-    return {"apiVersion": EXEC_API_VERSION, "kind": "ExecCredential", "spec": {"interactive": False},
-            "status": {"clientCertificateData": creds["cert"].decode(), "clientKeyData": creds["key"].decode(),
-                       "expirationTimestamp": exp.strftime("%Y-%m-%dT%H:%M:%SZ")}}
 
 
 def inspect(destination: Path, now: Optional[_dt.datetime] = None) -> Dict[str, Any]:

@@ -29,7 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 import testbed as tb
-from machine_id_agent import outputs
+from machine_id_agent import kubecreds, outputs
 
 BOT_USER, APP_USER, OTHER_USER = "lanyardtest-bot", "lanyardtest-app", "lanyardtest-other"  # see conftest.py
 AGENT_ROLE = "lanyard-agent-kube"  # see conftest.py
@@ -84,7 +84,7 @@ def kubeconfig_pair(path):
     doc = yaml.safe_load(path.read_bytes())
     user = doc["users"][0]["user"]
     if "exec" in user:
-        key_pem, cert_pem = outputs._split_bundle((path.parent / outputs.IDENTITY).read_bytes())
+        key_pem, cert_pem = kubecreds.split_bundle((path.parent / outputs.IDENTITY).read_bytes())
     else:
         key_pem, cert_pem = base64.b64decode(user["client-key-data"]), base64.b64decode(user["client-certificate-data"])
     cert = x509.load_pem_x509_certificate(cert_pem)

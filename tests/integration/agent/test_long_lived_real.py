@@ -39,7 +39,7 @@ import pytest
 import yaml
 
 import testbed as tb
-from machine_id_agent import outputs
+from machine_id_agent import kubecreds, outputs
 
 from test_agent_e2e import free_port, http_get, metric, wait_for  # noqa: E402
 
@@ -55,7 +55,7 @@ def now() -> dt.datetime:
 
 
 def identity_cert(dest):
-    key, cert = outputs._split_bundle((dest / outputs.IDENTITY).read_bytes())
+    key, cert = kubecreds.split_bundle((dest / outputs.IDENTITY).read_bytes())
     assert outputs.key_matches_cert(key, cert)
     return cert
 
@@ -141,7 +141,7 @@ def test_kubectl_proxy_started_once_keeps_answering_past_expiry_and_reads_always
         d = h.dest
         while not stop.is_set():
             try:
-                key, cert = outputs._split_bundle((d / outputs.IDENTITY).read_bytes())
+                key, cert = kubecreds.split_bundle((d / outputs.IDENTITY).read_bytes())
                 if not (key and cert and outputs.key_matches_cert(key, cert)):
                     problems.append("identity: not a matching pair")
                 seen_certs.add(cert)
@@ -168,11 +168,11 @@ def test_kubectl_proxy_started_once_keeps_answering_past_expiry_and_reads_always
             code, body = pods_via(port)
             if code == 500 and "use of closed network connection" in body:
                 # client-go closes every connection when the exec plugin hands it a new certificate (at the
-                # plugin's expirationTimestamp, outputs.refresh_at); a request in flight at that moment fails. Seen
+                # plugin's expirationTimestamp, kubecreds.refresh_at); a request in flight at that moment fails. Seen
                 # in CI under load. Allowed only at such a moment, once per certificate, and never twice in a row.
                 t = now()
-                assert any(outputs.refresh_at(c) - dt.timedelta(seconds=3) <= t
-                           <= outputs.refresh_at(c) + dt.timedelta(seconds=10) for c in serials), (
+                assert any(kubecreds.refresh_at(c) - dt.timedelta(seconds=3) <= t
+                           <= kubecreds.refresh_at(c) + dt.timedelta(seconds=10) for c in serials), (
                     "a cut-off request away from any certificate switch at %s: %s" % (t.isoformat(), body[:300]))
                 assert not drops or drops[-1][1] < answers, "two requests in a row cut off"
                 drops.append((t, answers))

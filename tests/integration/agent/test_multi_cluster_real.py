@@ -23,7 +23,7 @@ from cryptography import x509
 import testbed as tb
 from machine_id_agent import config as configmod
 from machine_id_agent import identity as ident
-from machine_id_agent import outputs, proto, renew
+from machine_id_agent import kubecreds, outputs, proto, renew
 
 from testbed.teleport import DYNAMIC_KUBE_LABEL
 from test_agent_e2e import wait_for  # noqa: E402
@@ -70,7 +70,7 @@ def identities(h):
 
 
 def routed_to(h, cluster):
-    key, cert = outputs._split_bundle((h.dest / outputs.identity_name(cluster)).read_bytes())
+    key, cert = kubecreds.split_bundle((h.dest / outputs.identity_name(cluster)).read_bytes())
     assert outputs.key_matches_cert(key, cert)
     return x509.load_pem_x509_certificate(cert).subject.get_attributes_for_oid(OID_KUBE)[0].value
 

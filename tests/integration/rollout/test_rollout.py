@@ -25,7 +25,7 @@ import yaml
 from cryptography import x509
 
 import testbed as tb
-from machine_id_agent import outputs
+from machine_id_agent import kubecreds
 from helpers.fleet import Fleet, agent_status, changed_by_host, wait_for
 
 pytestmark = [pytest.mark.testbed, pytest.mark.slow]
@@ -350,7 +350,7 @@ def test_4_removed_host_loses_agent_files_and_identity(fleet):
     # the exec plugin installed there), to show afterwards that its identity is dead.
     saved = fleet.workdir / f"{gone}.kubeconfig"
     doc = yaml.safe_load(fleet.hosts[gone].run(["cat", "/opt/machine-id/kubeconfig.yaml"]).stdout)
-    key, cert = outputs._split_bundle(fleet.hosts[gone].run(["cat", "/opt/machine-id/identity"]).stdout.encode())
+    key, cert = kubecreds.split_bundle(fleet.hosts[gone].run(["cat", "/opt/machine-id/identity"]).stdout.encode())
     doc["users"][0]["user"] = {"client-certificate-data": base64.b64encode(cert).decode(),
                                "client-key-data": base64.b64encode(key).decode()}
     saved.write_text(yaml.safe_dump(doc))

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 import test_service
-from machine_id_agent import config, outputs, proto
+from machine_id_agent import config, kubecreds, outputs, proto
 from machine_id_agent.config import KubeSelector
 from machine_id_agent.errors import ConfigError, OutputError
 from machine_id_agent.service import Agent, select_clusters
@@ -169,11 +169,11 @@ def test_write_several_clusters_exec_plugin(tmp_path):
     assert by_user["zeta@tc"]["args"][-2:] == ["--cluster", "zeta"]
     # the exec plugin hands out exactly that cluster's pair
     for name in ("alpha", "zeta"):
-        ec = outputs.exec_credential(dest, cluster=name)
+        ec = kubecreds.exec_credential(dest, cluster=name)
         assert ec["status"]["clientCertificateData"] == creds[name].cert_pem.decode()
         assert ec["status"]["clientKeyData"] == creds[name].key_pem.decode()
     with pytest.raises(OutputError, match="no identity-gone; cluster 'gone' is not \\(or no longer\\) selected"):
-        outputs.exec_credential(dest, cluster="gone")
+        kubecreds.exec_credential(dest, cluster="gone")
     st = outputs.inspect(dest)
     assert st["valid"] and st["clusters"] == ["alpha", "zeta"]
     assert st["expires"] == creds["alpha"].not_after.isoformat()

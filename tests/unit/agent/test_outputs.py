@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from machine_id_agent import fsutil, outputs
+from machine_id_agent import fsutil, kubecreds, outputs
 from machine_id_agent.config import KubeOutput
 from machine_id_agent.errors import OutputError
 
@@ -125,7 +125,7 @@ def test_exec_plugin_mode_and_credentials(tmp_path):
     assert ex["interactiveMode"] == "Never" and ex["provideClusterInfo"] is False
     assert "exec_plugin: false" in ex["installHint"]
     assert "tls-server-name" not in doc["clusters"][0]["cluster"]
-    cred = outputs.exec_credential(dest)
+    cred = kubecreds.exec_credential(dest)
     assert cred["kind"] == "ExecCredential"
     assert cred["status"]["clientCertificateData"].encode() == c.cert_pem
     assert cred["status"]["clientKeyData"].encode() == c.key_pem
@@ -140,7 +140,7 @@ def test_exec_credential_refuses_expired(tmp_path):
     outputs.write_kube(KubeOutput(destination=dest, kubernetes_cluster="k", exec_plugin=True), c, "tc",
                        outputs.KubeEndpoint("https://x:1"), acls="off")
     with pytest.raises(OutputError, match="expired"):
-        outputs.exec_credential(dest)
+        kubecreds.exec_credential(dest)
     assert outputs.inspect(dest)["valid"] is False
 
 
@@ -291,7 +291,7 @@ def test_expiration_timestamp_is_before_not_after_by_a_tenth_of_the_lifetime_at_
     dest = tmp_path / "out"
     outputs.write_kube(KubeOutput(destination=dest, kubernetes_cluster="k"), c, "tc",
                        outputs.KubeEndpoint("https://x:1"), acls="off")
-    cred = outputs.exec_credential(dest)
+    cred = kubecreds.exec_credential(dest)
     exp = dt.datetime.strptime(cred["status"]["expirationTimestamp"], "%Y-%m-%dT%H:%M:%SZ").replace(
         tzinfo=dt.timezone.utc)
     assert margin <= (c.not_after - exp).total_seconds() < margin + 1
@@ -301,31 +301,31 @@ def test_exec_credential_errors_name_destination_cause_and_fix(tmp_path, monkeyp
     ep = outputs.KubeEndpoint("https://x:1")
     dest = tmp_path / "out"
     with pytest.raises(OutputError, match=r"out: no identity or kubeconfig.yaml yet; start the agent"):
-        outputs.exec_credential(dest)
+        kubecreds.exec_credential(dest)
     outputs.write_kube(KubeOutput(destination=dest, kubernetes_cluster="k"), make_creds(), "tc", ep, acls="off")
     (dest / "identity").unlink()  # exec kubeconfig, identity gone
     st = outputs.inspect(dest)
     assert st["present"] and not st["valid"]
     assert st["error"] == "no identity (what the exec plugin reads) and no inline credentials in kubeconfig.yaml"
     with pytest.raises(OutputError, match=r"out: no key and certificate in identity .*let the agent finish"):
-        outputs.exec_credential(dest)
+        kubecreds.exec_credential(dest)
     a, b = make_creds(), make_creds()
     (dest / "identity").write_bytes(a.key_pem + b.cert_pem)
     with pytest.raises(OutputError, match=r"out: the key and the certificate do not match; restart the agent"):
-        outputs.exec_credential(dest)
+        kubecreds.exec_credential(dest)
     (dest / "identity").write_bytes(a.key_pem + b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
     with pytest.raises(OutputError, match=r"out: identity is damaged .*restart the agent"):
-        outputs.exec_credential(dest)
+        kubecreds.exec_credential(dest)
     expired = make_creds(days_valid=-0.01)
     (dest / "identity").write_bytes(expired.key_pem + expired.cert_pem)
     with pytest.raises(OutputError, match=r"out: the certificate expired at .*check that the agent is running"):
-        outputs.exec_credential(dest)
+        kubecreds.exec_credential(dest)
 
     def denied(path):
         raise PermissionError(13, "Permission denied", str(path))
     monkeypatch.setattr(fsutil, "read_bytes", denied)
     with pytest.raises(OutputError, match=r"out: \S+ may not read .*identity; add it to the output's readers"):
-        outputs.exec_credential(dest)
+        kubecreds.exec_credential(dest)
 
 
 def test_plugin_program_is_this_installation_never_path(tmp_path, monkeypatch):
