@@ -15,7 +15,8 @@ table goes to stdout (markdown) and bench/results/agent_vs_tbot.json.
 
 ``--agent LABEL=DIR`` (repeatable) measures the agent from another source tree, e.g. a ``git worktree`` of an
 older commit (``git worktree add --detach /tmp/old b567b8e`` then ``--agent old=/tmp/old/agent --agent
-now=agent``): each is run by the same console script with ``PYTHONPATH=DIR/src``. The start runs interleave
+now=agent``): each is run by a console script made from its own pyproject's entry point, with
+``PYTHONPATH=DIR/src``, byte-compiled first as an install is. The start runs interleave
 every program (tbot, then each agent, run after run), so a drift of the machine hits all of them alike; the
 table then gains one ratio per agent and, with two or more, a row comparing each agent's start with the first.
 """
@@ -46,9 +47,20 @@ ROLE = {"kind": "role", "version": "v6", "metadata": {"name": "bench-kube"},
                            "kubernetes_resources": [{"kind": "pod", "namespace": "*", "name": "*"}]}}}
 
 
-def agent_argv() -> list[str]:
-    exe = shutil.which("machine-id-agent") or str(Path(sys.executable).parent / "machine-id-agent")
-    return [exe]
+SCRIPTS: dict[str, Path] = {}  # agent label -> its console script (main)
+
+
+def console_script(src: Path, bindir: Path) -> Path:
+    """``bindir/machine-id-agent``: the console script an install of ``src`` gets (its pyproject's entry point),
+    run by this interpreter. The agent's kubeconfig names it as the exec plugin (the program it was started as)."""
+    import tomllib
+    entry = tomllib.loads((src.parent / "pyproject.toml").read_text())["project"]["scripts"]["machine-id-agent"]
+    module, func = entry.split(":")
+    bindir.mkdir(parents=True)
+    script = bindir / "machine-id-agent"
+    script.write_text(f"#!{sys.executable}\nimport sys\n\nfrom {module} import {func}\n\nsys.exit({func}())\n")
+    script.chmod(0o755)
+    return script
 
 
 def parse_agents(specs: list[str]) -> dict[str, Path]:
@@ -63,6 +75,12 @@ def parse_agents(specs: list[str]) -> dict[str, Path]:
             raise SystemExit(f"--agent {spec!r}: {src}/machine_id_agent is not an agent source tree")
         agents[label] = src
     return agents
+
+
+def compile_source(src: Path) -> None:
+    """Byte-compile an agent source tree, as pip does when it installs the wheel: a host runs the agent from
+    ``.pyc`` files, and an uncompiled tree would charge every start (and every exec-plugin call) the compile."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(src)], check=True, capture_output=True)
 
 
 def source_commit(src: Path) -> str:
@@ -86,7 +104,7 @@ def write_config(d: Path, tp, token: str, pin: str, ttl: str, interval: str) -> 
 
 
 def program_argv(name: str, bed, cfg: Path, oneshot: bool) -> list[str]:
-    base = [str(bed.bins["tbot"])] if name == "tbot" else agent_argv()
+    base = [str(bed.bins["tbot"])] if name == "tbot" else [str(SCRIPTS[name])]
     return base + ["start", "-c", str(cfg)] + (["--oneshot"] if oneshot else [])
 
 
@@ -214,9 +232,12 @@ def main(argv=None) -> int:
                     help="an agent source tree to measure (repeatable); default: this tree's agent/")
     args = ap.parse_args(argv)
     agents = parse_agents(args.agent)
+    work = Path(tempfile.mkdtemp(prefix="lanyard-bench-"))
+    for label, src in agents.items():
+        compile_source(src)
+        SCRIPTS[label] = console_script(src, work / f"bin-{label}")
     names = ["tbot", *agents]
     modes = tuple(args.modes.split(","))
-    work = Path(tempfile.mkdtemp(prefix="lanyard-bench-"))
     bed = tb.Testbed.start(modes=modes)
     results: dict = {}
     try:
