@@ -33,6 +33,12 @@ GUEST_KUBECTL = "/usr/local/bin/kubectl"
 AGENT = "/opt/machine-id-agent/bin/machine-id-agent"  # where the role installs it (machine_id_agent_venv)
 
 
+def agent_python_argv(code: str) -> list[str]:
+    """Run ``code`` with the Python of the release the agent's command points to (the role installs one virtualenv
+    per wheel set under /opt/machine-id-agent/releases and switches the command's symlink to it)."""
+    return ["sh", "-c", f'exec "$(dirname "$(readlink -f {AGENT})")/python" -c "$0"', code]
+
+
 def agent_status(host: Host) -> dict:
     """``machine-id-agent status --json`` on ``host``, as the agent's user like the role's status step (root is
     refused by the storage's owner check); {"error": ...} when it printed no JSON."""

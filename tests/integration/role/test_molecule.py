@@ -31,6 +31,7 @@ import pytest
 
 import hosts
 import testbed as tb
+from helpers.fleet import agent_python_argv
 
 pytestmark = [pytest.mark.testbed, pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -195,8 +196,8 @@ def test_molecule_default_scenario(bed, tmp_path, release):
         assert _recap(molecule("converge"), HOST)["changed"] >= 1
         new_pid = _main_pid()
         assert new_pid != pid, "a new agent wheel must restart the service"
-        assert _host("/opt/machine-id-agent/bin/python", "-c",
-                     "import machine_id_agent._build_marker as m; print(m.MARKER)").strip() == "test rebuild"
+        assert _host(*agent_python_argv("import machine_id_agent._build_marker as m; print(m.MARKER)")).strip() \
+            == "test rebuild"
         molecule("idempotence")
         assert _main_pid() == new_pid
         assert _host("systemctl", "is-active", "machine-id.service").strip() == "active"

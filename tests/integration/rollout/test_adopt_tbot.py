@@ -26,6 +26,10 @@ import pytest
 from cryptography import x509
 
 from helpers.fleet import AGENT, Fleet, agent_status, changed_by_host, wait_for
+from helpers.reader_loop import cert_generation as _cert_generation
+from helpers.reader_loop import locks as _locks
+from helpers.reader_loop import server_generation as _server_generation
+from helpers.reader_loop import start_loop, stop_loop
 from helpers.tbot_by_hand import DEST, STORAGE, build_by_hand, control_plane_by_hand
 from helpers.tbot_by_hand import sh as _sh
 from helpers.tbot_by_hand import tbot_processes as _tbot_processes
@@ -35,22 +39,7 @@ pytestmark = [pytest.mark.testbed, pytest.mark.slow]
 GUIDE_HOST, OTHER_UNIT_HOST, EXPIRED_HOST = "ad-1", "ad-2", "ad-3"
 BOTS = {GUIDE_HOST: "example", OTHER_UNIT_HOST: "example-ad2", EXPIRED_HOST: "example-ad3"}
 UNITS = {GUIDE_HOST: "machine-id", OTHER_UNIT_HOST: "tbot", EXPIRED_HOST: "tbot"}
-OID_GENERATION = x509.ObjectIdentifier("1.3.9999.1.14")
-LOOP_LOG = "/var/tmp/reader-loop/log"
 TAKEOVER_TASK = "Stop (and disable) the hand-built tbot that renews this storage; the agent takes its identity over"
-
-# A reader loop as `app`: one line per `kubectl get pods` with its exit status and which kubeconfig it read (tbot's
-# exec plugin or the agent's), until /var/tmp/reader-loop/stop appears.
-LOOP = f"""
-while [ ! -e /var/tmp/reader-loop/stop ]; do
-  who=$(grep -o 'command: [^ ]*' {DEST}/kubeconfig.yaml | head -1)
-  out=$(/usr/local/bin/kubectl --kubeconfig {DEST}/kubeconfig.yaml --request-timeout=20s get pods -n demo -o name 2>&1)
-  rc=$?
-  echo "$(date +%s.%N) rc=$rc $who $(echo "$out" | tr '\\n' ' ' | cut -c1-200)" >> {LOOP_LOG}
-  sleep 0.3
-done
-"""
-
 
 @pytest.fixture(scope="module")
 def fleet(bed, tmp_path_factory):
@@ -60,20 +49,6 @@ def fleet(bed, tmp_path_factory):
         yield f
     finally:
         f.stop()
-
-
-def _cert_generation(pem: bytes) -> int:
-    cert = x509.load_pem_x509_certificate(pem)
-    return int(cert.subject.get_attributes_for_oid(OID_GENERATION)[0].value)
-
-
-def _server_generation(tp, bot) -> int:
-    doc = json.loads(tp.tctl("get", f"user/bot-{bot}", "--format=json", check=True).stdout)
-    return int(doc[0]["metadata"]["labels"]["teleport.internal/bot-generation"])
-
-
-def _locks(tp) -> str:
-    return tp.tctl("get", "locks", check=True).stdout
 
 
 def _changed_tasks(run) -> list[tuple[str, str]]:
@@ -112,21 +87,14 @@ def test_1_one_rollout_takes_over_hand_built_tbot_hosts_with_no_token(fleet, bed
         assert _tbot_processes(host) and not (host.root / STORAGE.lstrip("/") / "identity.json").exists()
 
     # the reader loop, as `app`, inside ad-1, through the whole switch
-    _sh(guide, "mkdir -p /var/tmp/reader-loop && chown app /var/tmp/reader-loop && rm -f /var/tmp/reader-loop/*")
-    (guide.root / "var/tmp/reader-loop.sh").write_text(LOOP)
-    _sh(guide, "systemd-run --unit=ad-reader-loop -p User=app /bin/sh /var/tmp/reader-loop.sh")
-    assert wait_for(lambda: (guide.root / LOOP_LOG.lstrip("/")).exists()
-                    and "rc=0" in (guide.root / LOOP_LOG.lstrip("/")).read_text(), timeout=60)
+    start_loop(guide, "ad-reader-loop", DEST)
 
     tokens = fleet.token_creations()
     calls = fleet.tctl_calls()
     run = fleet.rollout()
     assert run.rc == 0, run.stdout[-8000:]
     time.sleep(3)  # a few more reader iterations after the rollout
-    _sh(guide, "touch /var/tmp/reader-loop/stop")
-    assert wait_for(lambda: _sh(guide, "systemctl is-active ad-reader-loop", check=False).stdout.strip()
-                    != "active", timeout=60)
-    loop = (guide.root / LOOP_LOG.lstrip("/")).read_text().splitlines()
+    loop = stop_loop(guide, "ad-reader-loop")
     failed = [line for line in loop if " rc=0 " not in line]
     print(f"[reader loop] {len(loop)} iterations, {len(failed)} failed")
     assert not failed, failed[:10]

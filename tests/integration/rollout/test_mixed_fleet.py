@@ -16,7 +16,7 @@ import json
 import pytest
 
 import testbed as tb
-from helpers.fleet import Fleet, changed_by_host
+from helpers.fleet import Fleet, agent_python_argv, changed_by_host
 
 pytestmark = [pytest.mark.testbed, pytest.mark.slow]
 
@@ -44,8 +44,7 @@ def _build_targets(run) -> dict:
 
 
 def _venv_python(fleet, host) -> str:
-    r = fleet.hosts[host].run(["/opt/machine-id-agent/bin/python", "-c",
-                               "import sys; print('%d.%d' % sys.version_info[:2])"], check=False)
+    r = fleet.hosts[host].run(agent_python_argv("import sys; print('%d.%d' % sys.version_info[:2])"), check=False)
     return r.stdout.strip()
 
 

@@ -102,7 +102,7 @@ DRIFTS = {
     "acl": ("setfacl -x u:app /opt/machine-id /opt/machine-id/kubeconfig.yaml", "/opt/machine-id: ",
             "runuser -u app -- head -c 10 /opt/machine-id/kubeconfig.yaml >/dev/null"),
     "agent-version": ("sed -i 's/^__version__ = .*/__version__ = \"0.0.1\"/' "
-                      "/opt/machine-id-agent/lib/python3*/site-packages/machine_id_agent/__init__.py",
+                      "/opt/machine-id-agent/releases/*/lib/python3*/site-packages/machine_id_agent/__init__.py",
                       "agent version: 0.0.1, expected ",
                       "/opt/machine-id-agent/bin/machine-id-agent --version | grep -vq 0.0.1"),
     "bot-shell": ("usermod -s /bin/bash teleport", "user teleport: shell /bin/bash, expected /usr/sbin/nologin",

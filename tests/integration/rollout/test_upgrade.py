@@ -1,0 +1,193 @@
+# Copyright: lanyard.machine_id contributors
+# GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Upgrading the collection over a running host, on the real bed and a real systemd host, at the role's defaults.
+
+The host is first rolled out by the collection as it was at ``OLD`` (unpacked from ``git archive``, so its role,
+modules and agent all come from then): the last commit whose agent has no ``status --check-acls``. The current
+``agent_state`` then cannot have the destinations' ACLs judged by the agent's status run, and asks the installed
+agent's ``init --check`` instead (the fallback for an agent older than the collection). A check-mode run of the
+current collection reports the upgrade and changes nothing. Then, while a reader loop of ``kubectl get pods`` runs
+as ``app`` on the host, the current collection's rollout replaces the agent: from outside, no join token was minted
+and no bot call was made, the bot's generation went on in the new agent's hands with no lock, the new agent is the
+one installed and running, every reader iteration succeeded, and the next run is on the no-change path.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import json
+import subprocess
+import tarfile
+import time
+
+import pytest
+
+from helpers.fleet import AGENT, Fleet, agent_python_argv, agent_status, changed_by_host
+from helpers.playbook import REPO
+from helpers.reader_loop import cert_generation, locks, server_generation, start_loop, stop_loop
+
+pytestmark = [pytest.mark.testbed, pytest.mark.slow]
+
+# the parent of 2c8aea8 ("status --check-acls ... init --check only for an older agent")
+OLD = "8a2f283659b95db77992c92d5cc57071834ed44a"
+HOST = "up-1"
+DEST = "/opt/machine-id"
+STORAGE = "/var/lib/teleport/bot"
+REPORT_TASK = "Report what differs from this role's settings"
+STATE_TASK = "Read the agent's install, identity and unit, and what differs from this role's settings"
+
+
+@pytest.fixture(scope="module")
+def old_collection(tmp_path_factory):
+    """The collection at OLD, laid out as an installed collection (``<root>/ansible_collections/lanyard/machine_id``)."""
+    root = tmp_path_factory.mktemp("old-collection")
+    dest = root / "ansible_collections" / "lanyard" / "machine_id"
+    dest.mkdir(parents=True)
+    r = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", OLD], capture_output=True, check=False)
+    if r.returncode != 0:
+        pytest.fail(f"git archive {OLD} failed ({r.stderr.decode(errors='replace').strip()}): this test needs the "
+                    f"repository's history; in a shallow clone run `git -C {REPO} fetch --unshallow`", pytrace=False)
+    with tarfile.open(fileobj=io.BytesIO(r.stdout)) as tar:
+        tar.extractall(dest, filter="data")
+    return root
+
+
+@pytest.fixture(scope="module")
+def fleet(bed, tmp_path_factory):
+    f = Fleet(tmp_path_factory.mktemp("upgrade"), teleport=bed.teleport["multiplex"], kube=bed.kube)
+    try:
+        f.add_hosts([HOST])
+        yield f
+    finally:
+        f.stop()
+
+
+def _sh(host, script, check=True):
+    r = host.run(["sh", "-c", script], check=False, timeout=120)
+    if check:
+        assert r.returncode == 0, f"{script}\n{r.stdout}\n{r.stderr}"
+    return r
+
+
+def _knows_check_acls(host) -> bool:
+    """Whether the installed agent is one with ``status --check-acls`` (the current one), asked on the host."""
+    r = _sh(host, f"{AGENT} status --help", check=False)
+    assert r.returncode == 0, r.stderr
+    return "--check-acls" in r.stdout
+
+
+def _generation(host) -> int:
+    stored = json.loads((host.root / STORAGE.lstrip("/") / "identity.json").read_text())
+    return cert_generation(stored["tlscert"].encode())
+
+
+def test_1_the_current_collection_upgrades_a_host_rolled_out_by_an_older_one(fleet, old_collection):
+    tp = fleet.teleport
+    host = fleet.hosts[HOST]
+    fleet.collections_path = old_collection
+    run = fleet.rollout()
+    assert run.rc == 0, run.stdout[-8000:]
+    assert not _knows_check_acls(host), "the old collection did not install its own (older) agent"
+    assert fleet.reader_get_pods(HOST).returncode == 0
+    gen0 = _generation(host)
+
+    # the current collection from here on
+    fleet.collections_path = None
+    tokens, calls = fleet.token_creations(), fleet.tctl_calls()
+
+    # check mode: the upgrade is reported, nothing on the host changes
+    check = fleet.rollout(check=True, diff=True)
+    assert check.rc == 0, check.stdout[-8000:]
+    assert changed_by_host(check)[HOST] > 0, check.stdout[-4000:]
+    assert not _knows_check_acls(host)
+
+    start_loop(host, "up-reader-loop", DEST)
+    run = fleet.rollout()
+    assert run.rc == 0, run.stdout[-8000:]
+    time.sleep(3)  # a few more reader iterations after the rollout
+    loop = stop_loop(host, "up-reader-loop")
+    failed = [line for line in loop if " rc=0 " not in line]
+    print(f"[reader loop] {len(loop)} iterations, {len(failed)} failed")
+    assert not failed, failed[:10]
+
+    # what differed: the agent's install, judged with the old agent's `init --check` for the ACLs, which found the
+    # destination as the role wants it (a broken fallback names the destination, or fails the run)
+    report = [r["result"].get("msg", "") for r in run.results if r["host"] == HOST and r["task"].endswith(REPORT_TASK)]
+    print("[upgrade drift]", report)
+    assert report and "agent wheels:" in report[0], report
+    assert f"{DEST}:" not in report[0], report
+    # ... and it was the fallback that judged them: the old agent's status has no ACL verdict of its own
+    state = [r["result"] for r in run.results if r["host"] == HOST and r["task"].endswith(STATE_TASK)][0]
+    outputs = state["status"]["outputs"]
+    assert outputs and not [o for o in outputs if "acl_check" in o], outputs
+    assert _knows_check_acls(host)
+    # the new layout: the command is a symlink to this wheel set's release; the old single virtualenv is gone
+    link = _sh(host, f"readlink {AGENT}").stdout.strip()
+    assert link.startswith("/opt/machine-id-agent/releases/") and link.endswith("/bin/machine-id-agent"), link
+    left = sorted(_sh(host, "ls -A /opt/machine-id-agent").stdout.split())
+    assert left == ["bin", "lanyard-wheels.key", "releases", "wheels"], left
+    assert _sh(host, "ls -A /opt/machine-id-agent/bin").stdout.split() == ["machine-id-agent"]
+    show = _sh(host, "systemctl show machine-id -p ActiveState -p ExecStart").stdout
+    assert "ActiveState=active" in show and AGENT in show, show
+
+    # the identity went on: no token, no bot call, the generation counted by Teleport, no lock
+    assert fleet.token_creations() == tokens
+    new_calls = fleet._calls()[calls:]
+    assert not [c for c in new_calls if c[:1] in (["bots"], ["tokens"])], new_calls
+    status = agent_status(host)
+    assert status["identity"]["state"] == "ok", status
+    bot = status["identity"]["bot"]
+    journal = _sh(host, "journalctl -u machine-id --no-pager -o cat", check=False).stdout
+    assert journal.count("joining the cluster") == 1, journal[-3000:]  # the old agent's first join only
+    gen = _generation(host)
+    assert gen >= gen0
+    assert server_generation(tp, bot) == gen
+    assert f"bot-{bot}" not in locks(tp)
+    assert fleet.reader_get_pods(HOST).returncode == 0
+
+    # and the next run is on the no-change path
+    again = fleet.rollout()
+    assert again.rc == 0, again.stdout[-6000:]
+    assert changed_by_host(again)[HOST] == 0, [(r["task"]) for r in again.results
+                                                if r["status"] == "ok" and r["result"].get("changed")]
+
+
+def _releases(host) -> list[str]:
+    return sorted(_sh(host, "ls -A /opt/machine-id-agent/releases").stdout.split())
+
+
+def test_2_a_later_upgrade_keeps_the_release_just_left_and_removes_older_ones(fleet, tmp_path):
+    """Two more wheel sets (an agent source with one added module each): after each, the releases are the one in
+    use and the one just left; the reader never fails; no token."""
+    host = fleet.hosts[HOST]
+    first = _sh(host, f"readlink {AGENT}").stdout.strip().split("/")[4]
+    assert _releases(host) == [first]
+    tokens = fleet.token_creations()
+    used = [first]
+    for n in (1, 2):
+        src = tmp_path / f"agent-{n}"
+        shutil.copytree(REPO / "agent", src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build"))
+        (src / "src" / "machine_id_agent" / "_build_marker.py").write_text(f"MARKER = 'upgrade {n}'\n")
+        start_loop(host, "up-reader-loop", DEST)
+        run = fleet.rollout(extra_args=["-e", f"machine_id_agent_source={src}"])
+        assert run.rc == 0, run.stdout[-8000:]
+        time.sleep(2)
+        loop = stop_loop(host, "up-reader-loop")
+        failed = [line for line in loop if " rc=0 " not in line]
+        print(f"[reader loop, upgrade {n}] {len(loop)} iterations, {len(failed)} failed")
+        assert not failed, failed[:10]
+        now = _sh(host, f"readlink {AGENT}").stdout.strip().split("/")[4]
+        assert now not in used, (now, used)
+        assert _releases(host) == sorted([used[-1], now]), (_releases(host), used, now)
+        used.append(now)
+        marker = host.run(agent_python_argv("import machine_id_agent._build_marker as m; print(m.MARKER)"),
+                          check=False)
+        assert marker.stdout.strip() == f"upgrade {n}", marker.stderr
+        main_pid = _sh(host, "systemctl show -p MainPID --value machine-id").stdout.strip()
+        exe = _sh(host, f"cat /proc/{main_pid}/cmdline | tr '\\0' ' '").stdout
+        assert AGENT in exe or now in exe, exe
+        assert agent_status(host)["identity"]["state"] == "ok"
+    assert fleet.token_creations() == tokens
+    again = fleet.rollout(extra_args=["-e", f"machine_id_agent_source={tmp_path / 'agent-2'}"])
+    assert again.rc == 0 and changed_by_host(again)[HOST] == 0, again.stdout[-4000:]
