@@ -55,6 +55,13 @@ def stop_loop(host, unit: str) -> list[str]:
     return (host.root / LOOP_LOG.lstrip("/")).read_text().splitlines()
 
 
+def failed(lines: list[str], label: str = "reader loop") -> list[str]:
+    """The loop's failed iterations (printed with the count, for the test's log)."""
+    bad = [line for line in lines if " rc=0 " not in line]
+    print(f"[{label}] {len(lines)} iterations, {len(bad)} failed")
+    return bad
+
+
 def cert_generation(pem: bytes) -> int:
     cert = x509.load_pem_x509_certificate(pem)
     return int(cert.subject.get_attributes_for_oid(OID_GENERATION)[0].value)

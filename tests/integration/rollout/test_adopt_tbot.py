@@ -29,7 +29,7 @@ from helpers.fleet import AGENT, Fleet, agent_status, changed_by_host, wait_for
 from helpers.reader_loop import cert_generation as _cert_generation
 from helpers.reader_loop import locks as _locks
 from helpers.reader_loop import server_generation as _server_generation
-from helpers.reader_loop import start_loop, stop_loop
+from helpers.reader_loop import failed, start_loop, stop_loop
 from helpers.tbot_by_hand import DEST, STORAGE, build_by_hand, control_plane_by_hand
 from helpers.tbot_by_hand import sh as _sh
 from helpers.tbot_by_hand import tbot_processes as _tbot_processes
@@ -95,9 +95,8 @@ def test_1_one_rollout_takes_over_hand_built_tbot_hosts_with_no_token(fleet, bed
     assert run.rc == 0, run.stdout[-8000:]
     time.sleep(3)  # a few more reader iterations after the rollout
     loop = stop_loop(guide, "ad-reader-loop")
-    failed = [line for line in loop if " rc=0 " not in line]
-    print(f"[reader loop] {len(loop)} iterations, {len(failed)} failed")
-    assert not failed, failed[:10]
+    bad = failed(loop)
+    assert not bad, bad[:10]
     assert any("/usr/local/bin/tbot" in line for line in loop), "the loop did not start on tbot's kubeconfig"
     assert any(AGENT in line for line in loop), "the loop did not reach the agent's kubeconfig"
 

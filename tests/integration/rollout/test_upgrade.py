@@ -25,7 +25,7 @@ import pytest
 
 from helpers.fleet import AGENT, Fleet, agent_python_argv, agent_status, changed_by_host
 from helpers.playbook import REPO
-from helpers.reader_loop import cert_generation, locks, server_generation, start_loop, stop_loop
+from helpers.reader_loop import cert_generation, failed, locks, server_generation, start_loop, stop_loop
 
 pytestmark = [pytest.mark.testbed, pytest.mark.slow]
 
@@ -107,9 +107,8 @@ def test_1_the_current_collection_upgrades_a_host_rolled_out_by_an_older_one(fle
     assert run.rc == 0, run.stdout[-8000:]
     time.sleep(3)  # a few more reader iterations after the rollout
     loop = stop_loop(host, "up-reader-loop")
-    failed = [line for line in loop if " rc=0 " not in line]
-    print(f"[reader loop] {len(loop)} iterations, {len(failed)} failed")
-    assert not failed, failed[:10]
+    bad = failed(loop)
+    assert not bad, bad[:10]
 
     # what differed: the agent's install, judged with the old agent's `init --check` for the ACLs, which found the
     # destination as the role wants it (a broken fallback names the destination, or fails the run)
@@ -174,9 +173,8 @@ def test_2_a_later_upgrade_keeps_the_release_just_left_and_removes_older_ones(fl
         assert run.rc == 0, run.stdout[-8000:]
         time.sleep(2)
         loop = stop_loop(host, "up-reader-loop")
-        failed = [line for line in loop if " rc=0 " not in line]
-        print(f"[reader loop, upgrade {n}] {len(loop)} iterations, {len(failed)} failed")
-        assert not failed, failed[:10]
+        bad = failed(loop, f"reader loop, upgrade {n}")
+        assert not bad, bad[:10]
         now = _sh(host, f"readlink {AGENT}").stdout.strip().split("/")[4]
         assert now not in used, (now, used)
         assert _releases(host) == sorted([used[-1], now]), (_releases(host), used, now)
