@@ -41,6 +41,7 @@ BOTS = {GUIDE_HOST: "example", OTHER_UNIT_HOST: "example-ad2", EXPIRED_HOST: "ex
 UNITS = {GUIDE_HOST: "machine-id", OTHER_UNIT_HOST: "tbot", EXPIRED_HOST: "tbot"}
 TAKEOVER_TASK = "Stop (and disable) the hand-built tbot that renews this storage; the agent takes its identity over"
 
+
 @pytest.fixture(scope="module")
 def fleet(bed, tmp_path_factory):
     f = Fleet(tmp_path_factory.mktemp("adopt"), teleport=bed.teleport["multiplex"], kube=bed.kube)

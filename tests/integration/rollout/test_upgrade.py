@@ -148,8 +148,8 @@ def test_1_the_current_collection_upgrades_a_host_rolled_out_by_an_older_one(fle
     # and the next run is on the no-change path
     again = fleet.rollout()
     assert again.rc == 0, again.stdout[-6000:]
-    assert changed_by_host(again)[HOST] == 0, [(r["task"]) for r in again.results
-                                                if r["status"] == "ok" and r["result"].get("changed")]
+    changed = [r["task"] for r in again.results if r["status"] == "ok" and r["result"].get("changed")]
+    assert changed_by_host(again)[HOST] == 0, changed
 
 
 def _releases(host) -> list[str]:

@@ -64,8 +64,8 @@ def test_kube_credentials_prints_the_exec_credential_without_importing_the_rest_
 
 @pytest.mark.parametrize("argv,code,says", [
     (["kube", "credentials", "--destination-dir", "{missing}"], 6, "no identity or kubeconfig.yaml yet"),
-    (["kube", "credentials"], 2, "the following arguments are required: --destination-dir; "
-                                  "see 'machine-id-agent kube credentials --help'"),
+    (["kube", "credentials"], 2,
+     "the following arguments are required: --destination-dir; see 'machine-id-agent kube credentials --help'"),
     # (the full command line's top parser reports this one and points at its own --help; the fast path points at
     # the subcommand's, which names the option that exists)
     (["kube", "credentials", "--destination-dir", "{dest}", "--bogus"], 2,
