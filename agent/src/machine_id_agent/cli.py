@@ -16,16 +16,24 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from machine_id_agent import __version__
-from machine_id_agent import config as configmod
-from machine_id_agent import kubecreds
-from machine_id_agent import logs
 from machine_id_agent.errors import AgentError, ConfigError, OneLineParser
+
+if TYPE_CHECKING:
+    from machine_id_agent import config as configmod
+
+# Every kubectl call through an exec-plugin kubeconfig runs this program (`kube credentials`): the console script
+# imports this module, so it imports only the standard library and errors at the top; the config, logging and the
+# exec plugin's own module are imported where a command needs them (main() sends `kube credentials` straight to
+# kubecreds). The console script's entry point stays machine_id_agent.cli:main in every version, so a kubectl call
+# that reads the command while an upgrade switches it imports a consistent agent (see the role's "Upgrades").
 
 
 def _parser() -> argparse.ArgumentParser:
+    from machine_id_agent import config as configmod
+    from machine_id_agent import kubecreds
     p = OneLineParser(prog="machine-id-agent", description="Teleport Machine ID renewal agent for Kubernetes outputs.")
     p.add_argument("--version", action="version", version="machine-id-agent " + __version__)
     sub = p.add_subparsers(dest="cmd", parser_class=OneLineParser)
@@ -78,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _load_config(path):
     """The config, with the storage's symlinks/acls rules applied to every storage access of this process."""
+    from machine_id_agent import config as configmod
     from machine_id_agent import identity as identmod
 
     cfg = configmod.load(path)
@@ -90,6 +99,7 @@ def _err(msg: str) -> None:
 
 
 def cmd_check(args) -> int:
+    from machine_id_agent import config as configmod
     cfg = _load_config(args.config)
     if args.json:
         print(json.dumps({"ok": True, "config": str(cfg.source), "version": cfg.version,
@@ -102,6 +112,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_init(args) -> int:
+    from machine_id_agent import config as configmod
     from machine_id_agent import acl
     cfg = _load_config(args.config) if args.config else None
     init_dir = args.init_dir
@@ -160,6 +171,8 @@ def _primary_gid(uid: int) -> int:
 
 
 def cmd_start(args) -> int:
+    from machine_id_agent import config as configmod
+    from machine_id_agent import logs
     cfg = _load_config(args.config)
     from machine_id_agent.service import Agent
     log = logs.setup(debug=args.debug or cfg.debug)
@@ -197,6 +210,7 @@ def status_doc(cfg: configmod.Config, backend=None, check_acls: bool = False) ->
     (a renewal Teleport counted never reached the disk; the agent does not present the identity, so the bot
     is not locked, but the host needs re-enrolment), ``storage-full`` (the storage cannot take the next
     renewal: the agent does not renew until it can), ``damaged``. ``problem`` and ``fix`` say it in words."""
+    from machine_id_agent import config as configmod
     from machine_id_agent import identity as identmod
     from machine_id_agent import outputs
     now = _dt.datetime.now(_dt.timezone.utc)
@@ -365,6 +379,7 @@ def _readyz(addr: str) -> (bool, str):
 
 
 def cmd_wait(args) -> int:
+    from machine_id_agent import config as configmod
     from machine_id_agent import outputs
     dests = [Path(d) for d in args.destination_dir]
     if args.config:
@@ -396,6 +411,7 @@ def cmd_wait(args) -> int:
 
 
 def cmd_kube(args) -> int:
+    from machine_id_agent import kubecreds
     if args.kube_cmd != "credentials":
         raise ConfigError("kube: missing subcommand; use 'machine-id-agent kube credentials --destination-dir D'")
     return kubecreds.run(args)
@@ -406,6 +422,10 @@ COMMANDS = {"check": cmd_check, "init": cmd_init, "start": cmd_start, "status": 
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["kube", "credentials"]:  # the exec plugin: nothing else imported
+        from machine_id_agent import kubecreds
+        return kubecreds.main(argv[2:])
     args = _parser().parse_args(argv)
     if args.cmd in (None, "version"):
         if args.cmd is None:
@@ -416,6 +436,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return COMMANDS[args.cmd](args)
     except AgentError as e:
+        from machine_id_agent import logs
         _err(logs.REDACTOR.scrub(str(e)))
         return e.exit_code
     except KeyboardInterrupt:

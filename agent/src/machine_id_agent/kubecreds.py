@@ -4,9 +4,10 @@
 """``machine-id-agent kube credentials``: the exec plugin a kubeconfig names, and reading one destination's key and
 certificate consistently (one file read).
 
-kubectl starts the plugin for every call, and client-go each time its credentials near expiry, so this module
-imports only what that needs (no YAML, no config, not the rest of the command line): the console script
-(:mod:`machine_id_agent.launch`) sends ``kube credentials`` here before anything else is imported.
+kubectl starts the plugin for every call, and client-go each time its credentials near expiry, so this path
+imports only what that needs (no YAML, no config, not the rest of the command line): :func:`machine_id_agent.cli.main`
+sends ``kube credentials`` here before anything else is imported. ``cryptography`` (to read the certificate) is
+imported where it is used, so the full command line can import this module for its options without it.
 """
 
 from __future__ import annotations
@@ -19,10 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from cryptography import x509
-
 from machine_id_agent import fsutil
-from machine_id_agent import identity as _identity
 from machine_id_agent.errors import AgentError, OneLineParser, OutputError
 
 KUBECONFIG = "kubeconfig.yaml"
@@ -101,6 +99,8 @@ def _user() -> str:
 def refresh_at(cert_pem: bytes) -> _dt.datetime:
     """When a client should ask the plugin again: shortly before the certificate's notAfter (a tenth of its
     lifetime, at most a minute), so that a request never leaves with a certificate about to expire."""
+    from cryptography import x509
+    from machine_id_agent import identity as _identity
     cert = x509.load_pem_x509_certificate(cert_pem)
     na, nb = _identity.cert_not_after(cert), _identity.cert_not_before(cert)
     margin = min(_dt.timedelta(minutes=1), (na - nb) / 10)
@@ -143,12 +143,15 @@ def exec_credential(destination: Path, now: Optional[_dt.datetime] = None,
 
 
 def cert_not_after(cert_pem: bytes) -> _dt.datetime:
+    from cryptography import x509
+    from machine_id_agent import identity as _identity
     return _identity.cert_not_after(x509.load_pem_x509_certificate(cert_pem))
 
 
 def key_matches_cert(key_pem: bytes, cert_pem: bytes) -> bool:
     """Whether the key is the certificate's: their public keys compared (the key is loaded once per process,
     without RSA's costly private-part check; a damaged private part fails the client's TLS handshake anyway)."""
+    from machine_id_agent import identity as _identity
     return _identity.cert_key_matches(cert_pem, key_pem)
 
 
@@ -177,3 +180,5 @@ def main(argv: List[str]) -> int:
         from machine_id_agent import logs  # the error path only
         sys.stderr.write("machine-id-agent: %s\n" % logs.REDACTOR.scrub(str(e)))
         return e.exit_code
+    except KeyboardInterrupt:
+        return 130

@@ -25,7 +25,6 @@ import yaml
 
 from machine_id_agent import acl as aclmod
 from machine_id_agent import fsutil
-from machine_id_agent import identity as _identity
 from machine_id_agent.config import KubeOutput
 from machine_id_agent.errors import OutputError
 # reading a destination's credentials (and the exec plugin) lives in kubecreds, which imports little: kubectl

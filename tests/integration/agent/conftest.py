@@ -144,7 +144,7 @@ def agent_venv(public_root, agent_users) -> Path:
     agent_src = Path(__file__).resolve().parents[3] / "agent" / "src"
     (site / "lanyard_agent_checkout.pth").write_text(str(agent_src) + "\n")
     script = venv / "bin" / "machine-id-agent"
-    script.write_text("#!%s\nimport sys\n\nfrom machine_id_agent.launch import main\n\nsys.exit(main())\n"
+    script.write_text("#!%s\nimport sys\n\nfrom machine_id_agent.cli import main\n\nsys.exit(main())\n"
                       % (venv / "bin" / "python"))
     for root, dirs, files in os.walk(venv):
         os.chmod(root, 0o755)

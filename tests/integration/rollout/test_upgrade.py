@@ -6,10 +6,12 @@ The host is first rolled out by the collection as it was at ``OLD`` (unpacked fr
 modules and agent all come from then): the last commit whose agent has no ``status --check-acls``. The current
 ``agent_state`` then cannot have the destinations' ACLs judged by the agent's status run, and asks the installed
 agent's ``init --check`` instead (the fallback for an agent older than the collection). A check-mode run of the
-current collection reports the upgrade and changes nothing. Then, while a reader loop of ``kubectl get pods`` runs
-as ``app`` on the host, the current collection's rollout replaces the agent: from outside, no join token was minted
-and no bot call was made, the bot's generation went on in the new agent's hands with no lock, the new agent is the
-one installed and running, every reader iteration succeeded, and the next run is on the no-change path.
+current collection reports the upgrade and changes nothing. Then, while two loops run as ``app`` on the host (one of
+``kubectl get pods``, one of the agent's exec plugin back to back, which hits a window of milliseconds), the current
+collection's rollout replaces the agent: from outside, no join token was minted and no bot call was made, the bot's
+generation went on in the new agent's hands with no lock, the service was restarted onto the new release (its
+process maps the release's files), every iteration of both loops succeeded, and the next run is on the no-change
+path. Two more upgrades then show which installs stay: the release in use and the one just left.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ import json
 import subprocess
 import tarfile
 import time
+from contextlib import contextmanager
 
 import pytest
 
-from helpers.fleet import AGENT, Fleet, agent_python_argv, agent_status, changed_by_host
+from helpers.fleet import AGENT, Fleet, agent_python_argv, agent_status, changed_by_host, wait_for
 from helpers.playbook import REPO
 from helpers.reader_loop import cert_generation, failed, locks, server_generation, start_loop, stop_loop
 
@@ -82,6 +85,38 @@ def _generation(host) -> int:
     return cert_generation(stored["tlscert"].encode())
 
 
+def _main_pid(host) -> str:
+    pid = _sh(host, "systemctl show -p MainPID --value machine-id").stdout.strip()
+    assert pid not in ("", "0"), pid
+    return pid
+
+
+def _runs_from(host, pid: str) -> str:
+    """The release directory whose files the process has mapped (its compiled extensions: cryptography's)."""
+    out = _sh(host, f"grep -o '/opt/machine-id-agent/[^ ]*' /proc/{pid}/maps | sort -u", check=False).stdout
+    dirs = sorted({"/".join(line.split("/")[:5]) for line in out.split() if "/releases/" in line}
+                  | ({"(pre-release venv)"} if "/opt/machine-id-agent/lib/" in out else set()))
+    return " ".join(dirs)
+
+
+@contextmanager
+def _loops(host, label: str):
+    """kubectl as the reader, and the exec plugin back to back, through whatever runs inside the block; asserts that
+    every iteration of both succeeded and that both ran through the block."""
+    start_loop(host, "up-kubectl-loop", DEST)
+    start_loop(host, "up-plugin-loop", DEST, plugin_only=True)
+    t0 = time.time()
+    try:
+        yield
+        t1 = time.time()
+        time.sleep(3)  # a few more iterations after it
+    finally:
+        kubectl, plugin = stop_loop(host, "up-kubectl-loop"), stop_loop(host, "up-plugin-loop")
+    bad = failed(kubectl, f"kubectl loop, {label}", span=(t0, t1))
+    bad += failed(plugin, f"exec plugin loop, {label}", span=(t0, t1))
+    assert not bad, bad[:10]
+
+
 def test_1_the_current_collection_upgrades_a_host_rolled_out_by_an_older_one(fleet, old_collection):
     tp = fleet.teleport
     host = fleet.hosts[HOST]
@@ -91,6 +126,8 @@ def test_1_the_current_collection_upgrades_a_host_rolled_out_by_an_older_one(fle
     assert not _knows_check_acls(host), "the old collection did not install its own (older) agent"
     assert fleet.reader_get_pods(HOST).returncode == 0
     gen0 = _generation(host)
+    pid0 = _main_pid(host)
+    assert _runs_from(host, pid0) == "(pre-release venv)", _runs_from(host, pid0)
 
     # the current collection from here on
     fleet.collections_path = None
@@ -101,14 +138,11 @@ def test_1_the_current_collection_upgrades_a_host_rolled_out_by_an_older_one(fle
     assert check.rc == 0, check.stdout[-8000:]
     assert changed_by_host(check)[HOST] > 0, check.stdout[-4000:]
     assert not _knows_check_acls(host)
+    assert not (host.root / "opt/machine-id-agent/releases").exists()
 
-    start_loop(host, "up-reader-loop", DEST)
-    run = fleet.rollout()
-    assert run.rc == 0, run.stdout[-8000:]
-    time.sleep(3)  # a few more reader iterations after the rollout
-    loop = stop_loop(host, "up-reader-loop")
-    bad = failed(loop)
-    assert not bad, bad[:10]
+    with _loops(host, "upgrade from 8a2f283"):
+        run = fleet.rollout()
+        assert run.rc == 0, run.stdout[-8000:]
 
     # what differed: the agent's install, judged with the old agent's `init --check` for the ACLs, which found the
     # destination as the role wants it (a broken fallback names the destination, or fails the run)
@@ -121,14 +155,14 @@ def test_1_the_current_collection_upgrades_a_host_rolled_out_by_an_older_one(fle
     outputs = state["status"]["outputs"]
     assert outputs and not [o for o in outputs if "acl_check" in o], outputs
     assert _knows_check_acls(host)
-    # the new layout: the command is a symlink to this wheel set's release; the old single virtualenv is gone
+    # the new layout: the command is a symlink to this wheel set's release, the service restarted onto it; the old
+    # single virtualenv stays until the next install (a call started a moment before the switch may still use it)
     link = _sh(host, f"readlink {AGENT}").stdout.strip()
     assert link.startswith("/opt/machine-id-agent/releases/") and link.endswith("/bin/machine-id-agent"), link
-    left = sorted(_sh(host, "ls -A /opt/machine-id-agent").stdout.split())
-    assert left == ["bin", "lanyard-wheels.key", "releases", "wheels"], left
-    assert _sh(host, "ls -A /opt/machine-id-agent/bin").stdout.split() == ["machine-id-agent"]
-    show = _sh(host, "systemctl show machine-id -p ActiveState -p ExecStart").stdout
-    assert "ActiveState=active" in show and AGENT in show, show
+    release = "/".join(link.split("/")[:5])
+    pid = _main_pid(host)
+    assert pid != pid0 and _runs_from(host, pid) == release, (pid0, pid, _runs_from(host, pid), release)
+    assert (host.root / "opt/machine-id-agent/pyvenv.cfg").exists()
 
     # the identity went on: no token, no bot call, the generation counted by Teleport, no lock
     assert fleet.token_creations() == tokens
@@ -139,9 +173,9 @@ def test_1_the_current_collection_upgrades_a_host_rolled_out_by_an_older_one(fle
     bot = status["identity"]["bot"]
     journal = _sh(host, "journalctl -u machine-id --no-pager -o cat", check=False).stdout
     assert journal.count("joining the cluster") == 1, journal[-3000:]  # the old agent's first join only
-    gen = _generation(host)
-    assert gen >= gen0
-    assert server_generation(tp, bot) == gen
+    assert _generation(host) >= gen0
+    assert wait_for(lambda: server_generation(tp, bot) == _generation(host), timeout=30), \
+        (server_generation(tp, bot), _generation(host))
     assert f"bot-{bot}" not in locks(tp)
     assert fleet.reader_get_pods(HOST).returncode == 0
 
@@ -157,8 +191,9 @@ def _releases(host) -> list[str]:
 
 
 def test_2_a_later_upgrade_keeps_the_release_just_left_and_removes_older_ones(fleet, tmp_path):
-    """Two more wheel sets (an agent source with one added module each): after each, the releases are the one in
-    use and the one just left; the reader never fails; no token."""
+    """Two more wheel sets (an agent source with one added module each): after each, the installs are the release
+    in use and the one just left (the first: the release and the pre-release venv); the loops never fail; no
+    token; the service runs the new release."""
     host = fleet.hosts[HOST]
     first = _sh(host, f"readlink {AGENT}").stdout.strip().split("/")[4]
     assert _releases(host) == [first]
@@ -168,23 +203,24 @@ def test_2_a_later_upgrade_keeps_the_release_just_left_and_removes_older_ones(fl
         src = tmp_path / f"agent-{n}"
         shutil.copytree(REPO / "agent", src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build"))
         (src / "src" / "machine_id_agent" / "_build_marker.py").write_text(f"MARKER = 'upgrade {n}'\n")
-        start_loop(host, "up-reader-loop", DEST)
-        run = fleet.rollout(extra_args=["-e", f"machine_id_agent_source={src}"])
-        assert run.rc == 0, run.stdout[-8000:]
-        time.sleep(2)
-        loop = stop_loop(host, "up-reader-loop")
-        bad = failed(loop, f"reader loop, upgrade {n}")
-        assert not bad, bad[:10]
+        pid0 = _main_pid(host)
+        with _loops(host, f"upgrade {n}"):
+            run = fleet.rollout(extra_args=["-e", f"machine_id_agent_source={src}"])
+            assert run.rc == 0, run.stdout[-8000:]
         now = _sh(host, f"readlink {AGENT}").stdout.strip().split("/")[4]
         assert now not in used, (now, used)
         assert _releases(host) == sorted([used[-1], now]), (_releases(host), used, now)
         used.append(now)
+        # the pre-release venv went with this install: only the layout's own names are left
+        assert sorted(_sh(host, "ls -A /opt/machine-id-agent").stdout.split()) == \
+            ["bin", "lanyard-wheels.key", "releases", "wheels"]
+        assert _sh(host, "ls -A /opt/machine-id-agent/bin").stdout.split() == ["machine-id-agent"]
         marker = host.run(agent_python_argv("import machine_id_agent._build_marker as m; print(m.MARKER)"),
                           check=False)
         assert marker.stdout.strip() == f"upgrade {n}", marker.stderr
-        main_pid = _sh(host, "systemctl show -p MainPID --value machine-id").stdout.strip()
-        exe = _sh(host, f"cat /proc/{main_pid}/cmdline | tr '\\0' ' '").stdout
-        assert AGENT in exe or now in exe, exe
+        pid = _main_pid(host)
+        assert pid != pid0 and _runs_from(host, pid) == f"/opt/machine-id-agent/releases/{now}", \
+            (pid0, pid, _runs_from(host, pid), now)
         assert agent_status(host)["identity"]["state"] == "ok"
     assert fleet.token_creations() == tokens
     again = fleet.rollout(extra_args=["-e", f"machine_id_agent_source={tmp_path / 'agent-2'}"])
