@@ -199,6 +199,8 @@ def test_2_a_later_upgrade_keeps_the_release_just_left_and_removes_older_ones(fl
     assert _releases(host) == [first]
     tokens = fleet.token_creations()
     used = [first]
+    # a file of the admin's in the agent's directory: not a virtualenv's name, so no install removes it
+    _sh(host, "echo 'local notes' > /opt/machine-id-agent/README.local")
     for n in (1, 2):
         src = tmp_path / f"agent-{n}"
         shutil.copytree(REPO / "agent", src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build"))
@@ -211,9 +213,9 @@ def test_2_a_later_upgrade_keeps_the_release_just_left_and_removes_older_ones(fl
         assert now not in used, (now, used)
         assert _releases(host) == sorted([used[-1], now]), (_releases(host), used, now)
         used.append(now)
-        # the pre-release venv went with this install: only the layout's own names are left
+        # the pre-release venv went with this install (its own names only): the layout's names and the admin's file
         assert sorted(_sh(host, "ls -A /opt/machine-id-agent").stdout.split()) == \
-            ["bin", "lanyard-wheels.key", "releases", "wheels"]
+            ["README.local", "bin", "lanyard-wheels.key", "releases", "wheels"]
         assert _sh(host, "ls -A /opt/machine-id-agent/bin").stdout.split() == ["machine-id-agent"]
         marker = host.run(agent_python_argv("import machine_id_agent._build_marker as m; print(m.MARKER)"),
                           check=False)
