@@ -11,6 +11,7 @@ import json
 from cryptography import x509
 
 from helpers.fleet import AGENT, wait_for
+from helpers.tbot_by_hand import sh as _sh
 
 OID_GENERATION = x509.ObjectIdentifier("1.3.9999.1.14")
 LOOP_ROOT = "/var/tmp/reader-loop"
@@ -36,13 +37,6 @@ while [ ! -e {loop_dir}/stop ]; do
   {pause}
 done
 """
-
-
-def _sh(host, script: str, check: bool = True):
-    r = host.run(["sh", "-c", script], check=False, timeout=120)
-    if check:
-        assert r.returncode == 0, f"{script}\n{r.stdout}\n{r.stderr}"
-    return r
 
 
 def start_loop(host, unit: str, dest: str, reader: str = "app", plugin_only: bool = False) -> None:

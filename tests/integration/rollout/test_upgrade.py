@@ -29,6 +29,7 @@ import pytest
 from helpers.fleet import AGENT, Fleet, agent_python_argv, agent_status, changed_by_host, wait_for
 from helpers.playbook import REPO
 from helpers.reader_loop import cert_generation, failed, locks, server_generation, start_loop, stop_loop
+from helpers.tbot_by_hand import sh as _sh
 
 pytestmark = [pytest.mark.testbed, pytest.mark.slow]
 
@@ -64,13 +65,6 @@ def fleet(bed, tmp_path_factory):
         yield f
     finally:
         f.stop()
-
-
-def _sh(host, script, check=True):
-    r = host.run(["sh", "-c", script], check=False, timeout=120)
-    if check:
-        assert r.returncode == 0, f"{script}\n{r.stdout}\n{r.stderr}"
-    return r
 
 
 def _knows_check_acls(host) -> bool:
