@@ -8,6 +8,9 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import hashlib
+import os
+
 from ansible.errors import AnsibleFilterError
 from ansible.module_utils.compat.version import LooseVersion
 
@@ -38,6 +41,35 @@ def agent_wheel_version(names):
     return max(versions, key=LooseVersion)
 
 
+def wheels_digest(directory):
+    """Each ``*.whl`` in ``directory`` (a symlink followed) as ``name:sha256``, sorted, joined by spaces: read on the
+    controller for the host's own ``machine_id_agent_wheels_dir``, so a wheel rebuilt under the same name changes
+    it."""
+    directory = str(directory)
+    try:
+        names = sorted(n for n in os.listdir(directory) if n.endswith(".whl"))
+    except OSError as e:
+        raise AnsibleFilterError("machine_id_agent_wheels_dir: cannot read %s on the controller (%s); point it at a "
+                                 "directory of the agent's wheels, or leave it empty to let the role build them"
+                                 % (directory, e.strerror or e))
+    out = []
+    for name in names:
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            continue
+        digest = hashlib.sha256()
+        try:
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+        except (IOError, OSError) as e:
+            raise AnsibleFilterError("machine_id_agent_wheels_dir: cannot read %s on the controller (%s)"
+                                     % (path, e.strerror or e))
+        out.append("%s:%s" % (name, digest.hexdigest()))
+    return " ".join(out)
+
+
 class FilterModule(object):
     def filters(self):
-        return {"agent_install_drift": agent_install_drift, "agent_wheel_version": agent_wheel_version}
+        return {"agent_install_drift": agent_install_drift, "agent_wheel_version": agent_wheel_version,
+                "wheels_digest": wheels_digest}

@@ -94,6 +94,10 @@ def agent_state(module):
         result["unit"] = host.unit_state(module, p["service_name"] + ".service")
         found += drift.service_drift(p["service_name"] + ".service", result["unit"], p["service_enabled"],
                                      p["service_active"])
+        if agent.get("exists") and result["unit"].get("ActiveState") == "active":
+            found += drift.running_drift(p["service_name"] + ".service", p["agent_bin"],
+                                         host.link_target(p["agent_bin"]),
+                                         host.process_argv(result["unit"].get("MainPID")))
         result["tbot_units"] = tbot_units(module, p)
         found += drift.takeover_drift(result["tbot_units"], p["storage_dir"])
         for unit in p["units"]:

@@ -68,6 +68,22 @@ def service_drift(name, props, enabled, active):
     return out
 
 
+def running_drift(unit, agent_bin, command_target, argv):
+    """The service runs the agent from another install than the one its command points to: an upgrade whose restart
+    never came (a run cut after the command's switch, before its handlers). ``argv``: the service's main process's
+    command line (a console script started by the kernel: [its virtualenv's python, the script, ...]);
+    ``command_target``: where ``agent_bin`` points (itself when it is not a symlink). A process started otherwise
+    (another ExecStart) is not judged."""
+    if len(argv) < 2 or os.path.normpath(argv[1]) != os.path.normpath(agent_bin):
+        return []
+    running = os.path.dirname(os.path.dirname(os.path.normpath(argv[0])))
+    wanted = os.path.dirname(os.path.dirname(os.path.normpath(command_target)))
+    if running == wanted:
+        return []
+    return ["%s: runs the agent from %s, but %s is %s's (not restarted after an upgrade)"
+            % (unit, running, agent_bin, wanted)]
+
+
 def named_drift(kind, present):
     """``present`` maps names of users or groups to whether the host has them."""
     return ["%s %s: missing" % (kind, name) for name, ok in sorted(present.items()) if not ok]

@@ -226,12 +226,38 @@ def groups_exist(names):
 
 def unit_state(module, name):
     rc, out, _err = run(module, ["systemctl", "show", name, "-p", "LoadState", "-p", "ActiveState",
-                                 "-p", "UnitFileState", "-p", "NeedDaemonReload", "-p", "ExecStart"])
+                                 "-p", "UnitFileState", "-p", "NeedDaemonReload", "-p", "ExecStart",
+                                 "-p", "MainPID"])
     props = {}
     for line in out.splitlines() if rc == 0 else []:
         key, _sep, value = line.partition("=")
         props[key] = value
     return props
+
+
+def process_argv(pid):
+    """The command line of process ``pid`` (a list of str; [] when there is none, it is gone or unreadable)."""
+    try:
+        pid = int(pid)
+    except (TypeError, ValueError):
+        return []
+    if pid <= 0:
+        return []
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            raw = f.read()
+    except (IOError, OSError):
+        return []
+    return [a.decode("utf-8", "replace") for a in raw.split(b"\0")[:-1]]
+
+
+def link_target(path):
+    """Where ``path`` points when it is a symlink (made absolute), else ``path`` itself."""
+    try:
+        target = os.readlink(path)
+    except (IOError, OSError):
+        return os.path.normpath(path)
+    return os.path.normpath(os.path.join(os.path.dirname(path), target))
 
 
 # tbot v13's identity files in its storage directory (lib/tbot/identity); the agent imports them (tbot_import.py)

@@ -297,8 +297,9 @@ cluster_check:
   type: list
   elements: dict
 unit:
-  description: C(LoadState), C(ActiveState), C(UnitFileState), C(NeedDaemonReload) and C(ExecStart) of the agent's
-    unit.
+  description: C(LoadState), C(ActiveState), C(UnitFileState), C(NeedDaemonReload), C(ExecStart) and C(MainPID) of the
+    agent's unit. When the unit is active, its main process's command line tells the install the agent was started
+    from; one that is not the install O(agent_bin) points to is a difference (an upgrade whose restart never came).
   returned: always
   type: dict
 """

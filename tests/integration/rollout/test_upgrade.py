@@ -11,7 +11,9 @@ current collection reports the upgrade and changes nothing. Then, while two loop
 collection's rollout replaces the agent: from outside, no join token was minted and no bot call was made, the bot's
 generation went on in the new agent's hands with no lock, the service was restarted onto the new release (its
 process maps the release's files), every iteration of both loops succeeded, and the next run is on the no-change
-path. Two more upgrades then show which installs stay: the release in use and the one just left.
+path. Two more upgrades then show which installs stay: the release in use and the one just left (and their wheel
+sets). Last, an agent left running an earlier release (a run cut before its handlers) is found by the no-change
+path and restarted.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import io
 import shutil
 import json
 import subprocess
+import sys
 import tarfile
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -184,19 +188,31 @@ def _releases(host) -> list[str]:
     return sorted(_sh(host, "ls -A /opt/machine-id-agent/releases").stdout.split())
 
 
-def test_2_a_later_upgrade_keeps_the_release_just_left_and_removes_older_ones(fleet, tmp_path):
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """Where test_2 makes its agent sources (test_3 rolls out the last one again)."""
+    return tmp_path_factory.mktemp("agent-sources")
+
+
+def _wheel_sets(host) -> list[str]:
+    return sorted(_sh(host, "ls -A /opt/machine-id-agent/wheels").stdout.split())
+
+
+def test_2_a_later_upgrade_keeps_the_release_just_left_and_removes_older_ones(fleet, sources):
     """Two more wheel sets (an agent source with one added module each): after each, the installs are the release
     in use and the one just left (the first: the release and the pre-release venv); the loops never fail; no
     token; the service runs the new release."""
     host = fleet.hosts[HOST]
     first = _sh(host, f"readlink {AGENT}").stdout.strip().split("/")[4]
     assert _releases(host) == [first]
+    # each wheel set in its own directory; the old layout's wheels (one shared directory) went with test_1's install
+    assert _wheel_sets(host) == [first], _wheel_sets(host)
     tokens = fleet.token_creations()
     used = [first]
     # a file of the admin's in the agent's directory: not a virtualenv's name, so no install removes it
     _sh(host, "echo 'local notes' > /opt/machine-id-agent/README.local")
     for n in (1, 2):
-        src = tmp_path / f"agent-{n}"
+        src = sources / f"agent-{n}"
         shutil.copytree(REPO / "agent", src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build"))
         (src / "src" / "machine_id_agent" / "_build_marker.py").write_text(f"MARKER = 'upgrade {n}'\n")
         pid0 = _main_pid(host)
@@ -206,6 +222,7 @@ def test_2_a_later_upgrade_keeps_the_release_just_left_and_removes_older_ones(fl
         now = _sh(host, f"readlink {AGENT}").stdout.strip().split("/")[4]
         assert now not in used, (now, used)
         assert _releases(host) == sorted([used[-1], now]), (_releases(host), used, now)
+        assert _wheel_sets(host) == sorted([used[-1], now]), (_wheel_sets(host), used, now)
         used.append(now)
         # the pre-release venv went with this install (its own names only): the layout's names and the admin's file
         assert sorted(_sh(host, "ls -A /opt/machine-id-agent").stdout.split()) == \
@@ -219,5 +236,83 @@ def test_2_a_later_upgrade_keeps_the_release_just_left_and_removes_older_ones(fl
             (pid0, pid, _runs_from(host, pid), now)
         assert agent_status(host)["identity"]["state"] == "ok"
     assert fleet.token_creations() == tokens
-    again = fleet.rollout(extra_args=["-e", f"machine_id_agent_source={tmp_path / 'agent-2'}"])
+    again = fleet.rollout(extra_args=["-e", f"machine_id_agent_source={sources / 'agent-2'}"])
+    assert again.rc == 0 and changed_by_host(again)[HOST] == 0, again.stdout[-4000:]
+
+
+def test_3_an_agent_left_running_an_earlier_release_is_found_and_restarted(fleet, sources):
+    """A run cut after the command's switch, before its handlers, leaves the service running the release the command
+    left while the command and the install record name the new one. Made by hand here: the service restarted from
+    the other release kept, then the command switched back. The no-change path names the difference (the service's
+    main process against the command), the run restarts the agent onto the release (without a token), the release
+    the agent ran from is not removed under it, and the next run changes nothing."""
+    host = fleet.hosts[HOST]
+    extra = ["-e", f"machine_id_agent_source={sources / 'agent-2'}"]
+    now = _sh(host, f"readlink {AGENT}").stdout.strip().split("/")[4]
+    (other,) = [r for r in _releases(host) if r != now]
+    rel = "/opt/machine-id-agent/releases"
+    _sh(host, f"ln -sfn {rel}/{other}/bin/machine-id-agent {AGENT} && systemctl restart machine-id"
+              f" && ln -sfn {rel}/{now}/bin/machine-id-agent {AGENT}")
+    pid0 = _main_pid(host)
+    assert _runs_from(host, pid0) == f"{rel}/{other}", _runs_from(host, pid0)
+    tokens = fleet.token_creations()
+    run = fleet.rollout(extra_args=extra)
+    assert run.rc == 0, run.stdout[-8000:]
+    report = [r["result"].get("msg", "") for r in run.results if r["host"] == HOST and r["task"].endswith(REPORT_TASK)]
+    assert report and f"machine-id.service: runs the agent from {rel}/{other}, but {AGENT} is {rel}/{now}'s" \
+        in report[0], report
+    pid = _main_pid(host)
+    assert pid != pid0 and _runs_from(host, pid) == f"{rel}/{now}", (pid0, pid, _runs_from(host, pid))
+    assert _releases(host) == sorted([other, now])
+    assert agent_status(host)["identity"]["state"] == "ok"
+    assert fleet.token_creations() == tokens
+    again = fleet.rollout(extra_args=extra)
+    assert again.rc == 0 and changed_by_host(again)[HOST] == 0, again.stdout[-4000:]
+
+
+def _build_wheels(source: Path, target: str) -> Path:
+    """The wheel set of ``source`` for ``target``, made by the role's own controller-side builder (cached)."""
+    build_dir = Path.home() / ".cache" / "lanyard" / "agent-wheels"
+    r = subprocess.run([sys.executable, str(REPO / "roles/machine_id/files/build_wheels.py"), str(source),
+                        str(build_dir), target], capture_output=True, text=True, check=False, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])["targets"][target]
+    assert "dir" in got, got
+    return Path(got["dir"])
+
+
+def test_4_prebuilt_wheels_rebuilt_under_the_same_name_are_installed(fleet, sources, tmp_path):
+    """machine_id_agent_wheels_dir: the set's key is made of each wheel's name and checksum, so an agent wheel
+    rebuilt from changed source under the same name (same version) is installed as a new release; the loops never
+    fail; the next run changes nothing."""
+    host = fleet.hosts[HOST]
+    run = fleet.rollout(extra_args=["-e", f"machine_id_agent_source={sources / 'agent-2'}"])
+    assert run.rc == 0 and changed_by_host(run)[HOST] == 0, run.stdout[-4000:]
+    target = [r["result"] for r in run.results if r["host"] == HOST and r["task"].endswith(STATE_TASK)][0][
+        "wheel_target"]
+    prebuilt = tmp_path / "prebuilt"
+    shutil.copytree(_build_wheels(sources / "agent-2", target), prebuilt)
+    extra = ["-e", f"machine_id_agent_wheels_dir={prebuilt}"]
+    run = fleet.rollout(extra_args=extra)  # a new key (names and checksums): one more release, same agent
+    assert run.rc == 0, run.stdout[-8000:]
+    first = _sh(host, f"readlink {AGENT}").stdout.strip().split("/")[4]
+
+    # the agent rebuilt from changed source, same version: the same file name
+    src = sources / "agent-rebuilt"
+    shutil.copytree(sources / "agent-2", src)
+    (src / "src" / "machine_id_agent" / "_build_marker.py").write_text("MARKER = 'rebuilt'\n")
+    rebuilt = [w for w in _build_wheels(src, target).iterdir() if w.name.startswith("machine_id_agent-")]
+    assert len(rebuilt) == 1 and (prebuilt / rebuilt[0].name).exists(), (rebuilt, sorted(prebuilt.iterdir()))
+    shutil.copy2(rebuilt[0], prebuilt / rebuilt[0].name)
+    pid0 = _main_pid(host)
+    with _loops(host, "rebuilt wheel"):
+        run = fleet.rollout(extra_args=extra)
+        assert run.rc == 0, run.stdout[-8000:]
+    now = _sh(host, f"readlink {AGENT}").stdout.strip().split("/")[4]
+    assert now != first and _releases(host) == sorted([first, now]), (first, now, _releases(host))
+    marker = host.run(agent_python_argv("import machine_id_agent._build_marker as m; print(m.MARKER)"), check=False)
+    assert marker.stdout.strip() == "rebuilt", marker.stderr
+    pid = _main_pid(host)
+    assert pid != pid0 and _runs_from(host, pid) == f"/opt/machine-id-agent/releases/{now}"
+    again = fleet.rollout(extra_args=extra)
     assert again.rc == 0 and changed_by_host(again)[HOST] == 0, again.stdout[-4000:]

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import pwd
+import subprocess
 import textwrap
 
 import pytest
@@ -67,6 +68,39 @@ def test_install_drift_wheels_and_version():
         ["agent version: 0.2.0, expected 0.3.0"]
 
 
+def test_running_drift_names_a_service_left_on_an_earlier_install():
+    cmd = "/opt/machine-id/bin/machine-id-agent"
+    new = "/opt/machine-id/releases/bbbb/bin/machine-id-agent"
+    assert drift.running_drift("m.service", cmd, new,
+                               ["/opt/machine-id/releases/bbbb/bin/python3", cmd, "start"]) == []
+    assert drift.running_drift("m.service", cmd, new, ["/opt/machine-id/releases/aaaa/bin/python3", cmd]) == [
+        "m.service: runs the agent from /opt/machine-id/releases/aaaa, but %s is /opt/machine-id/releases/bbbb's "
+        "(not restarted after an upgrade)" % cmd]
+    # the layout before releases (the command a regular file of the venv it runs from), and a venv left behind
+    assert drift.running_drift("m.service", cmd, cmd, ["/opt/machine-id/bin/python3", cmd]) == []
+    assert drift.running_drift("m.service", cmd, new, ["/opt/machine-id/bin/python3", cmd]) != []
+    # the same paths spelt with doubled or trailing slashes (a venv setting ending in "/"; systemd and the kernel
+    # give them with single slashes)
+    assert drift.running_drift("m.service", "/opt/machine-id//bin/machine-id-agent", "/opt/machine-id//bin/x",
+                               ["/opt/machine-id/bin/python3", cmd]) == []
+    assert drift.running_drift("m.service", cmd, "/opt/machine-id/releases//bbbb/bin/machine-id-agent",
+                               ["/opt/machine-id/releases/bbbb/bin/python3", cmd]) == []
+    # started another way (not the command as its script), or no process: not judged
+    assert drift.running_drift("m.service", cmd, new, ["/usr/bin/python3", "-m", "machine_id_agent"]) == []
+    assert drift.running_drift("m.service", cmd, new, []) == []
+
+
+def test_process_argv_and_link_target(tmp_path):
+    assert host.process_argv(os.getpid())[0:1] and host.process_argv("0") == [] and host.process_argv("") == []
+    assert host.process_argv(None) == [] and host.process_argv(2 ** 22 + 12345) == []
+    (tmp_path / "rel" / "bin").mkdir(parents=True)
+    (tmp_path / "rel" / "bin" / "agent").write_text("")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "agent").symlink_to("../rel/bin/agent")
+    assert host.link_target(str(tmp_path / "bin" / "agent")) == str(tmp_path / "rel" / "bin" / "agent")
+    assert host.link_target(str(tmp_path / "rel" / "bin" / "agent")) == str(tmp_path / "rel" / "bin" / "agent")
+
+
 def test_user_drift_compares_group_home_and_shell_only_when_asked():
     seen = {"teleport": {"group": "teleport", "home": "/home/teleport", "shell": "/bin/bash"}, "app": None}
     assert drift.user_drift([{"name": "teleport"}], seen) == []
@@ -100,6 +134,28 @@ def test_the_role_filters_judge_the_install_with_the_modules_code():
         agent_wheel_version(["/w/requests-9.0.0-py3-none-any.whl"])
 
 
+def test_wheels_digest_names_and_checksums_each_wheel_a_symlink_too(tmp_path):
+    """machine_id_agent_wheels_dir's part of the wheel set's key: a wheel rebuilt under the same name changes it, a
+    wheel reached through a symlink counts, and an unreadable directory is an error naming it."""
+    from ansible.errors import AnsibleFilterError
+    from ansible_collections.lanyard.machine_id.plugins.filter.agent_install import wheels_digest
+    store, wheels = tmp_path / "store", tmp_path / "wheels"
+    store.mkdir()
+    wheels.mkdir()
+    (wheels / "machine_id_agent-0.1.0-py3-none-any.whl").write_bytes(b"agent v1")
+    (store / "requests-2.0.0-py3-none-any.whl").write_bytes(b"requests")
+    (wheels / "requests-2.0.0-py3-none-any.whl").symlink_to(store / "requests-2.0.0-py3-none-any.whl")
+    (wheels / ".complete").write_text("")
+    (wheels / "notes.txt").write_text("not a wheel")
+    first = wheels_digest(str(wheels))
+    assert first == "machine_id_agent-0.1.0-py3-none-any.whl:%s requests-2.0.0-py3-none-any.whl:%s" % (
+        hashlib.sha256(b"agent v1").hexdigest(), hashlib.sha256(b"requests").hexdigest())
+    (wheels / "machine_id_agent-0.1.0-py3-none-any.whl").write_bytes(b"agent v1, rebuilt")
+    assert wheels_digest(str(wheels)) != first
+    with pytest.raises(AnsibleFilterError, match="cannot read %s on the controller" % (tmp_path / "none")):
+        wheels_digest(str(tmp_path / "none"))
+
+
 def _fake_agent(path, status, init_out="unchanged: /x"):
     path.write_text(textwrap.dedent("""\
         #!/bin/sh
@@ -124,7 +180,8 @@ def _fake_systemd(bindir):
         #!/bin/sh
         case "$1" in
           --version) echo 'systemd 252 (252.30-1~deb12u2)' ;;
-          show) printf 'LoadState=loaded\\nActiveState=active\\nUnitFileState=enabled\\nNeedDaemonReload=no\\n' ;;
+          show) printf 'LoadState=loaded\\nActiveState=active\\nUnitFileState=enabled\\nNeedDaemonReload=no\\n'
+                printf 'MainPID=%s\\n' "${FAKE_MAIN_PID:-0}" ;;
         esac
         """))
     (bindir / "systemctl").chmod(0o755)
@@ -266,6 +323,39 @@ def test_module_asks_the_cluster_only_for_a_host_where_nothing_differs(tmp_path)
     for extra in ({"cluster_check_namespace": None}, {"service_active": False}):
         res = _module_play(tmp_path, env=env, **dict(base, **extra)).result("lanyard.machine_id.agent_state")
         assert "cluster_check" not in res and not log.exists(), extra
+
+
+def test_module_names_a_service_still_running_an_earlier_install(tmp_path):
+    """The command switched to a new release but the service was never restarted (a run cut before its handlers):
+    the service's main process runs the earlier install's interpreter with the command as its script."""
+    conf = tmp_path / "tbot.yaml"
+    conf.write_text("x: 1\n")
+    for rel in ("aaaa", "bbbb"):
+        (tmp_path / "releases" / rel / "bin").mkdir(parents=True)
+        _fake_agent(tmp_path / "releases" / rel / "bin" / "machine-id-agent", '{"identity": {"valid": true}}')
+        (tmp_path / "releases" / rel / "bin" / "machine-id-agent").write_text(
+            (tmp_path / "releases" / rel / "bin" / "machine-id-agent").read_text().replace(
+                "esac", "  serve) sleep 60 ;;\nesac"))
+    (tmp_path / "bin").mkdir()
+    agent = tmp_path / "bin" / "machine-id-agent"
+    agent.symlink_to("../releases/bbbb/bin/machine-id-agent")
+    base = {"agent_bin": str(agent), "agent_python": "python3", "config_path": str(conf), "bot_user": "root",
+            "bot_group": "root", "service_name": "nothere", "service_active": True}
+    env = _fake_systemd(tmp_path / "sbin")
+    for rel, expect in (("bbbb", []), ("aaaa", [
+            "nothere.service: runs the agent from %s/releases/aaaa, but %s is %s/releases/bbbb's (not restarted "
+            "after an upgrade)" % (tmp_path, agent, tmp_path)])):
+        # [that release's python, the command, ...] as the kernel starts a console script (sh stands in for python)
+        proc = subprocess.Popen([str(tmp_path / "releases" / rel / "bin" / "python3"), str(agent), "serve"],
+                                executable="/bin/sh")
+        try:
+            res = _module_play(tmp_path, env=dict(env, FAKE_MAIN_PID=str(proc.pid)), **base).result(
+                "lanyard.machine_id.agent_state")
+        finally:
+            proc.kill()
+            proc.wait()
+        assert res["drift"] == expect, res["drift"]
+        assert res["unit"]["MainPID"] == str(proc.pid)
 
 
 def test_module_takes_the_acl_judgement_from_status_and_asks_an_older_agent_again(tmp_path):

@@ -162,3 +162,44 @@ def test_each_entry_point_validates_its_defaults_with_real_ansible(tmp_path):
     run = run_playbook(tmp_path / "run", pb)
     assert run.rc == 0, run.stdout[-3000:]
     assert len([r for r in run.results if r["status"] == "ok"]) == len(specs)
+
+
+def _release_check_code() -> str:
+    task = [t for t in _load("tasks/install_agent.yml") if t["name"].startswith("Ask this wheel set's agent")][0]
+    argv = task["ansible.builtin.command"]["argv"]
+    assert argv[1:3] == ["-I", "-c"], argv  # isolated: nothing from the working directory or the environment
+    return argv[3]
+
+
+def test_release_check_imports_every_agent_module_and_fails_on_a_broken_compiled_dependency(tmp_path):
+    """The check the role runs in a release before switching the agent's command to it (here against this tree's
+    agent source, so without -I): it prints the version only after importing each of the agent's modules and
+    cryptography's Rust bindings, and fails when those do not load or the console script is missing (the version
+    flag alone loads neither)."""
+    import subprocess
+    import sys
+
+    agent_src = ROLE.parents[1] / "agent" / "src"
+    code = _release_check_code() + "; print(sorted(k for k in sys.modules if k.startswith('machine_id_agent.')))"
+    script = tmp_path / "machine-id-agent"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    env = dict(os.environ, PYTHONPATH=str(agent_src))
+    ok = subprocess.run([sys.executable, "-c", code, str(script)], env=env, capture_output=True, text=True, check=False)
+    assert ok.returncode == 0, ok.stderr
+    version, modules = ok.stdout.splitlines()
+    assert version.startswith("machine-id-agent ")
+    wanted = sorted("machine_id_agent." + p.stem for p in (agent_src / "machine_id_agent").glob("*.py")
+                    if not p.stem.startswith("_"))
+    assert [m for m in wanted if m not in modules] == [], modules
+    missing = subprocess.run([sys.executable, "-c", code, str(tmp_path / "none")], env=env, capture_output=True,
+                             text=True, check=False)
+    assert missing.returncode == 1 and missing.stderr.strip() == f"{tmp_path / 'none'}: missing"
+    # a cryptography whose compiled part does not load (shadowing the real one)
+    broken = tmp_path / "broken" / "cryptography"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("")
+    (broken / "x509.py").write_text("raise ImportError('undefined symbol: a broken Rust binding')\n")
+    bad = subprocess.run([sys.executable, "-c", code, str(script)], capture_output=True, text=True, check=False,
+                         env=dict(env, PYTHONPATH=f"{broken.parent}:{agent_src}"))
+    assert bad.returncode != 0 and "broken Rust binding" in bad.stderr and not bad.stdout, bad
