@@ -8,7 +8,8 @@ for a baseline commit checked out beside it (a git worktree) in the same run.
     python3 bench/rollout.py [--sizes 1,4,12,24] [--modes ramp,all] [--baseline 648c7e0] [--no-baseline]
                              [--baseline-modes all] [--reruns 3] [--baseline-reruns 1] [--forks 25]
 
-Per tree, size and mode: a fresh bed (TLS routing) and fresh hosts. Measured per run:
+Per tree (this tree's rows first, then the baseline's), size and mode: a fresh bed (TLS routing) and fresh
+hosts. Measured per run:
 - wall time of ansible-playbook (the no-change rerun is run --reruns times in a row: median and range);
 - controller CPU seconds: user+sys of ansible-playbook and every process it waited for (its forks, the
   connection's nsenter, tctl, the wheel build), from getrusage(RUSAGE_CHILDREN) around the run;
@@ -187,9 +188,11 @@ def main(argv=None) -> int:
     os.environ["ANSIBLE_FORKS"] = str(args.forks)
     trees = [REPO] + ([] if args.no_baseline else [baseline_tree(args.baseline)])
     rows = []
-    for n in (int(s) for s in args.sizes.split(",")):
-        for mode in args.modes.split(","):
-            for tree in trees:
+    # this tree's rows first, at every size, then the baseline's: the wall-time target compares this tree's rows
+    # with each other, so they run back to back (and a long baseline row cannot come between them)
+    for tree in trees:
+        for n in (int(s) for s in args.sizes.split(",")):
+            for mode in args.modes.split(","):
                 if tree != REPO and mode not in args.baseline_modes.split(","):
                     continue
                 print(f"[bench] {tree.name}: rollout to {n} host(s), {mode} ...", file=sys.stderr, flush=True)
