@@ -41,22 +41,12 @@ def agent_wheel_version(names):
     return max(versions, key=LooseVersion)
 
 
-def wheels_digest(directory):
-    """Each ``*.whl`` in ``directory`` (a symlink followed) as ``name:sha256``, sorted, joined by spaces: read on the
-    controller for the host's own ``machine_id_agent_wheels_dir``, so a wheel rebuilt under the same name changes
-    it."""
-    directory = str(directory)
-    try:
-        names = sorted(n for n in os.listdir(directory) if n.endswith(".whl"))
-    except OSError as e:
-        raise AnsibleFilterError("machine_id_agent_wheels_dir: cannot read %s on the controller (%s); point it at a "
-                                 "directory of the agent's wheels, or leave it empty to let the role build them"
-                                 % (directory, e.strerror or e))
+def wheels_digest(paths):
+    """Each wheel of ``paths`` (the files ``lookup('fileglob', DIR ~ '/*.whl')`` found on the controller, symlinks
+    followed) as ``name:sha256``, sorted by name, joined by spaces: a wheel rebuilt under the same name changes it."""
     out = []
-    for name in names:
-        path = os.path.join(directory, name)
-        if not os.path.isfile(path):
-            continue
+    for path in paths or []:
+        path = str(path)
         digest = hashlib.sha256()
         try:
             with open(path, "rb") as f:
@@ -65,8 +55,8 @@ def wheels_digest(directory):
         except (IOError, OSError) as e:
             raise AnsibleFilterError("machine_id_agent_wheels_dir: cannot read %s on the controller (%s)"
                                      % (path, e.strerror or e))
-        out.append("%s:%s" % (name, digest.hexdigest()))
-    return " ".join(out)
+        out.append("%s:%s" % (os.path.basename(path), digest.hexdigest()))
+    return " ".join(sorted(out))
 
 
 class FilterModule(object):

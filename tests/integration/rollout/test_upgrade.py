@@ -211,6 +211,8 @@ def test_2_a_later_upgrade_keeps_the_release_just_left_and_removes_older_ones(fl
     used = [first]
     # a file of the admin's in the agent's directory: not a virtualenv's name, so no install removes it
     _sh(host, "echo 'local notes' > /opt/machine-id-agent/README.local")
+    # ... and one in the wheels' directory: not a name of the role's copies, so no pruning removes it
+    _sh(host, "echo 'local notes' > /opt/machine-id-agent/wheels/NOTES.local")
     for n in (1, 2):
         src = sources / f"agent-{n}"
         shutil.copytree(REPO / "agent", src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build"))
@@ -222,7 +224,7 @@ def test_2_a_later_upgrade_keeps_the_release_just_left_and_removes_older_ones(fl
         now = _sh(host, f"readlink {AGENT}").stdout.strip().split("/")[4]
         assert now not in used, (now, used)
         assert _releases(host) == sorted([used[-1], now]), (_releases(host), used, now)
-        assert _wheel_sets(host) == sorted([used[-1], now]), (_wheel_sets(host), used, now)
+        assert _wheel_sets(host) == sorted([used[-1], now, "NOTES.local"]), (_wheel_sets(host), used, now)
         used.append(now)
         # the pre-release venv went with this install (its own names only): the layout's names and the admin's file
         assert sorted(_sh(host, "ls -A /opt/machine-id-agent").stdout.split()) == \

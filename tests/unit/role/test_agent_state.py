@@ -135,25 +135,26 @@ def test_the_role_filters_judge_the_install_with_the_modules_code():
 
 
 def test_wheels_digest_names_and_checksums_each_wheel_a_symlink_too(tmp_path):
-    """machine_id_agent_wheels_dir's part of the wheel set's key: a wheel rebuilt under the same name changes it, a
-    wheel reached through a symlink counts, and an unreadable directory is an error naming it."""
+    """machine_id_agent_wheels_dir's part of the wheel set's key, from the wheels fileglob found there: a wheel
+    rebuilt under the same name changes it, a wheel reached through a symlink counts, the order found does not
+    matter, and an unreadable file is an error naming it."""
     from ansible.errors import AnsibleFilterError
     from ansible_collections.lanyard.machine_id.plugins.filter.agent_install import wheels_digest
     store, wheels = tmp_path / "store", tmp_path / "wheels"
     store.mkdir()
     wheels.mkdir()
-    (wheels / "machine_id_agent-0.1.0-py3-none-any.whl").write_bytes(b"agent v1")
-    (store / "requests-2.0.0-py3-none-any.whl").write_bytes(b"requests")
-    (wheels / "requests-2.0.0-py3-none-any.whl").symlink_to(store / "requests-2.0.0-py3-none-any.whl")
-    (wheels / ".complete").write_text("")
-    (wheels / "notes.txt").write_text("not a wheel")
-    first = wheels_digest(str(wheels))
+    agent, req = wheels / "machine_id_agent-0.1.0-py3-none-any.whl", wheels / "requests-2.0.0-py3-none-any.whl"
+    agent.write_bytes(b"agent v1")
+    (store / req.name).write_bytes(b"requests")
+    req.symlink_to(store / req.name)
+    first = wheels_digest([str(req), str(agent)])
     assert first == "machine_id_agent-0.1.0-py3-none-any.whl:%s requests-2.0.0-py3-none-any.whl:%s" % (
         hashlib.sha256(b"agent v1").hexdigest(), hashlib.sha256(b"requests").hexdigest())
-    (wheels / "machine_id_agent-0.1.0-py3-none-any.whl").write_bytes(b"agent v1, rebuilt")
-    assert wheels_digest(str(wheels)) != first
-    with pytest.raises(AnsibleFilterError, match="cannot read %s on the controller" % (tmp_path / "none")):
-        wheels_digest(str(tmp_path / "none"))
+    assert wheels_digest([str(agent), str(req)]) == first
+    agent.write_bytes(b"agent v1, rebuilt")
+    assert wheels_digest([str(agent), str(req)]) != first
+    with pytest.raises(AnsibleFilterError, match="cannot read %s on the controller" % (tmp_path / "none.whl")):
+        wheels_digest([str(tmp_path / "none.whl")])
 
 
 def _fake_agent(path, status, init_out="unchanged: /x"):
