@@ -13,7 +13,8 @@ generation went on in the new agent's hands with no lock, the service was restar
 process maps the release's files), every iteration of both loops succeeded, and the next run is on the no-change
 path. Two more upgrades then show which installs stay: the release in use and the one just left (and their wheel
 sets). Last, an agent left running an earlier release (a run cut before its handlers) is found by the no-change
-path and restarted.
+path and restarted. A host of a collection older still, whose kubeconfigs held the credentials inline, is
+upgraded to the exec-plugin kubeconfig with its reader never failing.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ pytestmark = [pytest.mark.testbed, pytest.mark.slow]
 
 # the parent of 2c8aea8 ("status --check-acls ... init --check only for an older agent")
 OLD = "8a2f283659b95db77992c92d5cc57071834ed44a"
+# a collection from before the exec-plugin kubeconfig (a8e8882) and `init --check`: its kubeconfigs hold the
+# credentials inline (the agent of issue 16's first figures)
+INLINE = "b567b8e6b958e4acc74d3873eb7e5add29159fce"
 HOST = "up-1"
 DEST = "/opt/machine-id"
 STORAGE = "/var/lib/teleport/bot"
@@ -46,19 +50,24 @@ REPORT_TASK = "Report what differs from this role's settings"
 STATE_TASK = "Read the agent's install, identity and unit, and what differs from this role's settings"
 
 
-@pytest.fixture(scope="module")
-def old_collection(tmp_path_factory):
-    """The collection at OLD, laid out as an installed collection (``<root>/ansible_collections/lanyard/machine_id``)."""
+def _collection_at(tmp_path_factory, commit: str):
+    """The collection at ``commit``, laid out as an installed collection
+    (``<root>/ansible_collections/lanyard/machine_id``)."""
     root = tmp_path_factory.mktemp("old-collection")
     dest = root / "ansible_collections" / "lanyard" / "machine_id"
     dest.mkdir(parents=True)
-    r = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", OLD], capture_output=True, check=False)
+    r = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", commit], capture_output=True, check=False)
     if r.returncode != 0:
-        pytest.fail(f"git archive {OLD} failed ({r.stderr.decode(errors='replace').strip()}): this test needs the "
+        pytest.fail(f"git archive {commit} failed ({r.stderr.decode(errors='replace').strip()}): this test needs the "
                     f"repository's history; in a shallow clone run `git -C {REPO} fetch --unshallow`", pytrace=False)
     with tarfile.open(fileobj=io.BytesIO(r.stdout)) as tar:
         tar.extractall(dest, filter="data")
     return root
+
+
+@pytest.fixture(scope="module")
+def old_collection(tmp_path_factory):
+    return _collection_at(tmp_path_factory, OLD)
 
 
 @pytest.fixture(scope="module")
@@ -318,3 +327,58 @@ def test_4_prebuilt_wheels_rebuilt_under_the_same_name_are_installed(fleet, sour
     assert pid != pid0 and _runs_from(host, pid) == f"/opt/machine-id-agent/releases/{now}"
     again = fleet.rollout(extra_args=extra)
     assert again.rc == 0 and changed_by_host(again)[HOST] == 0, again.stdout[-4000:]
+
+
+def test_5_a_host_of_a_collection_with_inline_kubeconfigs_is_upgraded_to_the_exec_plugin(bed, tmp_path_factory):
+    """A host rolled out by a collection whose kubeconfig held the credentials inline (and whose agent had no
+    ``init --check``): the current collection turns it into the exec-plugin kubeconfig and a release, while a
+    kubectl loop as the reader never fails; the identity goes on (no token, no bot call, one join, no lock), the
+    difference report names the agent's ACLs as not judged rather than with its usage error, and the next run changes
+    nothing."""
+    fleet = Fleet(tmp_path_factory.mktemp("upgrade-inline"), teleport=bed.teleport["multiplex"], kube=bed.kube)
+    name = "up-inline"
+    try:
+        fleet.add_hosts([name])
+        host = fleet.hosts[name]
+        fleet.collections_path = _collection_at(tmp_path_factory, INLINE)
+        run = fleet.rollout()
+        assert run.rc == 0, run.stdout[-8000:]
+        kubeconfig = host.root / DEST.lstrip("/") / "kubeconfig.yaml"
+        assert "client-key-data" in kubeconfig.read_text() and "exec:" not in kubeconfig.read_text()
+        gen0 = _generation(host)
+        fleet.collections_path = None
+        tokens, calls = fleet.token_creations(), fleet.tctl_calls()
+        start_loop(host, "up-inline-loop", DEST)
+        t0 = time.time()
+        try:
+            run = fleet.rollout()
+            assert run.rc == 0, run.stdout[-8000:]
+            t1 = time.time()
+            time.sleep(3)
+        finally:
+            loop = stop_loop(host, "up-inline-loop")
+        bad = failed(loop, "kubectl loop, upgrade from inline kubeconfigs", span=(t0, t1))
+        assert not bad, bad[:10]
+        report = [r["result"].get("msg", "") for r in run.results
+                  if r["host"] == name and r["task"].endswith(REPORT_TASK)]
+        print("[inline upgrade drift]", report)
+        assert report and f"{DEST}: ACLs not judged: the installed agent is older than init --check" in report[0] \
+            and "unrecognized arguments" not in report[0], report
+        text = kubeconfig.read_text()
+        assert "exec:" in text and "client-key-data" not in text, text[:500]
+        assert fleet.reader_get_pods(name).returncode == 0
+        assert fleet.token_creations() == tokens
+        new_calls = fleet._calls()[calls:]
+        assert not [c for c in new_calls if c[:1] in (["bots"], ["tokens"])], new_calls
+        status = agent_status(host)
+        assert status["identity"]["state"] == "ok", status
+        bot = status["identity"]["bot"]
+        journal = _sh(host, "journalctl -u machine-id --no-pager -o cat", check=False).stdout
+        assert journal.count("joining the cluster") == 1, journal[-3000:]
+        assert _generation(host) >= gen0
+        assert wait_for(lambda: server_generation(fleet.teleport, bot) == _generation(host), timeout=30)
+        assert f"bot-{bot}" not in locks(fleet.teleport)
+        again = fleet.rollout()
+        assert again.rc == 0 and changed_by_host(again)[name] == 0, again.stdout[-4000:]
+    finally:
+        fleet.stop()

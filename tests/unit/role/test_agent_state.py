@@ -400,6 +400,11 @@ def test_module_takes_the_acl_judgement_from_status_and_asks_an_older_agent_agai
     assert [c.split()[0] for c in calls] == ["status", "status", "init"] and "--check-acls" not in calls[1]
     assert res["status"]["identity"] == {"valid": True} and "status_error" not in res
     assert res["drift"] == ["%s: would change: would set the acl of %s" % (dest, dest)]
+    # an agent from before `init --check` too (a collection older still): named as such, not by argparse's usage
+    agent.write_text(agent.read_text().replace(
+        "  init) echo", '  init) echo "machine-id-agent: error: unrecognized arguments: --check" >&2; exit 2; echo'))
+    res = _module_play(tmp_path, **base).result("lanyard.machine_id.agent_state")
+    assert res["drift"] == ["%s: ACLs not judged: the installed agent is older than init --check" % dest], res["drift"]
 
 
 def test_cluster_check_asks_each_context_of_a_kubeconfig_of_several_clusters(tmp_path):
