@@ -106,6 +106,24 @@ def _runs_from(host, pid: str) -> str:
     return " ".join(dirs)
 
 
+def _assert_the_identity_went_on(fleet, host, tokens: int, calls: int, gen0: int) -> None:
+    """Through the upgrade: no token minted and no bot or token call, the agent's identity ok with one join in the
+    journal (the old agent's first), its generation at least the old one's and counted by Teleport, no lock."""
+    tp = fleet.teleport
+    assert fleet.token_creations() == tokens
+    new_calls = fleet._calls()[calls:]
+    assert not [c for c in new_calls if c[:1] in (["bots"], ["tokens"])], new_calls
+    status = agent_status(host)
+    assert status["identity"]["state"] == "ok", status
+    bot = status["identity"]["bot"]
+    journal = _sh(host, "journalctl -u machine-id --no-pager -o cat", check=False).stdout
+    assert journal.count("joining the cluster") == 1, journal[-3000:]
+    assert _generation(host) >= gen0
+    assert wait_for(lambda: server_generation(tp, bot) == _generation(host), timeout=30), \
+        (server_generation(tp, bot), _generation(host))
+    assert f"bot-{bot}" not in locks(tp)
+
+
 @contextmanager
 def _loops(host, label: str):
     """kubectl as the reader, and the exec plugin back to back, through whatever runs inside the block; asserts that
@@ -125,7 +143,6 @@ def _loops(host, label: str):
 
 
 def test_1_the_current_collection_upgrades_a_host_rolled_out_by_an_older_one(fleet, old_collection):
-    tp = fleet.teleport
     host = fleet.hosts[HOST]
     fleet.collections_path = old_collection
     run = fleet.rollout()
@@ -171,19 +188,7 @@ def test_1_the_current_collection_upgrades_a_host_rolled_out_by_an_older_one(fle
     assert pid != pid0 and _runs_from(host, pid) == release, (pid0, pid, _runs_from(host, pid), release)
     assert (host.root / "opt/machine-id-agent/pyvenv.cfg").exists()
 
-    # the identity went on: no token, no bot call, the generation counted by Teleport, no lock
-    assert fleet.token_creations() == tokens
-    new_calls = fleet._calls()[calls:]
-    assert not [c for c in new_calls if c[:1] in (["bots"], ["tokens"])], new_calls
-    status = agent_status(host)
-    assert status["identity"]["state"] == "ok", status
-    bot = status["identity"]["bot"]
-    journal = _sh(host, "journalctl -u machine-id --no-pager -o cat", check=False).stdout
-    assert journal.count("joining the cluster") == 1, journal[-3000:]  # the old agent's first join only
-    assert _generation(host) >= gen0
-    assert wait_for(lambda: server_generation(tp, bot) == _generation(host), timeout=30), \
-        (server_generation(tp, bot), _generation(host))
-    assert f"bot-{bot}" not in locks(tp)
+    _assert_the_identity_went_on(fleet, host, tokens, calls, gen0)
     assert fleet.reader_get_pods(HOST).returncode == 0
 
     # and the next run is on the no-change path
@@ -367,17 +372,7 @@ def test_5_a_host_of_a_collection_with_inline_kubeconfigs_is_upgraded_to_the_exe
         text = kubeconfig.read_text()
         assert "exec:" in text and "client-key-data" not in text, text[:500]
         assert fleet.reader_get_pods(name).returncode == 0
-        assert fleet.token_creations() == tokens
-        new_calls = fleet._calls()[calls:]
-        assert not [c for c in new_calls if c[:1] in (["bots"], ["tokens"])], new_calls
-        status = agent_status(host)
-        assert status["identity"]["state"] == "ok", status
-        bot = status["identity"]["bot"]
-        journal = _sh(host, "journalctl -u machine-id --no-pager -o cat", check=False).stdout
-        assert journal.count("joining the cluster") == 1, journal[-3000:]
-        assert _generation(host) >= gen0
-        assert wait_for(lambda: server_generation(fleet.teleport, bot) == _generation(host), timeout=30)
-        assert f"bot-{bot}" not in locks(fleet.teleport)
+        _assert_the_identity_went_on(fleet, host, tokens, calls, gen0)
         again = fleet.rollout()
         assert again.rc == 0 and changed_by_host(again)[name] == 0, again.stdout[-4000:]
     finally:
