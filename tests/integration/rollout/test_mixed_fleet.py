@@ -71,7 +71,9 @@ def test_1_one_rollout_installs_and_works_on_debian_12_and_13(fleet):
     for name, (release, py) in HOSTS.items():
         host = fleet.hosts[name]
         assert _venv_python(fleet, name) == py, name
-        wheels = host.run(["ls", "/opt/machine-id-agent/wheels"]).stdout.split()
+        # the wheel set of the release the agent's command points to (each set in wheels/<its release's key>)
+        wheels = host.run(["bash", "-c", "ls /opt/machine-id-agent/wheels/$(basename $(dirname $(dirname "
+                                         "$(readlink /opt/machine-id-agent/bin/machine-id-agent))))"]).stdout.split()
         tag = "cp" + py.replace(".", "")
         # compiled dependencies are the host's own CPython ABI (or abi3), never the controller's
         assert any(w.startswith("cffi-") and f"-{tag}-{tag}-" in w for w in wheels), (name, wheels)
