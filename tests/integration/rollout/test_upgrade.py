@@ -125,20 +125,23 @@ def _assert_the_identity_went_on(fleet, host, tokens: int, calls: int, gen0: int
 
 
 @contextmanager
-def _loops(host, label: str):
-    """kubectl as the reader, and the exec plugin back to back, through whatever runs inside the block; asserts that
-    every iteration of both succeeded and that both ran through the block."""
-    start_loop(host, "up-kubectl-loop", DEST)
-    start_loop(host, "up-plugin-loop", DEST, plugin_only=True)
+def _loops(host, label: str, plugin: bool = True):
+    """kubectl as the reader, and (``plugin``) the exec plugin back to back, through whatever runs inside the block;
+    asserts that every iteration of each loop succeeded and that each ran through the block."""
+    names = ["up-kubectl-loop"] + (["up-plugin-loop"] if plugin else [])
+    start_loop(host, names[0], DEST)
+    if plugin:
+        start_loop(host, names[1], DEST, plugin_only=True)
     t0 = time.time()
     try:
         yield
         t1 = time.time()
         time.sleep(3)  # a few more iterations after it
     finally:
-        kubectl, plugin = stop_loop(host, "up-kubectl-loop"), stop_loop(host, "up-plugin-loop")
-    bad = failed(kubectl, f"kubectl loop, {label}", span=(t0, t1))
-    bad += failed(plugin, f"exec plugin loop, {label}", span=(t0, t1))
+        runs = [stop_loop(host, name) for name in names]
+    bad = []
+    for name, run in zip(names, runs):
+        bad += failed(run, f"{'kubectl' if name == 'up-kubectl-loop' else 'exec plugin'} loop, {label}", span=(t0, t1))
     assert not bad, bad[:10]
 
 
@@ -353,17 +356,9 @@ def test_5_a_host_of_a_collection_with_inline_kubeconfigs_is_upgraded_to_the_exe
         gen0 = _generation(host)
         fleet.collections_path = None
         tokens, calls = fleet.token_creations(), fleet.tctl_calls()
-        start_loop(host, "up-inline-loop", DEST)
-        t0 = time.time()
-        try:
+        with _loops(host, "upgrade from inline kubeconfigs", plugin=False):
             run = fleet.rollout()
             assert run.rc == 0, run.stdout[-8000:]
-            t1 = time.time()
-            time.sleep(3)
-        finally:
-            loop = stop_loop(host, "up-inline-loop")
-        bad = failed(loop, "kubectl loop, upgrade from inline kubeconfigs", span=(t0, t1))
-        assert not bad, bad[:10]
         report = [r["result"].get("msg", "") for r in run.results
                   if r["host"] == name and r["task"].endswith(REPORT_TASK)]
         print("[inline upgrade drift]", report)
