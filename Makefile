@@ -26,7 +26,7 @@ testbed-up: testbed-build ## start the real test bed in the background and print
 testbed-down: ## stop the test bed
 	@$(PY) -m testbed down
 
-test: testbed-build ## run every test: unit, integration on the real test bed, molecule (two lanes: scripts/test.sh)
+test: testbed-build ## run every test: unit, integration on the real test bed, molecule (pytest-xdist workers: scripts/test.sh)
 	@PATH=$(VENV)/bin:$$PATH PYTHON=$(PY) scripts/test.sh $(PYTEST_ARGS)
 
 test-unit: ## unit tests only (no real components)

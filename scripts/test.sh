@@ -2,55 +2,33 @@
 # Copyright: lanyard.machine_id contributors
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 #
-# Every test (make test / .ci/run), in two pytest processes that run at the same time:
-#   lane A: the tests that spend their time waiting on Teleport (CA rotations step by step) and on systemd
-#           (crash and restart loops on a rolled-out host, a start that waits out TimeoutStartSec on a full
-#           storage, tbot's own start-up) -- mostly idle CPU -- the tbot takeovers, and the controller matrix (unit
-#           tests, sanity and a rollout on other ansible-core versions);
-#   lane B: everything else (unit, real bed, molecule, rollouts, sanity, lint).
-# Each lane has its own test bed (free ports, own temp dirs) and its own test hosts (names differ per module).
-# Lane B prints as it goes; lane A's output follows at the end. Non-zero when either lane fails; a lane that
-# collects no test is a failure (pytest exit 5).
+# Every test (make test / .ci/run): one pytest run spread over several worker processes (pytest-xdist), each
+# taking one test file at a time (--dist loadfile), the longest files first (tests/conftest.py orders them).
+# Much of the suite waits -- on Teleport (CA rotations step by step), on systemd (crash and restart loops, a
+# start that waits out TimeoutStartSec on a full storage) and on certificates expiring -- so more workers than
+# cores keep the machine busy. Each worker that needs the real test bed starts its own (free ports, own temp
+# dirs); test hosts have names of their own per module, and what several workers build at once (the test-bed
+# binaries, host images, agent wheels, the controller matrix's venvs) is built once, under a lock.
+# Non-zero on any failure; "no tests collected" is pytest's exit 5, which .ci/run reports as a failure.
 #
-#   scripts/test.sh [pytest args...]       e.g. scripts/test.sh -ra --durations=40
-#   LANYARD_TEST_LANES=1 scripts/test.sh   one pytest process, as before
+#   scripts/test.sh [pytest args...]        e.g. scripts/test.sh -ra --durations=40
+#   LANYARD_TEST_WORKERS=4 scripts/test.sh  more or fewer workers (default 3)
+#   LANYARD_TEST_WORKERS=1 scripts/test.sh  one pytest process, no xdist
 set -uo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
 py=${PYTHON:-python3}
-LANE_A=(tests/integration/agent/test_rotation_real.py tests/integration/agent/test_crash_real.py
-        tests/integration/collection/test_controller_matrix.py
-        tests/integration/rollout/test_adopt_tbot.py tests/integration/rollout/test_adopt_tbot_edges.py)
-
-if [ "${LANYARD_TEST_LANES:-2}" = 1 ]; then
-  exec "$py" -m pytest tests "$@"
-fi
-
-log_dir=$(mktemp -d "${TMPDIR:-/tmp}/lanyard-lanes.XXXXXX")
-ignores=()
-for f in "${LANE_A[@]}"; do
-  ignores+=(--ignore "$f")
-done
+workers=${LANYARD_TEST_WORKERS:-3}
+case "$workers" in
+  ''|*[!0-9]*|0) echo "[test] LANYARD_TEST_WORKERS=$workers: give a number of worker processes, 1 or more" >&2; exit 2 ;;
+esac
 
 start=$(date +%s)
-"$py" -m pytest "${LANE_A[@]}" "$@" >"$log_dir/lane-a.log" 2>&1 &
-pid_a=$!
-# lane A never outlives the run (a timeout or ^C on lane B)
-trap 'kill -INT "$pid_a" 2>/dev/null; sleep 5; kill "$pid_a" 2>/dev/null; cat "$log_dir/lane-a.log"; exit 130' INT TERM
-"$py" -m pytest tests "${ignores[@]}" "$@"
-rc_b=$?
-echo "[test] lane B (everything else) exited $rc_b after $(( $(date +%s) - start ))s; waiting for lane A" >&2
-wait "$pid_a"
-rc_a=$?
-echo "================================ lane A: ${LANE_A[*]} ================================"
-cat "$log_dir/lane-a.log"
-echo "[test] lane A exited $rc_a, lane B $rc_b; both done after $(( $(date +%s) - start ))s" >&2
-rm -rf "$log_dir"
-for rc in "$rc_a" "$rc_b"; do
-  if [ "$rc" -eq 5 ]; then
-    echo "[test] a lane collected no tests: failing" >&2
-    exit 5
-  fi
-done
-if [ "$rc_a" -ne 0 ]; then exit "$rc_a"; fi
-exit "$rc_b"
+if [ "$workers" = 1 ]; then
+  "$py" -m pytest tests "$@"
+else
+  "$py" -m pytest -n "$workers" --dist loadfile tests "$@"
+fi
+rc=$?
+echo "[test] pytest ($workers worker(s)) exited $rc after $(( $(date +%s) - start ))s" >&2
+exit "$rc"

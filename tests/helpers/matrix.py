@@ -9,6 +9,7 @@ is the 2.19 entry. The pins below are what CI runs; README's tested-versions tab
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -74,8 +75,18 @@ def venv(minor: str) -> Path:
     if done.exists():
         return path / "bin"
     python = pyenv_python(py_minor)
-    shutil.rmtree(path, ignore_errors=True)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # One builder per venv (several test workers may ask at once); the others wait and take its venv.
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            _build(path, python, version)
+    return path / "bin"
+
+
+def _build(path: Path, python: Path, version: str) -> None:
+    done = path / ".complete"
+    shutil.rmtree(path, ignore_errors=True)
     for argv in ([str(python), "-m", "venv", str(path)],
                  [str(path / "bin" / "pip"), "install", "-q", "--disable-pip-version-check",
                   f"ansible-core=={version}"] + PACKAGES):
@@ -84,4 +95,12 @@ def venv(minor: str) -> Path:
             raise MatrixError(f"building the ansible-core {version} venv failed: {' '.join(argv[:4])}...: "
                               f"{(proc.stdout + proc.stderr)[-2000:]}")
     done.write_text(version + "\n")
-    return path / "bin"
+
+
+def venv_or_fail(minor: str) -> Path:
+    """:func:`venv` for a test: a venv that cannot be built fails the test with the reason and the fix."""
+    import pytest
+    try:
+        return venv(minor)
+    except MatrixError as exc:
+        pytest.fail(str(exc), pytrace=False)

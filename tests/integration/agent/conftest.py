@@ -15,6 +15,7 @@ and with a copy of kubectl in a 0755 directory.
 
 from __future__ import annotations
 
+import fcntl
 import importlib.metadata as _md
 import json
 import os
@@ -44,8 +45,16 @@ def _ensure_user(name: str) -> int:
         return pwd.getpwnam(name).pw_uid
     except KeyError:
         pass
-    r = subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                        name], capture_output=True, text=True, check=False)
+    # Several test workers may get here at once: one useradd at a time (a second one would find /etc/passwd
+    # locked and fail), and a user made meanwhile by another worker is taken as it is.
+    with open("/run/lanyard-test-useradd.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return pwd.getpwnam(name).pw_uid
+        except KeyError:
+            pass
+        r = subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--shell",
+                            "/usr/sbin/nologin", name], capture_output=True, text=True, check=False)
     if r.returncode != 0 and "already exists" not in r.stderr:
         pytest.fail("cannot create test user %s (%s); run the tests as root" % (name, r.stderr.strip()),
                     pytrace=False)

@@ -4,34 +4,28 @@
 (2.16) to the newest on PyPI (2.21). On each, the unit tests of the controller side (modules, filters, role
 templates and assertions run by that ansible-core); with the oldest and the newest, the real rollout on the bed:
 each brings a fresh host up, the other one reruns it with no change (check mode with the newest). The project venv is the
-2.19 entry (the whole suite runs on it)."""
+2.19 entry (the whole suite runs on it). ``ansible-test sanity`` on each is in test_controller_matrix_sanity.py (its own
+file, so that another test worker can run it meanwhile)."""
 
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 
 import pytest
 
 import testbed as tb
 from helpers.fleet import Fleet, changed_by_host
-from helpers.matrix import MATRIX, NEWEST, OLDEST, MatrixError, venv
+from helpers.matrix import MATRIX, NEWEST, OLDEST, venv_or_fail
 from helpers.playbook import REPO
 
 UNIT = ["tests/unit/teleport", "tests/unit/kube", "tests/unit/rollout", "tests/unit/role"]
 
 
-def _bin(minor):
-    try:
-        return venv(minor)
-    except MatrixError as exc:
-        pytest.fail(str(exc), pytrace=False)
-
 
 @pytest.mark.parametrize("minor", sorted(MATRIX))
 def test_controller_unit_tests_on_each_ansible_core(minor):
-    bin_dir = _bin(minor)
+    bin_dir = venv_or_fail(minor)
     version = subprocess.run([str(bin_dir / "python"), "-c", "import ansible.release as r; print(r.__version__)"],
                              capture_output=True, text=True, check=True).stdout.strip()
     assert version == MATRIX[minor][0]
@@ -44,33 +38,10 @@ def test_controller_unit_tests_on_each_ansible_core(minor):
     assert " passed" in proc.stdout and " failed" not in proc.stdout, tail
 
 
-# Every sanity test ansible-test has on that version, with the empty ignore files (as test_sanity.py on 2.19);
-# these must have run, so a run that skipped everything cannot pass.
-MUST_RUN = ("validate-modules", "ansible-doc", "import", "compile", "yamllint", "action-plugin-docs", "pep8",
-            "pylint", "shebang")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("minor", sorted(MATRIX))
-def test_sanity_on_each_ansible_core(minor):
-    bin_dir = _bin(minor)
-    env = dict(os.environ, LANYARD_SANITY_VENV=str(bin_dir.parent),
-               PATH=str(bin_dir) + os.pathsep + os.environ.get("PATH", ""))
-    env.pop("PYTHONPATH", None)  # ansible-test's import test must see the collection alone
-    proc = subprocess.run([str(REPO / "scripts" / "sanity.sh")], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=1500, check=False)
-    out = proc.stdout + proc.stderr
-    ran = set(re.findall(r'Running sanity test "([^"]+)"', out))
-    errors = [ln for ln in out.splitlines() if ln.startswith(("ERROR:", "FATAL:"))]
-    assert proc.returncode == 0 and set(MUST_RUN) <= ran, (
-        f"ansible-core {MATRIX[minor][0]}: sanity exited {proc.returncode}, ran {sorted(ran)}\n"
-        + "\n".join(errors[:60]) + ("\n" + out[-2000:] if not errors else ""))
-
-
 @pytest.mark.testbed
 @pytest.mark.slow
 def test_rollout_with_the_oldest_and_the_newest_ansible_core(testbed_bins, tmp_path):
-    old, new = _bin(OLDEST), _bin(NEWEST)
+    old, new = venv_or_fail(OLDEST), venv_or_fail(NEWEST)
     try:
         bed = tb.Testbed.start(modes=("multiplex",))
     except (tb.TestbedError, tb.BuildError) as exc:
