@@ -3,7 +3,9 @@
 # GNU General Public License v3.0+ (see COPYING or https://www.gnu.org/licenses/gpl-3.0.txt)
 #
 # Every test (make test / .ci/run): one pytest run spread over several worker processes (pytest-xdist), each
-# taking one test file at a time (--dist loadfile), the longest files first (tests/conftest.py orders them).
+# taking one test file at a time (--dist loadfile), the longest files first: tests/conftest.py orders them, and
+# --no-loadscope-reorder keeps that order (xdist would otherwise start with the files that hold the most tests,
+# the quick unit-test files, and leave the long real-bed files for the end).
 # Much of the suite waits -- on Teleport (CA rotations step by step), on systemd (crash and restart loops, a
 # start that waits out TimeoutStartSec on a full storage) and on certificates expiring -- so more workers than
 # cores keep the machine busy. Each worker that needs the real test bed starts its own (free ports, own temp
@@ -27,7 +29,7 @@ start=$(date +%s)
 if [ "$workers" = 1 ]; then
   "$py" -m pytest tests "$@"
 else
-  "$py" -m pytest -n "$workers" --dist loadfile tests "$@"
+  "$py" -m pytest -n "$workers" --dist loadfile --no-loadscope-reorder tests "$@"
 fi
 rc=$?
 echo "[test] pytest ($workers worker(s)) exited $rc after $(( $(date +%s) - start ))s" >&2
