@@ -63,6 +63,8 @@ def _serve(conn: socket.socket, port: int) -> None:
 
 def listen_in(leader_pid: int, ports: list[int]) -> list[tuple[socket.socket, int]]:
     """Open listening sockets for ``ports`` inside the network namespace of ``leader_pid``."""
+    if os.readlink(f"/proc/{leader_pid}/ns/net") == os.readlink("/proc/self/ns/net"):
+        raise OSError(f"process {leader_pid} is not in a network namespace of its own (yet): nothing forwarded")
     own = os.open("/proc/self/ns/net", os.O_RDONLY)
     guest = os.open(f"/proc/{leader_pid}/ns/net", os.O_RDONLY)
     listeners = []

@@ -93,6 +93,13 @@ def _in_new_pid_ns(pid: int) -> bool:
         return False
 
 
+def _in_new_net_ns(pid: int) -> bool:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
+    except OSError:
+        return False
+
+
 @dataclass
 class Host:
     name: str
@@ -193,11 +200,17 @@ class Host:
             # The forwarded ports are there from early boot, as a real host's network is: services that start at
             # boot (the agent) reach the proxy before systemd reports the boot finished. PID 1 brings the
             # loopback interface up first thing; the forwarder binds on it.
+            # Only into a network namespace of the container's own: the controller's loopback also has 127.0.0.1
+            # (and the proxy holds the forwarded port there). A forwarder that failed with "Address already in use"
+            # was seen once with three test workers; the cause is not known (a probe of systemd-nspawn's start
+            # found the first process in its own namespace from the start), so a failure now reports both
+            # namespaces and what listens in the guest.
             while True:
-                lo = subprocess.run(["nsenter", f"--target={self.leader_pid}", "--net", "ip", "-4", "addr", "show",
-                                     "lo"], capture_output=True, text=True, check=False)
-                if "127.0.0.1" in lo.stdout:
-                    break
+                if _in_new_net_ns(self.leader_pid):
+                    lo = subprocess.run(["nsenter", f"--target={self.leader_pid}", "--net", "ip", "-4", "addr",
+                                         "show", "lo"], capture_output=True, text=True, check=False)
+                    if "127.0.0.1" in lo.stdout:
+                        break
                 if time.monotonic() > deadline:
                     raise HostError(f"test host {self.name}: loopback not up after {timeout:.0f} s")
                 time.sleep(0.05)
@@ -229,8 +242,17 @@ class Host:
         self.save()
         line = proc.stdout.readline().decode().strip() if proc.stdout else ""
         if line != "ready":
+            # what holds the port in the guest, and whose network namespace that is (for the next time it happens)
+            try:
+                netns = f"guest {os.readlink(f'/proc/{self.leader_pid}/ns/net')}, ours {os.readlink('/proc/self/ns/net')}"
+            except OSError as exc:
+                netns = f"unknown ({exc})"
+            held = subprocess.run(["nsenter", f"--target={self.leader_pid}", "--net", "ss", "-ltnp"],
+                                  capture_output=True, text=True, check=False)
             raise HostError(f"test host {self.name}: port forwarder failed: "
-                            f"{(self.run_dir / 'forward.log').read_text(errors='replace')[-500:]}")
+                            f"{(self.run_dir / 'forward.log').read_text(errors='replace')[-500:]}; "
+                            f"network namespaces: {netns}; listening in the guest: "
+                            f"{(held.stdout + held.stderr).strip()[-1500:]}")
         proc.stdout.close()
 
     def _console_tail(self) -> str:

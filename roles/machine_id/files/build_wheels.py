@@ -36,9 +36,13 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 
 SKIP_DIRS = {"build", "dist", "__pycache__", ".pytest_cache", ".mypy_cache"}
 KEEP_SETS = 10  # older wheel sets in BUILD_DIR are removed after a build (several targets per source)
+# ... but never a set some run used in the last day: each use marks the set (its directory's mtime), and another
+# run on the same controller may still be copying it to its hosts.
+PRUNE_MIN_AGE = 24 * 3600
 TARGET_RE = re.compile(r"^(3)\.([0-9]{1,2}):([A-Za-z0-9_]+):2\.([0-9]{1,3})$")
 # the oldest glibc a manylinux wheel can ask for (manylinux1 = glibc 2.5)
 MANYLINUX_MIN_GLIBC_MINOR = 5
@@ -100,15 +104,31 @@ def pip_download_args(target):
     return args
 
 
-def prune(build_dir, keep):
-    """Drop all but the KEEP_SETS newest complete wheel sets (never those in ``keep``)."""
+def prune(build_dir, keep, now=None):
+    """Drop all but the KEEP_SETS most recently used complete wheel sets, never those in ``keep`` and never one
+    used in the last PRUNE_MIN_AGE seconds. Each removal holds the set's lock and looks at its last use again,
+    so a run that takes the set meanwhile (under the same lock, see _use) keeps it."""
     keep = {os.path.realpath(k) for k in ([keep] if isinstance(keep, str) else keep)}
     sets = [os.path.join(build_dir, d) for d in os.listdir(build_dir)
             if os.path.isfile(os.path.join(build_dir, d, ".complete"))]
     sets.sort(key=os.path.getmtime, reverse=True)
     for old in sets[KEEP_SETS:]:
-        if os.path.realpath(old) not in keep:
-            shutil.rmtree(old, ignore_errors=True)
+        if os.path.realpath(old) in keep:
+            continue
+        with _Lock(build_dir, os.path.basename(old), wait=False) as lock:
+            if not lock.held:
+                continue  # being built or taken right now
+            try:
+                last_use = os.path.getmtime(old)
+            except OSError:
+                continue
+            if (time.time() if now is None else now) - last_use >= PRUNE_MIN_AGE:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def _use(out):
+    """Mark a finished set as used now (under its lock), so that no other run's prune removes it meanwhile."""
+    os.utime(out, None)
 
 
 def fail(msg):
@@ -125,14 +145,24 @@ def _pip(args, env):
 
 
 class _Lock(object):
-    """Serialise builds of one key between concurrent runs (each waits, then reuses the finished set)."""
+    """Serialise builds of one key between concurrent runs (each waits, then reuses the finished set).
+    With ``wait=False`` the lock is only taken when free (``held`` says whether it was)."""
 
-    def __init__(self, build_dir, key):
+    def __init__(self, build_dir, key, wait=True):
         self.path = os.path.join(build_dir, ".%s.lock" % key)
+        self.wait = wait
+        self.held = False
+        self.fh = None
 
     def __enter__(self):
         self.fh = open(self.path, "w")
-        fcntl.flock(self.fh, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(self.fh, fcntl.LOCK_EX if self.wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.held = True
+        except (IOError, OSError):
+            if self.wait:
+                self.fh.close()
+                raise
         return self
 
     def __exit__(self, *exc):
@@ -169,6 +199,7 @@ def build_agent(src, build_dir, env):
                 _publish(wheels, out, key)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
+        _use(out)
     names = [n for n in os.listdir(out) if n.startswith("machine_id_agent-") and n.endswith(".whl")]
     if len(names) != 1 or not names[0].endswith("-py3-none-any.whl"):
         fail("agent wheel set %s holds %s, expected one pure machine_id_agent wheel; delete the directory and "
@@ -198,6 +229,7 @@ def build_target(src_key, agent_wheel, target, build_dir, env):
                 built = True
             finally:
                 shutil.rmtree(work, ignore_errors=True)
+        _use(out)
     names = sorted(n for n in os.listdir(out) if n.endswith(".whl"))
     if os.path.basename(agent_wheel) not in names:
         return {"error": "wheel set %s lacks %s; delete the directory and rerun" % (out, os.path.basename(agent_wheel))}

@@ -22,7 +22,6 @@ from helpers.playbook import REPO
 UNIT = ["tests/unit/teleport", "tests/unit/kube", "tests/unit/rollout", "tests/unit/role"]
 
 
-
 @pytest.mark.parametrize("minor", sorted(MATRIX))
 def test_controller_unit_tests_on_each_ansible_core(minor):
     bin_dir = venv_or_fail(minor)

@@ -16,7 +16,6 @@ from helpers.matrix import MATRIX, venv_or_fail
 from helpers.playbook import REPO
 
 
-
 # Every sanity test ansible-test has on that version, with the empty ignore files (as test_sanity.py on 2.19);
 # these must have run, so a run that skipped everything cannot pass.
 MUST_RUN = ("validate-modules", "ansible-doc", "import", "compile", "yamllint", "action-plugin-docs", "pep8",

@@ -99,8 +99,42 @@ def test_old_wheel_sets_are_pruned(tmp_path):
     (tmp_path / "not-a-set").mkdir()
     bw.KEEP_SETS = 5
     bw.prune(str(tmp_path), keep=[str(tmp_path / "set0"), str(tmp_path / "set1")])
-    left = sorted(p.name for p in tmp_path.iterdir())
+    left = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))  # not the sets' lock files
     assert left == ["not-a-set", "set0", "set1", "set3", "set4", "set5", "set6", "set7"], left
+
+
+def test_a_wheel_set_another_run_may_be_using_is_never_pruned(tmp_path):
+    """Two runs on one controller share the build directory: one run's prune must not remove the set the other
+    is copying to its hosts (seen when CI ran rollouts side by side: "could not find src=.../<set>/urllib3-...whl").
+    A set used in the last PRUNE_MIN_AGE seconds stays, as does one whose lock another run holds."""
+    bw = _build_wheels_module()
+    bw.KEEP_SETS = 1
+    now = 10 * bw.PRUNE_MIN_AGE
+    for name, age in (("newest", 0), ("in-use", bw.PRUNE_MIN_AGE - 60), ("locked", 2 * bw.PRUNE_MIN_AGE),
+                      ("stale", 2 * bw.PRUNE_MIN_AGE + 1)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / ".complete").write_text("x")
+        os.utime(d, (now - age, now - age))
+    other_run = bw._Lock(str(tmp_path), "locked")
+    with other_run:
+        bw.prune(str(tmp_path), keep=[], now=now)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["in-use", "locked", "newest"]
+    # the lock is free again: the set nobody used for a day goes
+    bw.prune(str(tmp_path), keep=[], now=now)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["in-use", "newest"]
+
+
+def test_taking_a_cached_wheel_set_marks_it_used(tmp_path):
+    """A reused set (nothing built) is marked as used, so its age for the prune counts from this run."""
+    bw = _build_wheels_module()
+    out = tmp_path / "abc"
+    out.mkdir()
+    (out / ".complete").write_text("abc\n")
+    os.utime(out, (1000, 1000))
+    with bw._Lock(str(tmp_path), "abc"):
+        bw._use(str(out))
+    assert os.path.getmtime(out) > 1000 + bw.PRUNE_MIN_AGE
 
 
 def test_wheel_targets_are_keyed_and_parsed(tmp_path):
