@@ -39,9 +39,12 @@ import tempfile
 import time
 
 SKIP_DIRS = {"build", "dist", "__pycache__", ".pytest_cache", ".mypy_cache"}
-KEEP_SETS = 10  # older wheel sets in BUILD_DIR are removed after a build (several targets per source)
-# ... but never a set some run used in the last day: each use marks the set (its directory's mtime), and another
-# run on the same controller may still be copying it to its hosts.
+# After a build, the wheel sets in BUILD_DIR beyond the KEEP_SETS most recently used are removed (several targets
+# per source), except those used in the last PRUNE_MIN_AGE seconds: each use marks the set (its directory's mtime),
+# and another run on the same controller may still be copying it to its hosts (the copy follows the build within a
+# batch, so the age only has to outlast one batch). KEEP_SETS is thus a floor: a day of source changes keeps every
+# set it made until a build the next day.
+KEEP_SETS = 10
 PRUNE_MIN_AGE = 24 * 3600
 TARGET_RE = re.compile(r"^(3)\.([0-9]{1,2}):([A-Za-z0-9_]+):2\.([0-9]{1,3})$")
 # the oldest glibc a manylinux wheel can ask for (manylinux1 = glibc 2.5)
@@ -109,21 +112,26 @@ def prune(build_dir, keep, now=None):
     used in the last PRUNE_MIN_AGE seconds. Each removal holds the set's lock and looks at its last use again,
     so a run that takes the set meanwhile (under the same lock, see _use) keeps it."""
     keep = {os.path.realpath(k) for k in ([keep] if isinstance(keep, str) else keep)}
-    sets = [os.path.join(build_dir, d) for d in os.listdir(build_dir)
-            if os.path.isfile(os.path.join(build_dir, d, ".complete"))]
-    sets.sort(key=os.path.getmtime, reverse=True)
-    for old in sets[KEEP_SETS:]:
+    sets = []
+    for d in os.listdir(build_dir):
+        path = os.path.join(build_dir, d)
+        try:
+            if os.path.isfile(os.path.join(path, ".complete")):
+                sets.append((os.path.getmtime(path), path))
+        except OSError:
+            continue  # removed meanwhile by another run's prune
+    sets.sort(reverse=True)
+    for _mtime, old in sets[KEEP_SETS:]:
         if os.path.realpath(old) in keep:
             continue
-        with _Lock(build_dir, os.path.basename(old), wait=False) as lock:
-            if not lock.held:
-                continue  # being built or taken right now
-            try:
-                last_use = os.path.getmtime(old)
-            except OSError:
-                continue
-            if (time.time() if now is None else now) - last_use >= PRUNE_MIN_AGE:
-                shutil.rmtree(old, ignore_errors=True)
+        try:
+            with _Lock(build_dir, os.path.basename(old), wait=False) as lock:
+                if not lock.held:
+                    continue  # being built or taken right now
+                if (time.time() if now is None else now) - os.path.getmtime(old) >= PRUNE_MIN_AGE:
+                    shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            continue  # gone meanwhile, or a lock file this user may not open: leave it (a prune is only tidying)
 
 
 def _use(out):

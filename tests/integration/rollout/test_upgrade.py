@@ -145,10 +145,16 @@ def _loops(host, label: str, plugin: bool = True):
     assert not bad, bad[:10]
 
 
+def _own_build_dir(fleet) -> list:
+    """An older collection builds its wheel sets apart: its build_wheels.py prunes the shared build directory by age
+    alone, which could remove a set that a rollout of another test file is copying at the same time."""
+    return ["-e", f"machine_id_agent_build_dir={fleet.workdir / 'old-collection-wheels'}"]
+
+
 def test_1_the_current_collection_upgrades_a_host_rolled_out_by_an_older_one(fleet, old_collection):
     host = fleet.hosts[HOST]
     fleet.collections_path = old_collection
-    run = fleet.rollout()
+    run = fleet.rollout(extra_args=_own_build_dir(fleet))
     assert run.rc == 0, run.stdout[-8000:]
     assert not _knows_check_acls(host), "the old collection did not install its own (older) agent"
     assert fleet.reader_get_pods(HOST).returncode == 0
@@ -349,7 +355,7 @@ def test_5_a_host_of_a_collection_with_inline_kubeconfigs_is_upgraded_to_the_exe
         fleet.add_hosts([name])
         host = fleet.hosts[name]
         fleet.collections_path = _collection_at(tmp_path_factory, INLINE)
-        run = fleet.rollout()
+        run = fleet.rollout(extra_args=_own_build_dir(fleet))
         assert run.rc == 0, run.stdout[-8000:]
         kubeconfig = host.root / DEST.lstrip("/") / "kubeconfig.yaml"
         assert "client-key-data" in kubeconfig.read_text() and "exec:" not in kubeconfig.read_text()

@@ -125,6 +125,26 @@ def test_a_wheel_set_another_run_may_be_using_is_never_pruned(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["in-use", "newest"]
 
 
+def test_a_prune_goes_on_when_another_run_removed_a_set_meanwhile(tmp_path, monkeypatch):
+    """Two runs pruning at once: a set the other run removed between the listing and the look at its age is
+    skipped (the build's answer still comes out) instead of ending the script with a traceback."""
+    bw = _build_wheels_module()
+    bw.KEEP_SETS = 0
+    for name in ("gone", "old"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / ".complete").write_text("x")
+        os.utime(tmp_path / name, (1000, 1000))
+    real = os.path.getmtime
+
+    def getmtime(path):
+        if os.path.basename(path) == "gone":
+            raise FileNotFoundError(path)
+        return real(path)
+    monkeypatch.setattr(bw.os.path, "getmtime", getmtime)
+    bw.prune(str(tmp_path), keep=[])
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["gone"]
+
+
 def test_taking_a_cached_wheel_set_marks_it_used(tmp_path):
     """A reused set (nothing built) is marked as used, so its age for the prune counts from this run."""
     bw = _build_wheels_module()
