@@ -91,18 +91,20 @@ def agent_state(module):
         found += drift.install_drift(marker, p["wheels_key"], result["status"], p["agent_version"])
 
     if systemd_present(result):
-        result["unit"] = host.unit_state(module, p["service_name"] + ".service")
+        # every unit judged below, in one systemctl call
+        shown = host.units_state(module, [p["service_name"] + ".service"] + _tbot_unit_names(p)
+                                 + [unit["name"] for unit in p["units"]])
+        result["unit"] = shown[p["service_name"] + ".service"]
         found += drift.service_drift(p["service_name"] + ".service", result["unit"], p["service_enabled"],
                                      p["service_active"])
         if agent.get("exists") and result["unit"].get("ActiveState") == "active":
             found += drift.running_drift(p["service_name"] + ".service", p["agent_bin"],
                                          host.link_target(p["agent_bin"]),
                                          host.process_argv(result["unit"].get("MainPID")))
-        result["tbot_units"] = tbot_units(module, p)
+        result["tbot_units"] = tbot_units(p, shown)
         found += drift.takeover_drift(result["tbot_units"], p["storage_dir"])
         for unit in p["units"]:
-            found += drift.service_drift(unit["name"], host.unit_state(module, unit["name"]), unit.get("enabled"),
-                                         unit.get("active"))
+            found += drift.service_drift(unit["name"], shown[unit["name"]], unit.get("enabled"), unit.get("active"))
     if p["exclusive"]:
         stray = []
         for pattern in p["exclusive"].get("globs") or []:
@@ -157,15 +159,22 @@ def agent_state(module):
     return result
 
 
-def tbot_units(module, p):
-    """The hand-built tbot units to stop before the agent starts on the storage (see _host_drift.tbot_takeover)."""
+def _tbot_unit_names(p):
+    """The units tbot_units looks at: the agent's own (a tbot may run under its name) and machine_id_tbot_units."""
     if not p["storage_dir"]:
         return []
     own = p["service_name"] + ".service"
     names = [own] + [n if "." in n else n + ".service" for n in p["tbot_units"]]
+    return sorted(set(names), key=names.index)
+
+
+def tbot_units(p, shown):
+    """The hand-built tbot units to stop before the agent starts on the storage (see _host_drift.tbot_takeover);
+    ``shown``: host.units_state of at least _tbot_unit_names(p)."""
+    own = p["service_name"] + ".service"
     out = []
-    for name in sorted(set(names), key=names.index):
-        props = host.unit_state(module, name)
+    for name in _tbot_unit_names(p):
+        props = shown[name]
         program, argv = tbot.exec_argv(props.get("ExecStart"))
         if os.path.basename(program or "") != "tbot":
             continue

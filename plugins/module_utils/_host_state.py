@@ -17,8 +17,12 @@ import grp
 import hashlib
 import json
 import os
+import platform
 import pwd
 import stat
+import struct
+import sys
+import sysconfig
 
 from ansible_collections.lanyard.machine_id.plugins.module_utils._errors import LanyardError
 
@@ -146,7 +150,23 @@ def _shebang(path):
     return words[0].decode("utf-8", "replace") if words else None
 
 
+def python_facts():
+    """PYTHON_PROBE's answer for the Python running this module (the same computation)."""
+    machine = sysconfig.get_platform().split("-", 1)[-1].replace("-", "_").replace(".", "_")
+    if struct.calcsize("P") == 4:
+        machine = {"x86_64": "i686", "aarch64": "armv7l"}.get(machine, machine)
+    return {"python": "%d.%d" % sys.version_info[:2], "machine": machine, "libc": platform.libc_ver()}
+
+
 def agent_python(module, python):
+    """The probe of ``python``: answered here, without a process, when ``python`` is the Python running this
+    module (the role's default on a host where Ansible uses /usr/bin/python3)."""
+    try:
+        same = bool(sys.executable) and os.path.samefile(python, sys.executable)
+    except OSError:
+        same = False
+    if same:
+        return {"rc": 0, "stdout": json.dumps(python_facts()), "stderr": ""}
     rc, out, err = run(module, [python, "-c", PYTHON_PROBE])
     result = {"rc": rc, "stdout": out.strip(), "stderr": err.strip()[-500:]}
     if rc != 0 and not err:
@@ -224,15 +244,41 @@ def groups_exist(names):
     return result
 
 
+UNIT_PROPERTIES = ("LoadState", "ActiveState", "UnitFileState", "NeedDaemonReload", "ExecStart", "MainPID")
+
+
+def _show(module, names):
+    argv = ["systemctl", "show"] + list(names)
+    for prop in UNIT_PROPERTIES:
+        argv += ["-p", prop]
+    rc, out, _err = run(module, argv)
+    blocks = []
+    for block in out.split("\n\n") if rc == 0 else []:
+        props = {}
+        for line in block.splitlines():
+            key, _sep, value = line.partition("=")
+            if key:
+                props[key] = value
+        if props:
+            blocks.append(props)
+    return blocks
+
+
 def unit_state(module, name):
-    rc, out, _err = run(module, ["systemctl", "show", name, "-p", "LoadState", "-p", "ActiveState",
-                                 "-p", "UnitFileState", "-p", "NeedDaemonReload", "-p", "ExecStart",
-                                 "-p", "MainPID"])
-    props = {}
-    for line in out.splitlines() if rc == 0 else []:
-        key, _sep, value = line.partition("=")
-        props[key] = value
-    return props
+    """The properties the role judges of one unit (``{}`` when systemctl cannot tell)."""
+    blocks = _show(module, [name])
+    return blocks[0] if len(blocks) == 1 else {}
+
+
+def units_state(module, names):
+    """``unit_state`` of each of ``names`` (unique), asked in one ``systemctl show`` (one block per unit, in the
+    order asked, empty properties left out, never a whole block); unit by unit when that answer cannot be matched
+    to the names (a name systemctl refuses fails the whole call)."""
+    names = sorted(set(names), key=list(names).index)
+    blocks = _show(module, names) if names else []
+    if len(blocks) != len(names) or any("LoadState" not in b for b in blocks):
+        return dict((name, unit_state(module, name)) for name in names)
+    return dict(zip(names, blocks))
 
 
 def process_argv(pid):

@@ -303,7 +303,7 @@ def probe(directory: Target) -> Optional[OSError]:
         return e
 
 
-ARTIFACTS = ("key", "tlscert", "teleport-host-ca.crt", "kubeconfig.yaml", "identity")
+ARTIFACTS = ("key", "tlscert", "teleport-host-ca.crt", "kubeconfig.yaml", "identity", "identity.validity.json")
 
 
 @dataclass

@@ -13,6 +13,7 @@ imported where it is used, so the full command line can import this module for i
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import re
@@ -29,6 +30,14 @@ IDENTITY = "identity"
 IDENTITY_PREFIX = "identity-"
 _CLUSTER_FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 EXEC_API_VERSION = "client.authentication.k8s.io/v1beta1"
+# Written by the agent beside the identity files, before kubeconfig.yaml: for each identity file, the SHA-256 of
+# its bytes and its certificate's validity, recorded after the agent checked that the key is the certificate's.
+# The plugin takes the validity from here for an identity file whose bytes hash to the recorded value, and
+# otherwise (a renewal between its two reads, an older agent, a file changed by hand) reads the certificate
+# itself: kubectl runs the plugin for every call, and reading an X.509 certificate means importing cryptography,
+# most of the plugin's run. The record only saves work; it is never more trusted than the identity file it names
+# (both are written by the agent's user, in the same directory, under the same ACL).
+VALIDITY = "identity.validity.json"
 
 
 def identity_name(cluster: str) -> str:
@@ -43,7 +52,12 @@ def identity_name(cluster: str) -> str:
 def read_credentials(destination: Path, cluster: Optional[str] = None) -> Dict[str, bytes]:
     """Key and certificate from one destination (of one cluster of a kubernetes/v2 output), read consistently
     (one file read)."""
-    dest = Path(destination)
+    creds = _read(Path(destination), cluster)
+    return {"key": creds["key"], "cert": creds["cert"]}
+
+
+def _read(dest: Path, cluster: Optional[str]) -> Dict[str, Any]:
+    """read_credentials, with the name and bytes of the identity file they came from (none for inline ones)."""
     if cluster is not None:
         name = identity_name(cluster)
         ident = fsutil.read_bytes(dest / name)
@@ -52,14 +66,14 @@ def read_credentials(destination: Path, cluster: Optional[str] = None) -> Dict[s
                               "not renewed yet (machine-id-agent status)" % (dest, name, cluster))
         key, cert = split_bundle(ident)
         if key and cert:
-            return {"key": key, "cert": cert}
+            return {"key": key, "cert": cert, "file": name, "data": ident}
         raise OutputError("%s: %s holds no key and certificate; restart the agent so that it writes it again"
                           % (dest, name))
     ident = fsutil.read_bytes(dest / IDENTITY)
     if ident is not None:
         key, cert = split_bundle(ident)
         if key and cert:
-            return {"key": key, "cert": cert}
+            return {"key": key, "cert": cert, "file": IDENTITY, "data": ident}
     kc = fsutil.read_bytes(dest / KUBECONFIG)
     if kc is None:
         raise OutputError("%s: no %s or %s yet; start the agent (machine-id-agent start) and wait for its first "
@@ -99,12 +113,49 @@ def _user() -> str:
 def refresh_at(cert_pem: bytes) -> _dt.datetime:
     """When a client should ask the plugin again: shortly before the certificate's notAfter (a tenth of its
     lifetime, at most a minute), so that a request never leaves with a certificate about to expire."""
+    return _refresh(*_validity_of(cert_pem))
+
+
+def _refresh(not_before: _dt.datetime, not_after: _dt.datetime) -> _dt.datetime:
+    margin = min(_dt.timedelta(minutes=1), (not_after - not_before) / 10)
+    return not_after - max(margin, _dt.timedelta(0))
+
+
+def _validity_of(cert_pem: bytes):
     from cryptography import x509
     from machine_id_agent import identity as _identity
     cert = x509.load_pem_x509_certificate(cert_pem)
-    na, nb = _identity.cert_not_after(cert), _identity.cert_not_before(cert)
-    margin = min(_dt.timedelta(minutes=1), (na - nb) / 10)
-    return na - max(margin, _dt.timedelta(0))
+    return _identity.cert_not_before(cert), _identity.cert_not_after(cert)
+
+
+def validity_record(data: bytes, key_pem: bytes, cert_pem: bytes) -> Optional[Dict[str, str]]:
+    """The agent's record (in VALIDITY) of an identity file it writes: ``data`` is the file's bytes, holding
+    ``key_pem`` and ``cert_pem``. None when the key is not the certificate's: the plugin then reads the file
+    itself and names the mismatch."""
+    if not key_matches_cert(key_pem, cert_pem):
+        return None
+    not_before, not_after = _validity_of(cert_pem)
+    return {"sha256": hashlib.sha256(data).hexdigest(), "not_before": not_before.isoformat(),
+            "not_after": not_after.isoformat()}
+
+
+def recorded_validity(dest: Path, name: str, data: bytes):
+    """(not_before, not_after) that the agent recorded for identity file ``name`` when it wrote these very
+    bytes, or None (no record, another file's, unreadable, damaged): the caller then reads the certificate."""
+    try:
+        raw = fsutil.read_bytes(dest / VALIDITY)
+        if raw is None:
+            return None
+        entry = json.loads(raw.decode("utf-8"))[name]
+        if entry["sha256"] != hashlib.sha256(data).hexdigest():
+            return None
+        not_before = _dt.datetime.fromisoformat(entry["not_before"])
+        not_after = _dt.datetime.fromisoformat(entry["not_after"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if not_before.tzinfo is None or not_after.tzinfo is None or not_after <= not_before:
+        return None
+    return not_before, not_after
 
 
 def exec_credential(destination: Path, now: Optional[_dt.datetime] = None,
@@ -116,7 +167,7 @@ def exec_credential(destination: Path, now: Optional[_dt.datetime] = None,
     dest = Path(destination)
     now = now or _dt.datetime.now(_dt.timezone.utc)
     try:
-        creds = read_credentials(dest, cluster)
+        creds = _read(dest, cluster)
     except PermissionError as e:
         raise OutputError("%s: %s may not read %s; add it to the output's readers (readers: in the agent's "
                           "config, or machine_id_reader_user in the role) and let the agent renew once"
@@ -124,19 +175,22 @@ def exec_credential(destination: Path, now: Optional[_dt.datetime] = None,
     except OSError as e:
         raise OutputError("%s: cannot read the credentials (%s); check that the destination exists and the agent "
                           "is running (machine-id-agent status)" % (dest, e.strerror or e)) from None
-    try:
-        not_after = cert_not_after(creds["cert"])
-        matches = key_matches_cert(creds["key"], creds["cert"])
-    except (ValueError, TypeError) as e:
-        raise OutputError("%s: %s is damaged (%s); restart the agent so that it writes it again"
-                          % (dest, IDENTITY, str(e).splitlines()[0] if str(e) else type(e).__name__)) from None
-    if not matches:
-        raise OutputError("%s: the key and the certificate do not match; restart the agent so that it writes "
-                          "them again" % dest)
+    validity = recorded_validity(dest, creds["file"], creds["data"]) if creds.get("file") else None
+    if validity is None:
+        try:
+            validity = _validity_of(creds["cert"])
+            matches = key_matches_cert(creds["key"], creds["cert"])
+        except (ValueError, TypeError) as e:
+            raise OutputError("%s: %s is damaged (%s); restart the agent so that it writes it again"
+                              % (dest, IDENTITY, str(e).splitlines()[0] if str(e) else type(e).__name__)) from None
+        if not matches:
+            raise OutputError("%s: the key and the certificate do not match; restart the agent so that it writes "
+                              "them again" % dest)
+    not_after = validity[1]
     if not_after <= now:
         raise OutputError("%s: the certificate expired at %s; check that the agent is running and renewing "
                           "(machine-id-agent status, journalctl -u machine-id)" % (dest, not_after.isoformat()))
-    exp = refresh_at(creds["cert"])
+    exp = _refresh(*validity)
     return {"apiVersion": EXEC_API_VERSION, "kind": "ExecCredential", "spec": {"interactive": False},
             "status": {"clientCertificateData": creds["cert"].decode(), "clientKeyData": creds["key"].decode(),
                        "expirationTimestamp": exp.strftime("%Y-%m-%dT%H:%M:%SZ")}}

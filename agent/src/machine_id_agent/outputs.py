@@ -7,7 +7,8 @@ Files in each destination directory (each written atomically, ACL set before it 
 ``key`` (PEM private key), ``tlscert`` (PEM certificate routed to the Kubernetes cluster),
 ``teleport-host-ca.crt`` (PEM host CA bundle), ``identity`` (exec-plugin mode, the default: key, SSH certificate and
 TLS certificate in one file, Teleport's identity file format, so the exec plugin -- ours or tbot's -- reads a matching
-pair) and, last, ``kubeconfig.yaml``.
+pair), ``identity.validity.json`` (exec-plugin mode: the identity file's hash and validity, so the plugin need not
+read the certificate, see kubecreds.VALIDITY) and, last, ``kubeconfig.yaml``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import ipaddress
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -29,8 +31,9 @@ from machine_id_agent.config import KubeOutput
 from machine_id_agent.errors import OutputError
 # reading a destination's credentials (and the exec plugin) lives in kubecreds, which imports little: kubectl
 # starts the plugin for every call
-from machine_id_agent.kubecreds import (EXEC_API_VERSION, IDENTITY, IDENTITY_PREFIX, KUBECONFIG, cert_not_after,
-                                        identity_name, key_matches_cert, read_credentials)
+from machine_id_agent.kubecreds import (EXEC_API_VERSION, IDENTITY, IDENTITY_PREFIX, KUBECONFIG, VALIDITY,
+                                        cert_not_after, identity_name, key_matches_cert, read_credentials,
+                                        validity_record)
 
 KEY = "key"
 TLSCERT = "tlscert"
@@ -209,7 +212,8 @@ def write_kube(output: KubeOutput, creds: Any, teleport_cluster: str, endpoint: 
             # a Teleport identity file (key, SSH certificate line, TLS certificate), as tbot writes it: the agent's
             # plugin reads the key and the first certificate; a kubeconfig tbot wrote before the agent took the host
             # over runs `tbot kube credentials`, which reads this file too and needs the SSH certificate line
-            files.append((IDENTITY, _nl(creds.key_pem) + (ssh + b"\n" if ssh else b"") + _nl(creds.cert_pem)))
+            ident = _nl(creds.key_pem) + (ssh + b"\n" if ssh else b"") + _nl(creds.cert_pem)
+            files += [(IDENTITY, ident), (VALIDITY, _validity_file({IDENTITY: (ident, creds)}))]
             kc = render_kubeconfig(teleport_cluster, output.kubernetes_cluster, endpoint, creds.host_ca_pems,
                                    exec_stanza=exec_command(dest))
         else:
@@ -221,9 +225,20 @@ def write_kube(output: KubeOutput, creds: Any, teleport_cluster: str, endpoint: 
         if not output.exec_plugin:
             # a file from an earlier exec-plugin configuration must not keep the old key readable
             d.unlink(IDENTITY)
+            d.unlink(VALIDITY)
         d.fsync()
     not_after = getattr(creds, "not_after", None) or cert_not_after(creds.cert_pem)
     return WriteResult(str(dest), not_after, changes)
+
+
+def _validity_file(identities: Dict[str, Any]) -> bytes:
+    """kubecreds.VALIDITY for ``identities`` (file name -> (its bytes, the credentials in it))."""
+    records = {}
+    for name, (data, c) in identities.items():
+        record = validity_record(data, c.key_pem, c.cert_pem)
+        if record is not None:
+            records[name] = record
+    return (json.dumps(records, sort_keys=True) + "\n").encode()
 
 
 def _ensure_dir_acl(d: fsutil.Dir, output: Any, acls: str, reader_uids: Sequence[int],
@@ -401,12 +416,14 @@ def write_kube_multi(output: KubeOutput, creds: Dict[str, Any], teleport_cluster
     dest = Path(output.destination)
     contexts: List[KubeContext] = []
     files = [(HOST_CA, b"".join(_nl(p) for p in host_ca_pems))]
+    identities = {}
     for cluster in sorted(creds):
         c = creds[cluster]
         name = render_context_name(output.context_name_template, teleport_cluster, cluster)
         if output.exec_plugin:
             fname = identity_name(cluster)
-            files.append((fname, _nl(c.key_pem) + _nl(c.cert_pem)))
+            identities[fname] = (_nl(c.key_pem) + _nl(c.cert_pem), c)
+            files.append((fname, identities[fname][0]))
             user: Dict[str, Any] = {"exec": exec_command(dest, cluster)}
         else:
             user = {"client-certificate-data": base64.b64encode(c.cert_pem).decode(),
@@ -419,6 +436,8 @@ def write_kube_multi(output: KubeOutput, creds: Dict[str, Any], teleport_cluster
             raise OutputError("%s: context name %r is rendered for two clusters; put {{.KubeName}} in "
                               "context_name_template" % (dest, k.name))
         seen.add(k.name)
+    if identities:
+        files.append((VALIDITY, _validity_file(identities)))
     files.append((KUBECONFIG, render_kubeconfig_multi(contexts, endpoint, host_ca_pems, output.default_namespace)))
     keep = {fname for fname, _data in files}
     with fsutil.open_dir(dest, symlinks, create=0o700, warn=warn) as d:
@@ -429,7 +448,8 @@ def write_kube_multi(output: KubeOutput, creds: Dict[str, Any], teleport_cluster
                     sync_dir=False)
         # after the kubeconfig: clusters no longer selected, and files of a kubernetes (v1) output here before
         for name in d.listdir():
-            if (name.startswith(IDENTITY_PREFIX) and name not in keep) or name in (IDENTITY, KEY, TLSCERT):
+            if (name.startswith(IDENTITY_PREFIX) and name not in keep) or name in (IDENTITY, KEY, TLSCERT) \
+                    or (name == VALIDITY and name not in keep):
                 d.unlink(name)
         d.fsync()
     expiry = {n: getattr(c, "not_after", None) or cert_not_after(c.cert_pem) for n, c in creds.items()}

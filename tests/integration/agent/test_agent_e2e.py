@@ -36,7 +36,7 @@ AGENT_ROLE = "lanyard-agent-kube"  # see conftest.py
 
 pytestmark = [pytest.mark.testbed]
 
-FILES = ("key", "tlscert", "teleport-host-ca.crt", "identity", "kubeconfig.yaml")
+FILES = ("key", "tlscert", "teleport-host-ca.crt", "identity", "identity.validity.json", "kubeconfig.yaml")
 
 
 def wait_for(pred, timeout: float, what: str, interval: float = 0.2):

@@ -28,7 +28,7 @@ from machine_id_agent import identity as identmod
 from test_agent_e2e import free_port, getfacl, http_get, kubeconfig_pair, metric, wait_for  # noqa: E402
 
 BOT_USER, APP_USER, OTHER_USER = "lanyardtest-bot", "lanyardtest-app", "lanyardtest-other"  # see conftest.py
-FILES = ("key", "tlscert", "teleport-host-ca.crt", "identity", "kubeconfig.yaml")
+FILES = ("key", "tlscert", "teleport-host-ca.crt", "identity", "identity.validity.json", "kubeconfig.yaml")
 
 pytestmark = [pytest.mark.testbed]
 

@@ -183,7 +183,7 @@ def test_apply_acls_revokes_a_reader_on_directory_and_files(acl_dir):
     assert _named(d) == ["user:%d:r-x" % DAEMON, "user:%d:r-x" % NOBODY]
     out2 = KubeOutput(destination=d, kubernetes_cluster="k", readers=["daemon"], readers_managed=True)
     changes = outputs.apply_acls(out2, "try", [DAEMON], revoke=[NOBODY])
-    names = ("key", "tlscert", "teleport-host-ca.crt", "identity", "kubeconfig.yaml")
+    names = ("key", "tlscert", "teleport-host-ca.crt", "identity", "identity.validity.json", "kubeconfig.yaml")
     assert sorted(changes) == sorted([str(d)] + [str(d / n) for n in names])
     for p in [d] + [d / n for n in names]:
         assert str(NOBODY) not in " ".join(getfacl(p)), p

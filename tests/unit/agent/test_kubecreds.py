@@ -95,3 +95,39 @@ def test_every_other_command_goes_to_the_full_command_line_without_cryptography_
     assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout + r.stderr
     r = _run("kube")
     assert r.returncode == 2 and "kube: missing subcommand" in r.stderr
+
+
+def test_kube_credentials_takes_the_validity_the_agent_recorded_and_does_not_import_cryptography(tmp_path):
+    """An identity file the agent wrote (outputs.write_kube) comes with its record (identity.validity.json): the
+    plugin's answer is the same as from reading the certificate, without importing cryptography. A record that
+    does not name these bytes (another pair written by hand, a damaged record, none) is not used."""
+    from machine_id_agent import kubecreds, outputs
+    from machine_id_agent.config import KubeOutput
+    c = make_creds()
+    dest = tmp_path / "out"
+    outputs.write_kube(KubeOutput(destination=dest, kubernetes_cluster="k"), c, "tc",
+                       outputs.KubeEndpoint("https://x:1"), acls="off")
+    record = json.loads((dest / kubecreds.VALIDITY).read_text())
+    assert set(record) == {"identity"} and record["identity"]["not_after"] == c.not_after.isoformat()
+    r = subprocess.run([sys.executable, "-c", PROBE.replace("%r" % (HEAVY,), "%r" % (HEAVY + ("cryptography",),)),
+                        "kube", "credentials", "--destination-dir", str(dest)], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(AGENT_SRC)), timeout=60, check=False)
+    assert r.returncode == 0, r.stderr
+    assert _loaded(r.stderr) == [], "cryptography imported although the record names this identity file"
+    fast = json.loads(r.stdout)
+    (dest / kubecreds.VALIDITY).unlink()
+    slow = kubecreds.exec_credential(dest)
+    assert fast == slow
+    # a record of other bytes: the pair is read and judged (here: a key that is not the certificate's)
+    outputs.write_kube(KubeOutput(destination=dest, kubernetes_cluster="k"), c, "tc",
+                       outputs.KubeEndpoint("https://x:1"), acls="off")
+    other = make_creds()
+    (dest / "identity").write_bytes(c.key_pem + other.cert_pem)
+    with pytest.raises(Exception, match="do not match"):
+        kubecreds.exec_credential(dest)
+    # a damaged record: read the certificate instead
+    (dest / "identity").write_bytes(c.key_pem + c.cert_pem)
+    (dest / kubecreds.VALIDITY).write_text("{not json")
+    assert kubecreds.exec_credential(dest)["status"]["expirationTimestamp"] == slow["status"]["expirationTimestamp"]
+    # the agent records no validity for a pair that does not match
+    assert kubecreds.validity_record(b"x", c.key_pem, other.cert_pem) is None

@@ -154,9 +154,14 @@ def test_write_several_clusters_exec_plugin(tmp_path):
     creds = {"zeta": make_creds(), "alpha": make_creds(days_valid=0.5)}
     res = outputs.write_kube_multi(o, creds, "tc", ep(), creds["zeta"].host_ca_pems)
     dest = tmp_path / "out"
-    assert sorted(os.listdir(dest)) == ["identity-alpha", "identity-zeta", "kubeconfig.yaml", "teleport-host-ca.crt"]
+    assert sorted(os.listdir(dest)) == ["identity-alpha", "identity-zeta", "identity.validity.json", "kubeconfig.yaml",
+                                        "teleport-host-ca.crt"]
     assert all(os.stat(dest / n).st_mode & 0o777 == 0o600 for n in os.listdir(dest))
     assert res.clusters == ["alpha", "zeta"] and res.not_after == creds["alpha"].not_after
+    # each cluster's identity file has its record (the plugin's answer without reading the certificate)
+    record = json.loads((dest / kubecreds.VALIDITY).read_text())
+    assert sorted(record) == ["identity-alpha", "identity-zeta"]
+    assert record["identity-alpha"]["not_after"] == creds["alpha"].not_after.isoformat()
     kc = kubeconfig(dest)
     assert [c["name"] for c in kc["contexts"]] == ["alpha@tc", "zeta@tc"]
     assert kc["current-context"] == "alpha@tc"
@@ -186,10 +191,12 @@ def test_write_removes_clusters_no_longer_selected_and_files_of_a_v1_output(tmp_
     for stale in ("identity", "key", "tlscert"):  # a kubernetes output wrote here before
         (dest / stale).write_text("old")
     outputs.write_kube_multi(o, {"a": make_creds(), "b": make_creds()}, "tc", ep(), make_creds().host_ca_pems)
-    assert sorted(os.listdir(dest)) == ["identity-a", "identity-b", "kubeconfig.yaml", "teleport-host-ca.crt"]
+    assert sorted(os.listdir(dest)) == ["identity-a", "identity-b", "identity.validity.json", "kubeconfig.yaml",
+                                        "teleport-host-ca.crt"]
     res = outputs.write_kube_multi(o, {"b": make_creds()}, "tc", ep(), make_creds().host_ca_pems)
     assert res.clusters == ["b"]
-    assert sorted(os.listdir(dest)) == ["identity-b", "kubeconfig.yaml", "teleport-host-ca.crt"]
+    assert sorted(os.listdir(dest)) == ["identity-b", "identity.validity.json", "kubeconfig.yaml", "teleport-host-ca.crt"]
+    assert list(json.loads((dest / "identity.validity.json").read_text())) == ["identity-b"]
     assert [c["name"] for c in kubeconfig(dest)["contexts"]] == ["tc-b"]
     # nothing selected: a kubeconfig without contexts, no identities, not valid
     res = outputs.write_kube_multi(o, {}, "tc", ep(), make_creds().host_ca_pems)

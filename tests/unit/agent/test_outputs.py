@@ -112,8 +112,8 @@ def test_exec_plugin_mode_and_credentials(tmp_path):
     dest = tmp_path / "out"
     out = KubeOutput(destination=dest, kubernetes_cluster="k")  # the default: exec plugin
     outputs.write_kube(out, c, "tc", outputs.KubeEndpoint("https://k.example.com:3026"), acls="off")
-    assert sorted(p.name for p in dest.iterdir()) == ["identity", "key", "kubeconfig.yaml", "teleport-host-ca.crt",
-                                                      "tlscert"]
+    assert sorted(p.name for p in dest.iterdir()) == ["identity", "identity.validity.json", "key", "kubeconfig.yaml",
+                                                      "teleport-host-ca.crt", "tlscert"]
     assert (dest / "identity").read_bytes() == c.key_pem + c.cert_pem
     doc = yaml.safe_load((dest / "kubeconfig.yaml").read_text())
     user = doc["users"][0]["user"]

@@ -23,7 +23,7 @@ from test_service import FakeBackend, FakeClient, make_cfg
 logbuf = test_service.logbuf  # a fixture
 
 NOBODY, DAEMON = 65534, 1
-FILES = ("key", "tlscert", "teleport-host-ca.crt", "identity", "kubeconfig.yaml")
+FILES = ("key", "tlscert", "teleport-host-ca.crt", "identity", "identity.validity.json", "kubeconfig.yaml")
 
 
 def two_outputs(tmp_path, **extra):

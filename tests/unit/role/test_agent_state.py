@@ -11,6 +11,7 @@ import json
 import os
 import pwd
 import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -274,6 +275,64 @@ def test_wheel_target_and_host_facts_read_without_fact_gathering():
     assert set(info) == {"service_mgr", "distribution", "distribution_version", "distribution_major_version",
                          "python"}
     assert info["distribution_major_version"] == info["distribution_version"].split(".")[0]
+
+
+class _Runs:
+    """A module double for host.run: records each argv and answers with ``answer(argv)``."""
+
+    def __init__(self, answer):
+        self.argvs, self.answer = [], answer
+
+    def get_bin_path(self, prog):
+        return "/usr/bin/" + prog
+
+    def run_command(self, argv):
+        self.argvs.append(argv)
+        return self.answer(argv)
+
+
+def test_agent_python_probe_runs_no_process_for_the_modules_own_python(tmp_path, monkeypatch):
+    """The role's default agent Python is the one Ansible runs the module with: answered in-process, the same
+    answer the probe gives in a process of its own; another Python is still probed in a process."""
+    probe = subprocess.run([os.path.realpath(sys.executable), "-c", host.PYTHON_PROBE], capture_output=True,
+                           text=True, check=True)
+    assert json.loads(probe.stdout) == json.loads(json.dumps(host.python_facts()))
+    mod = _Runs(lambda argv: (0, probe.stdout, ""))
+    res = host.agent_python(mod, sys.executable)
+    assert res["rc"] == 0 and json.loads(res["stdout"]) == json.loads(probe.stdout) and mod.argvs == []
+    other = tmp_path / "python3"
+    other.write_text("#!/bin/sh\n")
+    other.chmod(0o755)
+    monkeypatch.setattr(host, "_shebang", lambda path: None)
+    res = host.agent_python(mod, str(other))
+    assert mod.argvs == [[str(other), "-c", host.PYTHON_PROBE]] and res["stdout"] == probe.stdout.strip()
+
+
+def test_units_state_asks_systemctl_once_and_falls_back_unit_by_unit():
+    blocks = {"a.service": "LoadState=loaded\nActiveState=active\nMainPID=12",
+              "b.service": "LoadState=not-found\nActiveState=inactive\nMainPID=0",
+              "c.path": "LoadState=loaded\nActiveState=active\nUnitFileState=enabled"}
+
+    def systemctl(argv):
+        names = [a for a in argv[2:] if not a.startswith("-") and a not in host.UNIT_PROPERTIES]
+        if "bad name" in names and len(names) > 1:
+            return 1, "", "Unit name bad name is not valid."
+        return 0, "\n\n".join(blocks.get(n, "LoadState=bad-setting") for n in names) + "\n", ""
+
+    mod = _Runs(systemctl)
+    got = host.units_state(mod, ["a.service", "b.service", "a.service", "c.path"])
+    want = ["/usr/bin/systemctl", "show", "a.service", "b.service", "c.path"]
+    assert len(mod.argvs) == 1 and mod.argvs[0][:5] == want
+    assert got["a.service"] == {"LoadState": "loaded", "ActiveState": "active", "MainPID": "12"}
+    assert got["b.service"]["LoadState"] == "not-found" and got["c.path"]["UnitFileState"] == "enabled"
+    # one name systemctl refuses fails the whole call: each unit is asked on its own
+    mod = _Runs(systemctl)
+    got = host.units_state(mod, ["a.service", "bad name"])
+    assert len(mod.argvs) == 3 and got["a.service"]["MainPID"] == "12" and got["bad name"]["LoadState"] == "bad-setting"
+    # an answer that does not match the names (fewer blocks) is not guessed at
+    mod = _Runs(lambda argv: (0, blocks["a.service"] + "\n", ""))
+    got = host.units_state(mod, ["a.service", "b.service"])
+    assert len(mod.argvs) == 3 and got["b.service"] == got["a.service"]
 
 
 def _fake_kubectl(path, log, answer):
