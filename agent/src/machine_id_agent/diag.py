@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 from machine_id_agent.errors import ConfigError
@@ -166,6 +165,9 @@ def _num(v) -> str:
 
 class DiagServer:
     def __init__(self, addr: str, snapshot: Callable[[], Dict], request_timeout: float = 10.0):
+        # here, not at the top: `status` and the other short commands import this module without serving
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
         host, _sep, port = addr.rpartition(":")
         host = host.strip("[]")
         self.snapshot = snapshot
