@@ -448,8 +448,8 @@ def write_kube_multi(output: KubeOutput, creds: Dict[str, Any], teleport_cluster
                     sync_dir=False)
         # after the kubeconfig: clusters no longer selected, and files of a kubernetes (v1) output here before
         for name in d.listdir():
-            if (name.startswith(IDENTITY_PREFIX) and name not in keep) or name in (IDENTITY, KEY, TLSCERT) \
-                    or (name == VALIDITY and name not in keep):
+            if name in (IDENTITY, KEY, TLSCERT) or (
+                    name not in keep and (name.startswith(IDENTITY_PREFIX) or name == VALIDITY)):
                 d.unlink(name)
         d.fsync()
     expiry = {n: getattr(c, "not_after", None) or cert_not_after(c.cert_pem) for n, c in creds.items()}
