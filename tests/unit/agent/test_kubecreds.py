@@ -131,3 +131,27 @@ def test_kube_credentials_takes_the_validity_the_agent_recorded_and_does_not_imp
     assert kubecreds.exec_credential(dest)["status"]["expirationTimestamp"] == slow["status"]["expirationTimestamp"]
     # the agent records no validity for a pair that does not match
     assert kubecreds.validity_record(b"x", c.key_pem, other.cert_pem) is None
+
+
+def test_kube_credentials_reads_the_certificate_when_the_record_is_denied(tmp_path, monkeypatch):
+    """A reader that may read the identity but not its record (an ACL set by hand, a record left from another
+    reader): the plugin answers from the certificate, the same answer, and names no error."""
+    from machine_id_agent import fsutil, kubecreds, outputs
+    from machine_id_agent.config import KubeOutput
+    c = make_creds()
+    dest = tmp_path / "out"
+    outputs.write_kube(KubeOutput(destination=dest, kubernetes_cluster="k"), c, "tc",
+                       outputs.KubeEndpoint("https://x:1"), acls="off")
+    with_record = kubecreds.exec_credential(dest)
+    real_read = fsutil.read_bytes
+    denied = []
+
+    def read_bytes(path):
+        if Path(path).name == kubecreds.VALIDITY:
+            denied.append(path)
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_read(path)
+
+    monkeypatch.setattr(kubecreds.fsutil, "read_bytes", read_bytes)
+    assert kubecreds.exec_credential(dest) == with_record
+    assert denied, "the record was not read at all"
