@@ -155,3 +155,40 @@ def test_kube_credentials_reads_the_certificate_when_the_record_is_denied(tmp_pa
     monkeypatch.setattr(kubecreds.fsutil, "read_bytes", read_bytes)
     assert kubecreds.exec_credential(dest) == with_record
     assert denied, "the record was not read at all"
+
+
+def test_a_full_disk_at_the_record_fails_the_write_and_leaves_nothing_that_misleads_the_plugin(tmp_path, monkeypatch):
+    """ENOSPC while the agent writes the validity record of a renewal: the write fails with an error that names
+    the record and the cause, no temp file stays, the old record stays whole, and the plugin, which now finds the
+    new identity beside a record of other bytes, answers from the new certificate, not from the old record."""
+    import errno
+    from machine_id_agent import fsutil, kubecreds, outputs
+    from machine_id_agent.config import KubeOutput
+    out = KubeOutput(destination=tmp_path / "out", kubernetes_cluster="k")
+    dest = out.destination
+    old, new = make_creds(days_valid=1.0), make_creds(days_valid=2.0)
+    outputs.write_kube(out, old, "tc", outputs.KubeEndpoint("https://x:1"), acls="off")
+    old_record = (dest / kubecreds.VALIDITY).read_bytes()
+    old_kubeconfig = (dest / kubecreds.KUBECONFIG).read_bytes()
+    real_write = os.write
+
+    def write(fd, data):
+        if os.path.basename(os.readlink("/proc/self/fd/%d" % fd)).startswith(
+                fsutil.TMP_PREFIX + kubecreds.VALIDITY):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(fsutil.os, "write", write)
+    with pytest.raises(fsutil.OutputError) as err:
+        outputs.write_kube(out, new, "tc", outputs.KubeEndpoint("https://x:1"), acls="off")
+    monkeypatch.undo()
+    assert kubecreds.VALIDITY in str(err.value) and "No space left on device" in str(err.value)
+    assert [n for n in os.listdir(dest) if n.startswith(fsutil.TMP_PREFIX)] == []
+    assert (dest / kubecreds.VALIDITY).read_bytes() == old_record
+    assert (dest / kubecreds.KUBECONFIG).read_bytes() == old_kubeconfig  # written last, so not reached
+    assert new.cert_pem in (dest / kubecreds.IDENTITY).read_bytes()
+    answer = kubecreds.exec_credential(dest)
+    assert answer["status"]["clientCertificateData"] == new.cert_pem.decode()
+    (dest / kubecreds.VALIDITY).unlink()
+    assert answer == kubecreds.exec_credential(dest)  # what the certificate itself says
+    assert answer["status"]["expirationTimestamp"] > old.not_after.strftime("%Y-%m-%dT%H:%M:%SZ")
