@@ -40,6 +40,14 @@ def _loaded(stderr: str) -> list:
     return json.loads(stderr.rsplit("LOADED ", 1)[1])
 
 
+def _write(dest: Path, creds) -> None:
+    """One kubernetes output in ``dest`` as the agent writes it (exec plugin on, so with its validity record)."""
+    from machine_id_agent import outputs
+    from machine_id_agent.config import KubeOutput
+    outputs.write_kube(KubeOutput(destination=dest, kubernetes_cluster="k"), creds, "tc",
+                       outputs.KubeEndpoint("https://x:1"), acls="off")
+
+
 def _identity_dest(tmp_path: Path, days_valid: float = 1.0) -> Path:
     c = make_creds(days_valid)
     d = tmp_path / "out"
@@ -101,12 +109,10 @@ def test_kube_credentials_takes_the_validity_the_agent_recorded_and_does_not_imp
     """An identity file the agent wrote (outputs.write_kube) comes with its record (identity.validity.json): the
     plugin's answer is the same as from reading the certificate, without importing cryptography. A record that
     does not name these bytes (another pair written by hand, a damaged record, none) is not used."""
-    from machine_id_agent import kubecreds, outputs
-    from machine_id_agent.config import KubeOutput
+    from machine_id_agent import kubecreds
     c = make_creds()
     dest = tmp_path / "out"
-    outputs.write_kube(KubeOutput(destination=dest, kubernetes_cluster="k"), c, "tc",
-                       outputs.KubeEndpoint("https://x:1"), acls="off")
+    _write(dest, c)
     record = json.loads((dest / kubecreds.VALIDITY).read_text())
     assert set(record) == {"identity"} and record["identity"]["not_after"] == c.not_after.isoformat()
     r = subprocess.run([sys.executable, "-c", PROBE.replace("%r" % (HEAVY,), "%r" % (HEAVY + ("cryptography",),)),
@@ -119,8 +125,7 @@ def test_kube_credentials_takes_the_validity_the_agent_recorded_and_does_not_imp
     slow = kubecreds.exec_credential(dest)
     assert fast == slow
     # a record of other bytes: the pair is read and judged (here: a key that is not the certificate's)
-    outputs.write_kube(KubeOutput(destination=dest, kubernetes_cluster="k"), c, "tc",
-                       outputs.KubeEndpoint("https://x:1"), acls="off")
+    _write(dest, c)
     other = make_creds()
     (dest / "identity").write_bytes(c.key_pem + other.cert_pem)
     with pytest.raises(Exception, match="do not match"):
@@ -134,14 +139,12 @@ def test_kube_credentials_takes_the_validity_the_agent_recorded_and_does_not_imp
 
 
 def test_kube_credentials_reads_the_certificate_when_the_record_is_denied(tmp_path, monkeypatch):
-    """A reader that may read the identity but not its record (an ACL set by hand, a record left from another
-    reader): the plugin answers from the certificate, the same answer, and names no error."""
-    from machine_id_agent import fsutil, kubecreds, outputs
-    from machine_id_agent.config import KubeOutput
+    """A reader that may read the identity but not its record (an ACL set by hand): the plugin answers from the
+    certificate, the same answer, and names no error."""
+    from machine_id_agent import fsutil, kubecreds
     c = make_creds()
     dest = tmp_path / "out"
-    outputs.write_kube(KubeOutput(destination=dest, kubernetes_cluster="k"), c, "tc",
-                       outputs.KubeEndpoint("https://x:1"), acls="off")
+    _write(dest, c)
     with_record = kubecreds.exec_credential(dest)
     real_read = fsutil.read_bytes
     denied = []
@@ -162,12 +165,10 @@ def test_a_full_disk_at_the_record_fails_the_write_and_leaves_nothing_that_misle
     the record and the cause, no temp file stays, the old record stays whole, and the plugin, which now finds the
     new identity beside a record of other bytes, answers from the new certificate, not from the old record."""
     import errno
-    from machine_id_agent import fsutil, kubecreds, outputs
-    from machine_id_agent.config import KubeOutput
-    out = KubeOutput(destination=tmp_path / "out", kubernetes_cluster="k")
-    dest = out.destination
+    from machine_id_agent import fsutil, kubecreds
+    dest = tmp_path / "out"
     old, new = make_creds(days_valid=1.0), make_creds(days_valid=2.0)
-    outputs.write_kube(out, old, "tc", outputs.KubeEndpoint("https://x:1"), acls="off")
+    _write(dest, old)
     old_record = (dest / kubecreds.VALIDITY).read_bytes()
     old_kubeconfig = (dest / kubecreds.KUBECONFIG).read_bytes()
     real_write = os.write
@@ -180,7 +181,7 @@ def test_a_full_disk_at_the_record_fails_the_write_and_leaves_nothing_that_misle
 
     monkeypatch.setattr(fsutil.os, "write", write)
     with pytest.raises(fsutil.OutputError) as err:
-        outputs.write_kube(out, new, "tc", outputs.KubeEndpoint("https://x:1"), acls="off")
+        _write(dest, new)
     monkeypatch.undo()
     assert kubecreds.VALIDITY in str(err.value) and "No space left on device" in str(err.value)
     assert [n for n in os.listdir(dest) if n.startswith(fsutil.TMP_PREFIX)] == []
