@@ -154,8 +154,8 @@ def test_kubectl_proxy_started_once_keeps_answering_past_expiry_and_reads_always
                 problems.append("%s: %s" % (type(e).__name__, str(e)[:200]))
             time.sleep(0.002)
 
-    t = threading.Thread(target=reader, daemon=True)
-    t.start()
+    reading = threading.Thread(target=reader, daemon=True)
+    reading.start()
     port = free_port()
     proxy = start_proxy(h, port, h.root / "proxy.log")
     try:
@@ -170,12 +170,12 @@ def test_kubectl_proxy_started_once_keeps_answering_past_expiry_and_reads_always
                 # client-go closes every connection when the exec plugin hands it a new certificate (at the
                 # plugin's expirationTimestamp, kubecreds.refresh_at); a request in flight at that moment fails. Seen
                 # in CI under load. Allowed only at such a moment, once per certificate, and never twice in a row.
-                t = now()
-                assert any(kubecreds.refresh_at(c) - dt.timedelta(seconds=3) <= t
+                cut_at = now()
+                assert any(kubecreds.refresh_at(c) - dt.timedelta(seconds=3) <= cut_at
                            <= kubecreds.refresh_at(c) + dt.timedelta(seconds=10) for c in serials), (
-                    "a cut-off request away from any certificate switch at %s: %s" % (t.isoformat(), body[:300]))
+                    "a cut-off request away from any certificate switch at %s: %s" % (cut_at.isoformat(), body[:300]))
                 assert not drops or drops[-1][1] < answers, "two requests in a row cut off"
-                drops.append((t, answers))
+                drops.append((cut_at, answers))
                 time.sleep(1)
                 continue
             assert code == 200 and has_demo_pod(body), (
@@ -192,7 +192,7 @@ def test_kubectl_proxy_started_once_keeps_answering_past_expiry_and_reads_always
         assert proxy.poll() is None, "the same kubectl proxy process answered throughout"
     finally:
         stop.set()
-        t.join(10)
+        reading.join(10)
         stop_proxy(proxy)
     assert now() > first_not_after, "the certificate kubectl proxy first used has expired"
     assert len(serials) >= 3, "the agent wrote new certificates meanwhile"
