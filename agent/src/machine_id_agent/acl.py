@@ -258,6 +258,8 @@ class AclPolicy:
                     raise OutputError("%s: cannot set its ACL: the agent's user (uid %d) does not own it (owner uid "
                                       "%d); run 'machine-id-agent init' as root or chown it to the agent's user"
                                       % (where, os.geteuid(), st.st_uid)) from None
+                elif e.errno in fsutil.NO_SPACE:  # an ACL is an extended attribute: it takes space too
+                    raise fsutil.no_space_error(where, where, e) from None
                 else:
                     raise OutputError("%s: cannot set its ACL (%s)" % (where, e.strerror or e)) from None
         mode = plain_mode(is_dir)

@@ -75,6 +75,12 @@ class LockedError(RenewError):
 
 
 class OutputError(AgentError):
-    """Writing an output (files, ACLs, reload command) failed."""
+    """Writing an output (files, ACLs, reload command) failed. ``retryable`` is True for a cause that goes away
+    without anyone telling the agent (a full filesystem): the service then retries with backoff instead of at the
+    next renewal interval."""
 
     exit_code = 6
+
+    def __init__(self, msg: str, retryable: bool = False, **details):
+        super().__init__(msg, **details)
+        self.retryable = retryable

@@ -36,6 +36,9 @@ from typing import Callable, List, Optional, Sequence, Union
 from machine_id_agent.errors import OutputError
 
 TMP_PREFIX = ".tmp-"
+# A full filesystem or a reached quota: space comes back without anyone telling the agent (a log rotated, a file
+# deleted), so the service retries these with backoff rather than at the next renewal interval.
+NO_SPACE = frozenset(n for n in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if n is not None)
 SYMLINK_MODES = ("secure", "try-secure", "insecure")
 DEFAULT_SYMLINKS = "try-secure"
 MAX_SYMLINK_HOPS = 40
@@ -156,6 +159,8 @@ class Dir:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC | _O_NOFOLLOW, mode, dir_fd=self.fd)
         except OSError as e:
+            if e.errno in NO_SPACE:
+                raise no_space_error(target, self.path, e) from None
             raise OutputError("%s: cannot create a file in %s (%s); make the directory writable by the agent's "
                               "user (run 'machine-id-agent init')" % (target, self.path, e.strerror or e)) from None
         try:
@@ -176,6 +181,8 @@ class Dir:
                 os.unlink(tmp, dir_fd=self.fd)
             except OSError:
                 pass
+            if isinstance(e, OSError) and e.errno in NO_SPACE:
+                raise no_space_error(target, self.path, e) from None
             if isinstance(e, OSError):
                 raise OutputError("%s: write failed (%s); check free space and permissions of %s"
                                   % (target, e.strerror or e, self.path)) from None
@@ -294,6 +301,12 @@ def open_dir(path: PathLike, symlinks: str = DEFAULT_SYMLINKS, create: Optional[
         except OSError as e:
             raise _open_error(path, path, e, create) from None
     return _walk(path, symlinks, create, parents_mode)
+
+
+def no_space_error(target: str, where: str, e: OSError) -> OutputError:
+    """The error for ``target`` when the filesystem of ``where`` is full: retryable (see NO_SPACE)."""
+    return OutputError("%s: no space left on the filesystem of %s (%s); free space there and the agent writes it "
+                       "again within a minute" % (target, where, e.strerror or e), retryable=True)
 
 
 def _open_error(path: str, where: str, e: OSError, create: Optional[int]) -> OutputError:

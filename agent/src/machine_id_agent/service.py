@@ -12,7 +12,9 @@ outputs atomically, and run each output's reload command.
 
 Timing: the next cycle is due after ``renewal_interval`` x U(0.9, 1.0). A failed cycle is retried with
 exponential backoff (1s, 2s, 4s ... capped at min(renewal_interval, 60s)) x U(0.5, 1.0); the last good outputs
-stay in place. Signals: SIGHUP reloads the config and runs a cycle, SIGUSR1 runs a cycle that renews the bot
+stay in place. A failure that needs a fix on the host (a config, a permission) is retried at the normal pace
+instead, except a full filesystem (fsutil.NO_SPACE), whose space can come back at any moment.
+Signals: SIGHUP reloads the config and runs a cycle, SIGUSR1 runs a cycle that renews the bot
 identity, SIGTERM/SIGINT exit 0 (after the running cycle).
 """
 
@@ -36,7 +38,7 @@ from typing import Any, Callable, Dict, List, Optional
 from machine_id_agent import acl as aclmod
 from machine_id_agent import diag as diagmod
 from machine_id_agent import config as configmod
-from machine_id_agent import logs, outputs
+from machine_id_agent import fsutil, logs, outputs
 from machine_id_agent.errors import (EXIT_NEEDS_TOKEN, AgentError, ConfigError, JoinError, LockedError, OutputError,
                                      RenewError)
 from machine_id_agent.notify import Notifier
@@ -466,7 +468,9 @@ class Agent:
                     raise  # the bot is locked: no other output can succeed either
                 except (AgentError, OSError) as e:
                     if isinstance(e, OSError):
-                        e = OutputError("%s: %s" % (getattr(e, "filename", None) or key, e.strerror or e))
+                        where = getattr(e, "filename", None) or key
+                        e = (fsutil.no_space_error(where, key, e) if e.errno in fsutil.NO_SPACE
+                             else OutputError("%s: %s" % (where, e.strerror or e)))
                     with self.lock:
                         self.outputs[key].last_error = str(e)
                     self.log.error("output %s (%s) failed: %s", key, out.kubernetes_cluster, e)
@@ -938,7 +942,7 @@ class Agent:
 def _outputs_failed(failed: List[Any], written: List[str], total: int) -> AgentError:
     """One error for the outputs that failed in a cycle, naming each; a RenewError (retried with backoff) when
     any failure came from the server, else an OutputError (needs a fix on the host: retried at the normal
-    pace)."""
+    pace, unless one of them is retryable: a full filesystem)."""
     what = "; ".join("%s: %s" % (k, str(e)[len(k) + 2:] if str(e).startswith(k + ": ") else e) for k, e in failed)
     if total == 1:
         msg = "output %s" % what
@@ -949,7 +953,7 @@ def _outputs_failed(failed: List[Any], written: List[str], total: int) -> AgentE
     renew = [e for _k, e in failed if isinstance(e, RenewError)]
     if renew:
         return RenewError(msg, retryable=any(e.retryable for e in renew), **details)
-    return OutputError(msg, **details)
+    return OutputError(msg, retryable=any(getattr(e, "retryable", False) for _k, e in failed), **details)
 
 
 def _lock_holder(fd: int) -> Optional[int]:

@@ -7,8 +7,10 @@ reload, before any new credentials."""
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
+import time
 
 import pytest
 import yaml
@@ -135,3 +137,81 @@ def test_reader_removed_at_reload_loses_access_before_any_renewal(tmp_path, logb
     p.write_text(yaml.safe_dump(doc))
     agent.reload_config()
     assert not any(str(DAEMON) in e for e in _getfacl(out)), _getfacl(out)
+
+
+def _fail_writes_under(monkeypatch, directory, err):
+    """os.write raises ``err`` (an errno) for every file under ``directory`` while ``state["on"]``; the real
+    fsutil.Dir.write turns it into the agent's error (a full destination filesystem, seen from the agent)."""
+    real = os.write
+    state = {"on": True, "hits": 0}
+    prefix = str(directory) + os.sep
+
+    def write(fd, data):
+        if state["on"] and os.readlink("/proc/self/fd/%d" % fd).startswith(prefix):
+            state["hits"] += 1
+            raise OSError(err, os.strerror(err))
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    return state
+
+
+def test_a_full_destination_is_named_retryable_and_leaves_no_temp_file(tmp_path, logbuf, monkeypatch):
+    be = FakeBackend()
+    agent = Agent(make_cfg(tmp_path), backend=be, log=logbuf[0])
+    assert agent.attempt() is None
+    out = tmp_path / "out"
+    before = {n: (out / n).read_bytes() for n in FILES}
+    _fail_writes_under(monkeypatch, out, errno.ENOSPC)
+    err = agent.attempt()
+    assert isinstance(err, OutputError) and err.retryable, err
+    assert str(err).startswith("output %s: %s: no space left on the filesystem of %s (No space left on device)"
+                               % (out, out / "key", out)), str(err)
+    assert "free space there" in str(err)
+    assert sorted(os.listdir(out)) == sorted(FILES), "no temp file stays"
+    assert {n: (out / n).read_bytes() for n in FILES} == before, "the last good outputs stay whole"
+    # a quota reached is the same; a cause that needs a fix on the host is not retryable
+    monkeypatch.undo()
+    _fail_writes_under(monkeypatch, out, errno.EDQUOT)
+    assert agent.attempt().retryable
+    monkeypatch.undo()
+    _fail_writes_under(monkeypatch, out, errno.EIO)
+    err = agent.attempt()
+    assert isinstance(err, OutputError) and not err.retryable and "no space" not in str(err), str(err)
+
+
+def test_a_full_destination_is_retried_within_seconds_at_the_default_interval(tmp_path, logbuf, monkeypatch):
+    """Default renewal_interval (20m): a full destination is retried with backoff (0.5, 1, 2 s ... here, with
+    rnd 0) and written as soon as space is back, without renewing the bot identity again; a destination that
+    is a file (a fix on the host) waits for the interval."""
+    be = FakeBackend()
+    agent = Agent(make_cfg(tmp_path, watch_ca_rotations=False), backend=be, log=logbuf[0], rnd=lambda: 0.0)
+    out = tmp_path / "out"
+    full = _fail_writes_under(monkeypatch, out, errno.ENOSPC)
+
+    def steps(seen):
+        test_service._wait_for(lambda: agent.failures >= 3, "three attempts at the full destination", t=8)
+        seen["failures"] = agent.failures
+        full["on"] = False  # space is back
+        test_service._wait_for(lambda: agent.snapshot()["ready"], "the outputs once space is back", t=8)
+        seen["files"] = sorted(os.listdir(out))
+
+    rc, seen = test_service._run_beside(agent, steps)
+    assert "error" not in seen, seen.get("error")
+    assert rc == 0 and seen["failures"] >= 3 and seen["files"] == sorted(FILES)
+    assert len(renewals(be)) == 1, "the retries did not renew the bot identity again"
+    assert "retrying in 0s" in logbuf[1].getvalue() or "retrying in 1s" in logbuf[1].getvalue()
+
+    monkeypatch.undo()
+    tmp2 = tmp_path / "second"
+    tmp2.mkdir()
+    (tmp2 / "out").write_text("not a directory")
+    agent = Agent(make_cfg(tmp2, watch_ca_rotations=False), backend=FakeBackend(), log=logbuf[0], rnd=lambda: 0.0)
+
+    def wait(seen):
+        test_service._wait_for(lambda: agent.failures >= 1, "the first failure")
+        time.sleep(3)
+        seen["failures"] = agent.failures
+
+    rc, seen = test_service._run_beside(agent, wait)
+    assert rc == 0 and seen["failures"] == 1, seen
