@@ -31,7 +31,7 @@ import pwd
 import secrets
 import stat
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 from machine_id_agent.errors import OutputError
 
@@ -160,7 +160,7 @@ class Dir:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC | _O_NOFOLLOW, mode, dir_fd=self.fd)
         except OSError as e:
             if e.errno in NO_SPACE:
-                raise no_space_error(target, self.path, e) from None
+                raise no_space_error(target, self.path, e.strerror or str(e)) from None
             raise OutputError("%s: cannot create a file in %s (%s); make the directory writable by the agent's "
                               "user (run 'machine-id-agent init')" % (target, self.path, e.strerror or e)) from None
         try:
@@ -182,7 +182,7 @@ class Dir:
             except OSError:
                 pass
             if isinstance(e, OSError) and e.errno in NO_SPACE:
-                raise no_space_error(target, self.path, e) from None
+                raise no_space_error(target, self.path, e.strerror or str(e)) from None
             if isinstance(e, OSError):
                 raise OutputError("%s: write failed (%s); check free space and permissions of %s"
                                   % (target, e.strerror or e, self.path)) from None
@@ -303,10 +303,20 @@ def open_dir(path: PathLike, symlinks: str = DEFAULT_SYMLINKS, create: Optional[
     return _walk(path, symlinks, create, parents_mode)
 
 
-def no_space_error(target: str, where: str, e: OSError) -> OutputError:
-    """The error for ``target`` when the filesystem of ``where`` is full: retryable (see NO_SPACE)."""
+def no_space_error(target: str, where: str, why: str) -> OutputError:
+    """The error for ``target`` when the filesystem of ``where`` is full: retryable (see NO_SPACE); its
+    ``details["no_space"]`` is True."""
     return OutputError("%s: no space left on the filesystem of %s (%s); free space there and the agent writes it "
-                       "again within a minute" % (target, where, e.strerror or e), retryable=True)
+                       "again within a minute" % (target, where, why), retryable=True, no_space=True)
+
+
+def free_space(path: Union[str, Path]) -> Optional[Tuple[int, int]]:
+    """(bytes, inodes) the agent's user may still take on the filesystem of ``path``; None when unknown."""
+    try:
+        st = os.statvfs(str(path))
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize, st.f_favail
 
 
 def _open_error(path: str, where: str, e: OSError, create: Optional[int]) -> OutputError:

@@ -33,7 +33,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from machine_id_agent import acl as aclmod
 from machine_id_agent import diag as diagmod
@@ -134,6 +134,7 @@ class OutputState:
     clusters: Optional[List[str]] = None  # kubernetes/v2: the clusters selected at the last renewal
     multi: bool = False  # a kubernetes/v2 output
     cluster_not_after: Dict[str, _dt.datetime] = field(default_factory=dict)  # kubernetes/v2: expiry per cluster
+    full: Optional[Tuple[int, int]] = None  # free (bytes, inodes) on its filesystem when a write last ran out of space
 
     def view(self, now: _dt.datetime) -> Dict[str, Any]:
         secs = int((self.not_after - now).total_seconds()) if self.not_after else None
@@ -454,7 +455,13 @@ class Agent:
             for out in cfg.outputs:
                 key = str(out.destination)
                 out_start = time.monotonic()
+                with self.lock:
+                    full = self.outputs[key].full
                 try:
+                    if full is not None and not _room_since(full, fsutil.free_space(out.destination)):
+                        # nothing was freed since the write ran out of space: the same write would fail again,
+                        # so no new certificates are asked for (each would be an audit event on the server)
+                        raise fsutil.no_space_error(key, key, "nothing freed since the last attempt")
                     if getattr(out, "multi", False):
                         res = self._write_multi(client, out, cluster_name, endpoint, revoked.get(key, ()))
                     else:
@@ -469,10 +476,12 @@ class Agent:
                 except (AgentError, OSError) as e:
                     if isinstance(e, OSError):
                         where = getattr(e, "filename", None) or key
-                        e = (fsutil.no_space_error(where, key, e) if e.errno in fsutil.NO_SPACE
+                        e = (fsutil.no_space_error(where, key, e.strerror or str(e)) if e.errno in fsutil.NO_SPACE
                              else OutputError("%s: %s" % (where, e.strerror or e)))
+                    room = fsutil.free_space(out.destination) if e.details.get("no_space") else None
                     with self.lock:
                         self.outputs[key].last_error = str(e)
+                        self.outputs[key].full = room
                     self.log.error("output %s (%s) failed: %s", key, out.kubernetes_cluster, e)
                     failed.append((key, e))
                     marks["outputs"][key] = (False, time.monotonic() - out_start)
@@ -482,7 +491,7 @@ class Agent:
                 written.append(key)
                 with self.lock:
                     st = self.outputs[key]
-                    st.not_after, st.last_error = res.not_after, None
+                    st.not_after, st.last_error, st.full = res.not_after, None, None
                     if getattr(out, "multi", False):
                         st.clusters = list(getattr(res, "clusters", []))
                         st.cluster_not_after = dict(getattr(res, "cluster_not_after", {}) or {})
@@ -937,6 +946,12 @@ class Agent:
         self.notifier.stopping()
         self.log.info("stopping on signal")
         return 0
+
+
+def _room_since(full: Tuple[int, int], now: Optional[Tuple[int, int]]) -> bool:
+    """Whether a filesystem that was ``full`` (free bytes, inodes) may take a write now: more of either is free,
+    or the free space cannot be read (then the write is tried)."""
+    return now is None or now[0] > full[0] or now[1] > full[1]
 
 
 def _outputs_failed(failed: List[Any], written: List[str], total: int) -> AgentError:

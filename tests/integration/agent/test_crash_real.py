@@ -8,6 +8,9 @@
   restart;
 * a full storage filesystem (a small tmpfs): no renewal, outputs stay valid, the agent says unhealthy and why,
   the bot is not locked, and it renews by itself once space is back;
+* a full destination filesystem: the last outputs stay whole and in use, retried with backoff (not at the 20m
+  interval) without asking Teleport for certificates while nothing is freed, written by themselves once space is
+  back, no second renewal of the bot identity;
 * whole-service SIGKILL at random moments after SIGUSR1, 200 times: the bot is never locked; the loss rate and
   the measured window are printed (bench/crash_kill.py runs the same against another agent source).
 
@@ -30,6 +33,7 @@ from helpers.fleet import wait_for
 pytestmark = [pytest.mark.testbed, pytest.mark.slow, pytest.mark.timeout(3600)]
 
 HOST = "h3-crash-1"
+DEST = "/opt/machine-id"  # the role's default destination
 # 50 in CI (each kill costs a restart of the real service, ~5 s); the 200-kill figure comes from
 # `LANYARD_CRASH_KILLS=200 pytest tests/integration/agent/test_crash_real.py -k test_5` or bench/crash_kill.py.
 KILLS = int(os.environ.get("LANYARD_CRASH_KILLS", "50"))
@@ -143,6 +147,82 @@ def test_4_full_storage_no_renewal_outputs_valid_unhealthy_not_locked_recovers(r
              f"umount {STORAGE} && cp -a /root/h3-bot/. {STORAGE}/ && rm -rf /root/h3-bot; "
              f"systemctl start {SERVICE}", check=False)
     assert h.wait_active(60)
+
+
+def _dest_files(h) -> dict:
+    """Every entry of the destination (names only) and the identity file's text, read as root."""
+    names = sorted(h.sh(f"ls -A {DEST}").stdout.split())
+    return {"names": names, "identity": h.sh(f"cat {DEST}/identity").stdout}
+
+
+def _kube_certs(h) -> int:
+    """Kubernetes certificates issued to the host's bot so far: ``cert.create`` audit events with the bot as
+    impersonator, from the Teleport process log."""
+    log = h.tp.process.log_path.read_text(errors="replace")
+    return sum(1 for line in log.splitlines() if "event:cert.create " in line and f"impersonator:{h.user} " in line)
+
+
+def test_4b_full_destination_keeps_the_last_outputs_retries_within_a_minute_and_writes_once_space_is_back(rig):
+    """The destination's filesystem full (a small tmpfs) at the role's default renewal_interval (20m): the forced
+    renewal goes through (the storage has space), the outputs cannot be written; the last ones stay whole and in
+    use, no temp file is left, the agent says why; it tries again with backoff, not 20 minutes later, and writes
+    the outputs by itself soon after space is back, without renewing the bot identity again. While nothing is freed
+    on that filesystem a retry asks Teleport for no certificate (counted in Teleport's audit log)."""
+    h = rig
+    h.sh(f"systemctl stop {SERVICE}; rm -rf /root/h3-dest && cp -a {DEST} /root/h3-dest && "
+         f"getfacl -p {DEST} > /root/h3-dest.acl && mount -t tmpfs -o size=1m h3-dest-full {DEST} && "
+         f"setfacl --restore=/root/h3-dest.acl && cp -a /root/h3-dest/. {DEST}/ && systemctl start {SERVICE}")
+    try:
+        assert h.wait_active(60)
+        assert wait_for(lambda: "renewed" in _status_text(h), 60, 0.5), _status_text(h)
+        assert _reader_ok(h), "the reader works from the copied destination"
+        before = _dest_files(h)
+        gen = h.label_generation()
+        certs0 = _kube_certs(h)
+        h.sh(f"dd if=/dev/zero of={DEST}/filler bs=4k 2>/dev/null; sync", check=False)  # until ENOSPC
+        since = h.sh("date +%s").stdout.strip()
+        h.usr1()
+        full_at = time.monotonic()
+        status = wait_for(lambda: _status_text(h) if "no space left" in _status_text(h) else None, 30, 0.3)
+        assert status and "free space there" in status, _status_text(h)
+        assert wait_for(lambda: h.label_generation() == gen + 1, 30, 0.5), "the forced renewal itself went through"
+        time.sleep(15)  # backoff 1, 2, 4, 8 s x U(0.5, 1): at least 3 more attempts by now
+
+        def failed_writes():
+            log = h.sh(f"journalctl -u {SERVICE} --since @{since} -o cat --no-pager", check=False).stdout
+            return log, [x for x in log.splitlines() if x.count(f"output {DEST} (") and "no space left" in x]
+
+        log, failures = failed_writes()
+        assert len(failures) >= 3, log[-3000:]
+        # Teleport's audit log: one Kubernetes certificate for the attempt that found the disk full; the retries
+        # while nothing was freed asked for none
+        assert _kube_certs(h) - certs0 == 1, (certs0, _kube_certs(h), log[-3000:])
+        assert "Traceback" not in log, log[-3000:]
+        now_files = _dest_files(h)
+        assert now_files["names"] == sorted(before["names"] + ["filler"]), "no temp file stays: %s" % now_files
+        assert now_files["identity"] == before["identity"], "the last good outputs stay whole"
+        assert _reader_ok(h), "the reader keeps working with the last outputs (still valid)"
+        out = h.status()["outputs"][0]
+        assert out["valid"] and out["seconds_to_expiry"] > 600, out
+        st = h.status()["identity"]
+        assert st["state"] == "ok" and st["valid"], st
+        # space returns: the outputs are written within a minute (backoff cap), the bot identity is not renewed
+        h.sh(f"rm -f {DEST}/filler")
+        freed = time.monotonic()
+        assert wait_for(lambda: _dest_files(h)["identity"] != before["identity"], 75, 1.0), _status_text(h)
+        print("[full destination] %d failed attempts in %.0f s while full, one certificate asked for; written %.0f s "
+              "after space came back" % (len(failures), freed - full_at, time.monotonic() - freed))
+        assert wait_for(lambda: "renewed" in _status_text(h), 30, 0.5), _status_text(h)
+        assert h.label_generation() == gen + 1, "the retries did not renew the bot identity again"
+        assert _kube_certs(h) - certs0 >= 2, "a new certificate once space was back"
+        assert _dest_files(h)["names"] == before["names"]
+        assert _reader_ok(h) and not h.locks()
+    finally:
+        h.sh(f"systemctl stop {SERVICE}; rm -f {DEST}/filler; cp -a {DEST}/. /root/h3-dest/ && umount {DEST} && "
+             f"cp -a /root/h3-dest/. {DEST}/ && rm -rf /root/h3-dest /root/h3-dest.acl; systemctl start {SERVICE}",
+             check=False)
+    assert h.wait_active(60)
+    assert wait_for(lambda: _reader_ok(h), 60, 1.0)
 
 
 def test_5_whole_service_sigkill_during_forced_renewals_never_locks_the_bot(rig):

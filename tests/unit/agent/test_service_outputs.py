@@ -15,7 +15,7 @@ import time
 import pytest
 import yaml
 
-from machine_id_agent import acl
+from machine_id_agent import acl, fsutil
 from machine_id_agent.errors import OutputError, RenewError
 from machine_id_agent.service import Agent
 
@@ -162,6 +162,7 @@ def test_a_full_destination_is_named_retryable_and_leaves_no_temp_file(tmp_path,
     assert agent.attempt() is None
     out = tmp_path / "out"
     before = {n: (out / n).read_bytes() for n in FILES}
+    monkeypatch.setattr(fsutil, "free_space", lambda path: None)  # unknown: every attempt writes (see below)
     _fail_writes_under(monkeypatch, out, errno.ENOSPC)
     err = agent.attempt()
     assert isinstance(err, OutputError) and err.retryable, err
@@ -172,9 +173,12 @@ def test_a_full_destination_is_named_retryable_and_leaves_no_temp_file(tmp_path,
     assert {n: (out / n).read_bytes() for n in FILES} == before, "the last good outputs stay whole"
     # a quota reached is the same; a cause that needs a fix on the host is not retryable
     monkeypatch.undo()
+    monkeypatch.setattr(fsutil, "free_space", lambda path: None)
     _fail_writes_under(monkeypatch, out, errno.EDQUOT)
-    assert agent.attempt().retryable
+    err = agent.attempt()
+    assert err.retryable and "(Disk quota exceeded)" in str(err), str(err)
     monkeypatch.undo()
+    monkeypatch.setattr(fsutil, "free_space", lambda path: None)
     _fail_writes_under(monkeypatch, out, errno.EIO)
     err = agent.attempt()
     assert isinstance(err, OutputError) and not err.retryable and "no space" not in str(err), str(err)
@@ -182,25 +186,38 @@ def test_a_full_destination_is_named_retryable_and_leaves_no_temp_file(tmp_path,
 
 def test_a_full_destination_is_retried_within_seconds_at_the_default_interval(tmp_path, logbuf, monkeypatch):
     """Default renewal_interval (20m): a full destination is retried with backoff (0.5, 1, 2 s ... here, with
-    rnd 0) and written as soon as space is back, without renewing the bot identity again; a destination that
-    is a file (a fix on the host) waits for the interval."""
+    rnd 0) and written as soon as space is back, without renewing the bot identity again; while nothing is freed
+    on its filesystem a retry asks for no certificate; a destination that is a file (a fix on the host) waits for
+    the interval."""
     be = FakeBackend()
     agent = Agent(make_cfg(tmp_path, watch_ca_rotations=False), backend=be, log=logbuf[0], rnd=lambda: 0.0)
     out = tmp_path / "out"
     full = _fail_writes_under(monkeypatch, out, errno.ENOSPC)
+    room = {"free": (4096, 10)}  # what statvfs says of the destination's filesystem
+    monkeypatch.setattr(fsutil, "free_space", lambda path: room["free"])
+
+    def kube_calls():
+        return len([c for c in be.calls if c[0] == "kube"])
 
     def steps(seen):
         test_service._wait_for(lambda: agent.failures >= 3, "three attempts at the full destination", t=8)
-        seen["failures"] = agent.failures
+        seen["failures"], seen["kube_while_full"] = agent.failures, kube_calls()
+        room["free"] = (4096, 11)  # an inode freed: worth a try (the write still fails)
+        test_service._wait_for(lambda: kube_calls() > seen["kube_while_full"], "a try once an inode is free", t=8)
         full["on"] = False  # space is back
+        room["free"] = (1 << 20, 11)
         test_service._wait_for(lambda: agent.snapshot()["ready"], "the outputs once space is back", t=8)
         seen["files"] = sorted(os.listdir(out))
 
     rc, seen = test_service._run_beside(agent, steps)
     assert "error" not in seen, seen.get("error")
     assert rc == 0 and seen["failures"] >= 3 and seen["files"] == sorted(FILES)
+    assert seen["kube_while_full"] == 1, "only the first attempt asked for a certificate while nothing was freed"
     assert len(renewals(be)) == 1, "the retries did not renew the bot identity again"
-    assert "retrying in 0s" in logbuf[1].getvalue() or "retrying in 1s" in logbuf[1].getvalue()
+    log = logbuf[1].getvalue()
+    assert "retrying in 0s" in log or "retrying in 1s" in log
+    assert "(nothing freed since the last attempt); free space there" in log
+    assert agent.outputs[str(out)].full is None, "forgotten once written"
 
     monkeypatch.undo()
     tmp2 = tmp_path / "second"
