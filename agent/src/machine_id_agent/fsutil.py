@@ -160,7 +160,7 @@ class Dir:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC | _O_NOFOLLOW, mode, dir_fd=self.fd)
         except OSError as e:
             if e.errno in NO_SPACE:
-                raise no_space_error(target, self.path, e.strerror or str(e)) from None
+                raise no_space_error(target, self.path, e.errno, e.strerror or str(e)) from None
             raise OutputError("%s: cannot create a file in %s (%s); make the directory writable by the agent's "
                               "user (run 'machine-id-agent init')" % (target, self.path, e.strerror or e)) from None
         try:
@@ -182,7 +182,7 @@ class Dir:
             except OSError:
                 pass
             if isinstance(e, OSError) and e.errno in NO_SPACE:
-                raise no_space_error(target, self.path, e.strerror or str(e)) from None
+                raise no_space_error(target, self.path, e.errno, e.strerror or str(e)) from None
             if isinstance(e, OSError):
                 raise OutputError("%s: write failed (%s); check free space and permissions of %s"
                                   % (target, e.strerror or e, self.path)) from None
@@ -303,11 +303,16 @@ def open_dir(path: PathLike, symlinks: str = DEFAULT_SYMLINKS, create: Optional[
     return _walk(path, symlinks, create, parents_mode)
 
 
-def no_space_error(target: str, where: str, why: str) -> OutputError:
-    """The error for ``target`` when the filesystem of ``where`` is full: retryable (see NO_SPACE); its
-    ``details["no_space"]`` is True."""
-    return OutputError("%s: no space left on the filesystem of %s (%s); free space there and the agent writes it "
-                       "again within a minute" % (target, where, why), retryable=True, no_space=True)
+def no_space_error(target: str, where: str, err: int, why: str, **details) -> OutputError:
+    """The error for ``target`` when the filesystem of ``where`` is full (``err`` ENOSPC) or the agent's user
+    reached its quota there (EDQUOT): retryable (see NO_SPACE); its ``details["no_space"]`` is (err, why)."""
+    if err == getattr(errno, "EDQUOT", None):
+        cause = "the agent's user reached its disk quota on the filesystem of %s (%s); free some of its space or " \
+                "raise the quota" % (where, why)
+    else:
+        cause = "no space left on the filesystem of %s (%s); free space there" % (where, why)
+    return OutputError("%s: %s, and the agent writes it again (it retries with backoff, at most a minute apart)"
+                       % (target, cause), retryable=True, no_space=(err, why), **details)
 
 
 def free_space(path: Union[str, Path]) -> Optional[Tuple[int, int]]:
@@ -320,6 +325,8 @@ def free_space(path: Union[str, Path]) -> Optional[Tuple[int, int]]:
 
 
 def _open_error(path: str, where: str, e: OSError, create: Optional[int]) -> OutputError:
+    if e.errno in NO_SPACE:  # creating the destination (or a parent) on a full filesystem
+        return no_space_error(path, where, e.errno, e.strerror or str(e))
     if e.errno == errno.ENOENT:
         if create is None:
             return OutputError("%s: %s does not exist; create it (run 'machine-id-agent init' as root)"
@@ -356,6 +363,8 @@ def _walk(path: str, symlinks: str, create: Optional[int], parents_mode: int) ->
                 except FileExistsError:
                     pass
                 except OSError as e2:
+                    if e2.errno in NO_SPACE:
+                        raise no_space_error(path, where, e2.errno, e2.strerror or str(e2)) from None
                     raise OutputError("%s: %s does not exist and the agent's user (%s) cannot create it (%s); run "
                                       "'machine-id-agent init' as root first, or create it owned by that user"
                                       % (path, where, _uname(os.geteuid()), e2.strerror or e2)) from None

@@ -13,7 +13,9 @@ outputs atomically, and run each output's reload command.
 Timing: the next cycle is due after ``renewal_interval`` x U(0.9, 1.0). A failed cycle is retried with
 exponential backoff (1s, 2s, 4s ... capped at min(renewal_interval, 60s)) x U(0.5, 1.0); the last good outputs
 stay in place. A failure that needs a fix on the host (a config, a permission) is retried at the normal pace
-instead, except a full filesystem (fsutil.NO_SPACE), whose space can come back at any moment.
+instead, except a full filesystem (fsutil.NO_SPACE), whose space can come back at any moment. A retry after
+outputs alone failed writes only those outputs (and skips a full one while nothing was freed on its filesystem);
+a scheduled, forced or reloaded cycle writes every output.
 Signals: SIGHUP reloads the config and runs a cycle, SIGUSR1 runs a cycle that renews the bot
 identity, SIGTERM/SIGINT exit 0 (after the running cycle).
 """
@@ -44,6 +46,7 @@ from machine_id_agent.errors import (EXIT_NEEDS_TOKEN, AgentError, ConfigError, 
 from machine_id_agent.notify import Notifier
 
 BACKOFF_CAP = 60.0
+ROOM_MARGIN = 64 * 1024  # bytes freed on a full destination's filesystem before a retry writes there again
 RELOAD_TIMEOUT = 60
 LOCK_FILE = "agent.lock"
 TBOT_LOCK_FILE = "lock"  # the file tbot v13 holds an exclusive flock on while it runs on this storage
@@ -134,7 +137,9 @@ class OutputState:
     clusters: Optional[List[str]] = None  # kubernetes/v2: the clusters selected at the last renewal
     multi: bool = False  # a kubernetes/v2 output
     cluster_not_after: Dict[str, _dt.datetime] = field(default_factory=dict)  # kubernetes/v2: expiry per cluster
-    full: Optional[Tuple[int, int]] = None  # free (bytes, inodes) on its filesystem when a write last ran out of space
+    # when a write last ran out of space there: free (bytes, inodes) on its filesystem just after, and the cause
+    # (errno, text)
+    full: Optional[Tuple[Tuple[int, int], Tuple[int, str]]] = None
 
     def view(self, now: _dt.datetime) -> Dict[str, Any]:
         secs = int((self.not_after - now).total_seconds()) if self.not_after else None
@@ -178,6 +183,8 @@ class Agent:
         self._stop = False
         self._renew_now = False
         self._force_renew = False  # SIGUSR1: renew the bot identity even though it is fresh
+        # set by _loop for a retry after outputs alone failed: the cycle writes only these (keys); None: every output
+        self._retry_outputs: Optional[set] = None
         self._rotation_pending: Optional[str] = None  # a CA rotation step asks for a renewal (see rotation.py)
         self._current_ident = None  # the identity in use, for the CA rotation watch
         self._wake_fd: Optional[int] = None
@@ -369,7 +376,8 @@ class Agent:
         cfg = self.cfg
         be = self.backend
         self._deferred = None
-        marks = self._marks = {"start": time.monotonic(), "identity_done": None, "outputs": {}, "outputs_error": None}
+        marks = self._marks = {"start": time.monotonic(), "identity_done": None, "outputs": {}, "outputs_error": None,
+                               "skipped": set()}
         ident, stored_hash = self._identity_now()
         try:
             token = configmod.read_token(cfg)  # the token file now (a new one is picked up without a restart)
@@ -452,16 +460,22 @@ class Agent:
             failed: List[Any] = []
             written: List[str] = []
             revoked = getattr(self, "_revoked", {})
+            retry = self._retry_outputs  # a retry: only the outputs that failed (see _loop)
             for out in cfg.outputs:
                 key = str(out.destination)
+                if retry is not None and key not in retry:
+                    marks["skipped"].add(key)  # written by the cycle that failed; no new iteration for it
+                    continue
                 out_start = time.monotonic()
                 with self.lock:
                     full = self.outputs[key].full
                 try:
-                    if full is not None and not _room_since(full, fsutil.free_space(out.destination)):
-                        # nothing was freed since the write ran out of space: the same write would fail again,
-                        # so no new certificates are asked for (each would be an audit event on the server)
-                        raise fsutil.no_space_error(key, key, "nothing freed since the last attempt")
+                    if retry is not None and full is not None and not _room_since(full[0], fsutil.free_space(out.destination)):
+                        # nothing was freed since the write ran out of space: the same write would fail again, so
+                        # a retry asks for no certificates (each is an audit event on the server); a scheduled or
+                        # forced cycle always tries
+                        raise fsutil.no_space_error(key, key, full[1][0], "%s; nothing freed since" % full[1][1],
+                                                    skipped=True)
                     if getattr(out, "multi", False):
                         res = self._write_multi(client, out, cluster_name, endpoint, revoked.get(key, ()))
                     else:
@@ -476,12 +490,15 @@ class Agent:
                 except (AgentError, OSError) as e:
                     if isinstance(e, OSError):
                         where = getattr(e, "filename", None) or key
-                        e = (fsutil.no_space_error(where, key, e.strerror or str(e)) if e.errno in fsutil.NO_SPACE
+                        e = (fsutil.no_space_error(where, key, e.errno, e.strerror or str(e)) if e.errno in fsutil.NO_SPACE
                              else OutputError("%s: %s" % (where, e.strerror or e)))
-                    room = fsutil.free_space(out.destination) if e.details.get("no_space") else None
+                    cause = e.details.get("no_space")
+                    room = fsutil.free_space(out.destination) if cause else None
+                    if e.details.get("skipped"):
+                        cause = full[1]  # keep the cause the write met
                     with self.lock:
                         self.outputs[key].last_error = str(e)
-                        self.outputs[key].full = room
+                        self.outputs[key].full = (room, cause) if room is not None else None
                     self.log.error("output %s (%s) failed: %s", key, out.kubernetes_cluster, e)
                     failed.append((key, e))
                     marks["outputs"][key] = (False, time.monotonic() - out_start)
@@ -613,6 +630,8 @@ class Agent:
         ident_ok = done is not None and (err is None or err is marks.get("outputs_error"))
         self.identity_task.record(ident_ok, (done if done is not None else time.monotonic()) - start)
         for key, task in self.output_tasks.items():
+            if key in marks.get("skipped", ()):
+                continue
             ok, secs = marks["outputs"].get(key, (False, None))
             task.record(ok, secs)
 
@@ -870,6 +889,7 @@ class Agent:
         next_at = now
         next_wd = now
         ready_sent = False
+        retry_outputs = None  # the outputs a retry writes, when outputs alone failed (retryable)
         self.notifier.status("starting: first renewal")
         while not self._stop:
             now = time.monotonic()
@@ -882,12 +902,18 @@ class Agent:
                 self.notifier.ready("configuration reloaded; renewing now")
                 self._renew_now = True
             if self._renew_now or now >= next_at:
-                self._renew_now = False
+                forced, self._renew_now = self._renew_now, False
                 pending, self._rotation_pending = self._rotation_pending, None
                 if pending:
                     self._force_renew = True
                     self.log.info("renewing the bot identity and every output for a CA rotation: %s", pending)
-                err = self.attempt()
+                # a signal, a reload or a rotation writes every output; a retry only those that failed
+                self._retry_outputs = None if forced else retry_outputs
+                try:
+                    err = self.attempt()
+                finally:
+                    self._retry_outputs = None
+                retry_outputs = None
                 now = time.monotonic()
                 interval = self.cfg.renewal_interval
                 if err is None:
@@ -914,6 +940,8 @@ class Agent:
                         retryable = not isinstance(err, (ConfigError, JoinError, OutputError))
                     if retryable:
                         delay = backoff_delay(self.consecutive_failures, interval, self.rnd)
+                        if "written" in err.details:  # outputs alone failed (_outputs_failed)
+                            retry_outputs = set(err.details.get("failed") or ())
                     else:  # needs a human (new token, config fix): try again at the normal pace
                         delay = jittered_interval(interval, self.rnd)
                     if isinstance(err, LockedError):
@@ -949,15 +977,17 @@ class Agent:
 
 
 def _room_since(full: Tuple[int, int], now: Optional[Tuple[int, int]]) -> bool:
-    """Whether a filesystem that was ``full`` (free bytes, inodes) may take a write now: more of either is free,
-    or the free space cannot be read (then the write is tried)."""
-    return now is None or now[0] > full[0] or now[1] > full[1]
+    """Whether a filesystem that was ``full`` (free bytes, inodes) may take a write now: ROOM_MARGIN more
+    bytes are free, or an inode where inodes ran short, or the free space cannot be read (then the write is
+    tried). A quota reached does not show in statvfs: such an output waits for the next scheduled cycle unless
+    space is freed on the filesystem."""
+    return now is None or now[0] >= full[0] + ROOM_MARGIN or (full[1] < 64 and now[1] > full[1])
 
 
 def _outputs_failed(failed: List[Any], written: List[str], total: int) -> AgentError:
-    """One error for the outputs that failed in a cycle, naming each; a RenewError (retried with backoff) when
-    any failure came from the server, else an OutputError (needs a fix on the host: retried at the normal
-    pace, unless one of them is retryable: a full filesystem)."""
+    """One error for the outputs that failed in a cycle, naming each: a RenewError when any failure came from
+    the server, else an OutputError; retried with backoff when any failure may pass by itself (a server error
+    that is retryable, a full filesystem), else at the normal pace (a fix is needed on the host or server)."""
     what = "; ".join("%s: %s" % (k, str(e)[len(k) + 2:] if str(e).startswith(k + ": ") else e) for k, e in failed)
     if total == 1:
         msg = "output %s" % what
@@ -965,10 +995,10 @@ def _outputs_failed(failed: List[Any], written: List[str], total: int) -> AgentE
         also = "; written: %s" % ", ".join(written) if written else ""
         msg = "%d of %d outputs failed (%s)%s" % (len(failed), total, what, also)
     details = {"failed": [k for k, _e in failed], "written": list(written)}
-    renew = [e for _k, e in failed if isinstance(e, RenewError)]
-    if renew:
-        return RenewError(msg, retryable=any(e.retryable for e in renew), **details)
-    return OutputError(msg, retryable=any(getattr(e, "retryable", False) for _k, e in failed), **details)
+    retryable = any(getattr(e, "retryable", False) for _k, e in failed)
+    if any(isinstance(e, RenewError) for _k, e in failed):
+        return RenewError(msg, retryable=retryable, **details)
+    return OutputError(msg, retryable=retryable, **details)
 
 
 def _lock_holder(fd: int) -> Optional[int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import subprocess
 import time
 
@@ -168,7 +169,7 @@ def test_a_full_destination_is_named_retryable_and_leaves_no_temp_file(tmp_path,
     assert isinstance(err, OutputError) and err.retryable, err
     assert str(err).startswith("output %s: %s: no space left on the filesystem of %s (No space left on device)"
                                % (out, out / "key", out)), str(err)
-    assert "free space there" in str(err)
+    assert "free space there, and the agent writes it again (it retries with backoff" in str(err)
     assert sorted(os.listdir(out)) == sorted(FILES), "no temp file stays"
     assert {n: (out / n).read_bytes() for n in FILES} == before, "the last good outputs stay whole"
     # a quota reached is the same; a cause that needs a fix on the host is not retryable
@@ -176,7 +177,8 @@ def test_a_full_destination_is_named_retryable_and_leaves_no_temp_file(tmp_path,
     monkeypatch.setattr(fsutil, "free_space", lambda path: None)
     _fail_writes_under(monkeypatch, out, errno.EDQUOT)
     err = agent.attempt()
-    assert err.retryable and "(Disk quota exceeded)" in str(err), str(err)
+    assert err.retryable and "the agent's user reached its disk quota on the filesystem of %s (Disk quota exceeded); " \
+        "free some of its space or raise the quota" % out in str(err), str(err)
     monkeypatch.undo()
     monkeypatch.setattr(fsutil, "free_space", lambda path: None)
     _fail_writes_under(monkeypatch, out, errno.EIO)
@@ -200,13 +202,13 @@ def test_a_full_destination_is_retried_within_seconds_at_the_default_interval(tm
         return len([c for c in be.calls if c[0] == "kube"])
 
     def steps(seen):
-        test_service._wait_for(lambda: agent.failures >= 3, "three attempts at the full destination", t=8)
+        test_service._wait_for(lambda: agent.failures >= 3, "three attempts at the full destination", t=20)
         seen["failures"], seen["kube_while_full"] = agent.failures, kube_calls()
         room["free"] = (4096, 11)  # an inode freed: worth a try (the write still fails)
-        test_service._wait_for(lambda: kube_calls() > seen["kube_while_full"], "a try once an inode is free", t=8)
+        test_service._wait_for(lambda: kube_calls() > seen["kube_while_full"], "a try once an inode is free", t=20)
         full["on"] = False  # space is back
         room["free"] = (1 << 20, 11)
-        test_service._wait_for(lambda: agent.snapshot()["ready"], "the outputs once space is back", t=8)
+        test_service._wait_for(lambda: agent.snapshot()["ready"], "the outputs once space is back", t=20)
         seen["files"] = sorted(os.listdir(out))
 
     rc, seen = test_service._run_beside(agent, steps)
@@ -216,7 +218,7 @@ def test_a_full_destination_is_retried_within_seconds_at_the_default_interval(tm
     assert len(renewals(be)) == 1, "the retries did not renew the bot identity again"
     log = logbuf[1].getvalue()
     assert "retrying in 0s" in log or "retrying in 1s" in log
-    assert "(nothing freed since the last attempt); free space there" in log
+    assert "(No space left on device; nothing freed since); free space there" in log
     assert agent.outputs[str(out)].full is None, "forgotten once written"
 
     monkeypatch.undo()
@@ -232,3 +234,70 @@ def test_a_full_destination_is_retried_within_seconds_at_the_default_interval(tm
 
     rc, seen = test_service._run_beside(agent, wait)
     assert rc == 0 and seen["failures"] == 1, seen
+
+
+def test_a_retry_writes_only_the_failed_outputs_and_a_forced_cycle_tries_the_full_one_anyway(tmp_path, logbuf,
+                                                                                              monkeypatch):
+    """Two outputs, b on a full filesystem: the retries ask for b's certificate only (a is not rewritten, its
+    reload command not run again, no failed iteration recorded for it); nothing freed on b's filesystem, so the
+    retries ask for none; SIGUSR1 (a forced cycle) tries every output however full it looks."""
+    be = FakeBackend()
+    marker = tmp_path / "reloads"
+    cfg = make_cfg(tmp_path, watch_ca_rotations=False, destinations=[
+        {"directory": str(tmp_path / "a"), "kubernetes_cluster": "ka",
+         "reload_command": ["/bin/sh", "-c", "echo x >> %s" % marker]},
+        {"directory": str(tmp_path / "b"), "kubernetes_cluster": "kb"}])
+    agent = Agent(cfg, backend=be, log=logbuf[0], rnd=lambda: 0.0)
+    _fail_writes_under(monkeypatch, tmp_path / "b", errno.ENOSPC)
+    monkeypatch.setattr(fsutil, "free_space", lambda path: (0, 1000))
+
+    def kube(cluster):
+        return len([c for c in be.calls if c[0] == "kube" and c[2] == cluster])
+
+    def steps(seen):
+        test_service._wait_for(lambda: agent.failures >= 3, "three attempts", t=20)
+        seen["ka"], seen["kb"], seen["reloads"] = kube("ka"), kube("kb"), len(marker.read_text().split())
+        task = agent.output_tasks[str(tmp_path / "a")]
+        seen["a_task"] = (task.iterations, task.failed)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        test_service._wait_for(lambda: kube("kb") > seen["kb"], "a forced cycle asks for b's certificate", t=20)
+        seen["ka_after"] = kube("ka")
+
+    rc, seen = test_service._run_beside(agent, steps)
+    assert "error" not in seen, seen.get("error")
+    assert rc == 0
+    assert seen["ka"] == 1 and seen["reloads"] == 1, "the retries left output a alone: %r" % seen
+    assert seen["a_task"] == (1, 0), "one iteration for a (the first cycle), none failed: %r" % (seen["a_task"],)
+    assert seen["kb"] == 1, "nothing freed: the retries asked for no certificate for b"
+    assert seen["ka_after"] == 2, "the forced cycle wrote every output"
+    assert "1 of 2 outputs failed (%s: " % (tmp_path / "b") in logbuf[1].getvalue()
+
+
+def test_a_failed_output_retries_fast_when_any_failure_may_pass(tmp_path, logbuf, monkeypatch):
+    """A server refusal that retrying cannot fix on output a and a full filesystem on output b: the cycle is still
+    retried with backoff (b may pass soon); a host-side error alone is not."""
+    be = FakeBackend()
+    orig = FakeClient.kube_credentials
+
+    def kube(self, cluster, roles, ttl):
+        if cluster == "ka":
+            raise RenewError("kubernetes cluster 'ka' is not registered", retryable=False)
+        return orig(self, cluster, roles, ttl)
+
+    monkeypatch.setattr(FakeClient, "kube_credentials", kube)
+    _fail_writes_under(monkeypatch, tmp_path / "b", errno.ENOSPC)
+    err = Agent(two_outputs(tmp_path), backend=be, log=logbuf[0]).attempt()
+    assert isinstance(err, RenewError) and err.retryable, err
+    assert err.details["failed"] == [str(tmp_path / "a"), str(tmp_path / "b")]
+
+
+def test_a_destination_that_cannot_be_created_on_a_full_filesystem_says_so(tmp_path, monkeypatch):
+    def mkdir(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    for symlinks in ("secure", "insecure"):
+        with pytest.raises(OutputError) as e:
+            fsutil.open_dir(str(tmp_path / "new" / "out"), symlinks, create=0o750)
+        assert e.value.retryable and "no space left on the filesystem of" in str(e.value), str(e.value)
+        assert str(e.value).startswith("%s: " % (tmp_path / "new" / "out")), str(e.value)
