@@ -106,7 +106,7 @@ def render_metrics(snap: Dict) -> str:
             sample(name + "_sum", labels, float(h["sum"]))
             sample(name + "_count", labels, h["count"])
 
-    metric("renewals_total", "counter", "Successful renewal cycles (identity and all outputs).",
+    metric("renewals_total", "counter", "Successful renewal cycles (identity and all outputs; a retry that wrote the outputs that had failed counts too).",
            [({}, snap.get("renewals", 0))])
     metric("renewal_failures_total", "counter", "Failed renewal cycles.", [({}, snap.get("failures", 0))])
     metric("ready", "gauge", "1 when every output holds a valid certificate and the last renewal succeeded.",

@@ -307,20 +307,31 @@ def no_space_error(target: str, where: str, err: int, why: str, **details) -> Ou
     """The error for ``target`` when the filesystem of ``where`` is full (``err`` ENOSPC) or the agent's user
     reached its quota there (EDQUOT): retryable (see NO_SPACE); its ``details["no_space"]`` is (err, why)."""
     if err == getattr(errno, "EDQUOT", None):
-        cause = "the agent's user reached its disk quota on the filesystem of %s (%s); free some of its space or " \
-                "raise the quota" % (where, why)
+        cause = "the agent's user reached its disk quota on the filesystem of %s (%s); free some of its space there " \
+                "or raise the quota: the agent writes it at its next renewal, or at a retry once space is freed there" \
+                % (where, why)
     else:
-        cause = "no space left on the filesystem of %s (%s); free space there" % (where, why)
-    return OutputError("%s: %s, and the agent writes it again (it retries with backoff, at most a minute apart)"
-                       % (target, cause), retryable=True, no_space=(err, why), **details)
+        cause = "no space left on the filesystem of %s (%s); free space there: the agent retries with backoff (at " \
+                "most a minute apart) and writes it once there is room" % (where, why)
+    return OutputError("%s: %s" % (target, cause), retryable=True, no_space=(err, why), **details)
 
 
 def free_space(path: Union[str, Path]) -> Optional[Tuple[int, int]]:
-    """(bytes, inodes) the agent's user may still take on the filesystem of ``path``; None when unknown."""
-    try:
-        st = os.statvfs(str(path))
-    except OSError:
-        return None
+    """(bytes, inodes) the agent's user may still take on the filesystem of ``path``, or of its nearest existing
+    parent (a destination not created yet); None when unknown. Root may also take the reserved blocks."""
+    p = os.path.abspath(str(path))
+    while True:
+        try:
+            st = os.statvfs(p)
+            break
+        except FileNotFoundError:
+            if os.path.dirname(p) == p:
+                return None
+            p = os.path.dirname(p)
+        except OSError:
+            return None
+    if os.geteuid() == 0:
+        return st.f_bfree * st.f_frsize, st.f_ffree
     return st.f_bavail * st.f_frsize, st.f_favail
 
 

@@ -183,8 +183,10 @@ class Agent:
         self._stop = False
         self._renew_now = False
         self._force_renew = False  # SIGUSR1: renew the bot identity even though it is fresh
-        # set by _loop for a retry after outputs alone failed: the cycle writes only these (keys); None: every output
+        # set by _loop for a retry: the cycle writes only these outputs (keys), those that failed; None: every output
         self._retry_outputs: Optional[set] = None
+        # set by cycle() once its outputs loop ran to the end: the keys it could not write (None: it did not get there)
+        self._outputs_failed_last: Optional[set] = None
         self._rotation_pending: Optional[str] = None  # a CA rotation step asks for a renewal (see rotation.py)
         self._current_ident = None  # the identity in use, for the CA rotation watch
         self._wake_fd: Optional[int] = None
@@ -376,6 +378,7 @@ class Agent:
         cfg = self.cfg
         be = self.backend
         self._deferred = None
+        self._outputs_failed_last = None
         marks = self._marks = {"start": time.monotonic(), "identity_done": None, "outputs": {}, "outputs_error": None,
                                "skipped": set()}
         ident, stored_hash = self._identity_now()
@@ -426,6 +429,7 @@ class Agent:
             ensure_trust = getattr(client, "ensure_trust", None)
             if not joined and callable(ensure_trust) and ensure_trust():
                 self._force_renew = True  # trust re-established after a missed host CA rotation: store it
+                self._retry_outputs = None  # and every output gets the current host CA
             if not joined and self._unsaved is None and self.renewal_due(ident):
                 problem = self._storage_problem()
                 if problem is not None:
@@ -493,9 +497,10 @@ class Agent:
                         e = (fsutil.no_space_error(where, key, e.errno, e.strerror or str(e)) if e.errno in fsutil.NO_SPACE
                              else OutputError("%s: %s" % (where, e.strerror or e)))
                     cause = e.details.get("no_space")
-                    room = fsutil.free_space(out.destination) if cause else None
                     if e.details.get("skipped"):
-                        cause = full[1]  # keep the cause the write met
+                        room, cause = full  # keep what the failed write met: frees add up against it
+                    else:
+                        room = fsutil.free_space(out.destination) if cause else None
                     with self.lock:
                         self.outputs[key].last_error = str(e)
                         self.outputs[key].full = (room, cause) if room is not None else None
@@ -527,6 +532,7 @@ class Agent:
                     self.log.warning("repaired the ACL of %s", ", ".join(res.acl_changes))
                 if out.reload_command:
                     self._run_reload(out)
+            self._outputs_failed_last = {k for k, _e in failed}
             if failed:
                 err = _outputs_failed(failed, written, len(cfg.outputs))
                 if self._deferred is None:
@@ -889,7 +895,8 @@ class Agent:
         next_at = now
         next_wd = now
         ready_sent = False
-        retry_outputs = None  # the outputs a retry writes, when outputs alone failed (retryable)
+        retry_outputs = None  # the outputs a retry writes: those the failed cycle could not write
+        full_due = now  # when the next cycle must write every output (the renewal schedule)
         self.notifier.status("starting: first renewal")
         while not self._stop:
             now = time.monotonic()
@@ -907,8 +914,11 @@ class Agent:
                 if pending:
                     self._force_renew = True
                     self.log.info("renewing the bot identity and every output for a CA rotation: %s", pending)
-                # a signal, a reload or a rotation writes every output; a retry only those that failed
-                self._retry_outputs = None if forced else retry_outputs
+                # A retry writes only the outputs the failed cycle could not write. A signal, a reload, a rotation
+                # and the schedule (full_due) write every output, so a failure that lasts does not keep the others
+                # from being renewed on time.
+                partial = None if (forced or pending or now >= full_due) else retry_outputs
+                self._retry_outputs = partial
                 try:
                     err = self.attempt()
                 finally:
@@ -916,8 +926,10 @@ class Agent:
                 retry_outputs = None
                 now = time.monotonic()
                 interval = self.cfg.renewal_interval
+                if partial is None:
+                    full_due = now + jittered_interval(interval, self.rnd)
                 if err is None:
-                    next_at = now + jittered_interval(interval, self.rnd)
+                    next_at = full_due
                     status = "renewed; next renewal in %ds" % int(next_at - now)
                     if not ready_sent:
                         # READY=1 dropped (systemd's queue full): sent again after the next good cycle
@@ -940,8 +952,8 @@ class Agent:
                         retryable = not isinstance(err, (ConfigError, JoinError, OutputError))
                     if retryable:
                         delay = backoff_delay(self.consecutive_failures, interval, self.rnd)
-                        if "written" in err.details:  # outputs alone failed (_outputs_failed)
-                            retry_outputs = set(err.details.get("failed") or ())
+                        if self._outputs_failed_last is not None:  # the cycle got through its outputs
+                            retry_outputs = set(self._outputs_failed_last)
                     else:  # needs a human (new token, config fix): try again at the normal pace
                         delay = jittered_interval(interval, self.rnd)
                     if isinstance(err, LockedError):

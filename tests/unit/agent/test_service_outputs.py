@@ -169,7 +169,8 @@ def test_a_full_destination_is_named_retryable_and_leaves_no_temp_file(tmp_path,
     assert isinstance(err, OutputError) and err.retryable, err
     assert str(err).startswith("output %s: %s: no space left on the filesystem of %s (No space left on device)"
                                % (out, out / "key", out)), str(err)
-    assert "free space there, and the agent writes it again (it retries with backoff" in str(err)
+    assert str(err).endswith("(No space left on device); free space there: the agent retries with backoff (at most "
+                             "a minute apart) and writes it once there is room"), str(err)
     assert sorted(os.listdir(out)) == sorted(FILES), "no temp file stays"
     assert {n: (out / n).read_bytes() for n in FILES} == before, "the last good outputs stay whole"
     # a quota reached is the same; a cause that needs a fix on the host is not retryable
@@ -178,7 +179,8 @@ def test_a_full_destination_is_named_retryable_and_leaves_no_temp_file(tmp_path,
     _fail_writes_under(monkeypatch, out, errno.EDQUOT)
     err = agent.attempt()
     assert err.retryable and "the agent's user reached its disk quota on the filesystem of %s (Disk quota exceeded); " \
-        "free some of its space or raise the quota" % out in str(err), str(err)
+        "free some of its space there or raise the quota: the agent writes it at its next renewal" % out in str(err), \
+        str(err)
     monkeypatch.undo()
     monkeypatch.setattr(fsutil, "free_space", lambda path: None)
     _fail_writes_under(monkeypatch, out, errno.EIO)
@@ -218,7 +220,7 @@ def test_a_full_destination_is_retried_within_seconds_at_the_default_interval(tm
     assert len(renewals(be)) == 1, "the retries did not renew the bot identity again"
     log = logbuf[1].getvalue()
     assert "retrying in 0s" in log or "retrying in 1s" in log
-    assert "(No space left on device; nothing freed since); free space there" in log
+    assert "(No space left on device; nothing freed since); free space there: the agent retries" in log
     assert agent.outputs[str(out)].full is None, "forgotten once written"
 
     monkeypatch.undo()
