@@ -238,8 +238,7 @@ def test_a_full_destination_is_retried_within_seconds_at_the_default_interval(tm
     assert rc == 0 and seen["failures"] == 1, seen
 
 
-def test_a_retry_writes_only_the_failed_outputs_and_a_forced_cycle_tries_the_full_one_anyway(tmp_path, logbuf,
-                                                                                              monkeypatch):
+def test_a_retry_writes_only_the_failed_outputs_and_a_forced_cycle_tries_the_full_one(tmp_path, logbuf, monkeypatch):
     """Two outputs, b on a full filesystem: the retries ask for b's certificate only (a is not rewritten, its
     reload command not run again, no failed iteration recorded for it); nothing freed on b's filesystem, so the
     retries ask for none; SIGUSR1 (a forced cycle) tries every output however full it looks."""
