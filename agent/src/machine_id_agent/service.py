@@ -951,7 +951,9 @@ class Agent:
                     if retryable is None:
                         retryable = not isinstance(err, (ConfigError, JoinError, OutputError))
                     if retryable:
-                        delay = backoff_delay(self.consecutive_failures, interval, self.rnd)
+                        # never past the schedule: the cycle due then writes every output (full_due)
+                        delay = min(backoff_delay(self.consecutive_failures, interval, self.rnd),
+                                    max(0.0, full_due - now))
                         if self._outputs_failed_last is not None:  # the cycle got through its outputs
                             retry_outputs = set(self._outputs_failed_last)
                     else:  # needs a human (new token, config fix): try again at the normal pace

@@ -44,10 +44,11 @@ def test_the_other_outputs_are_renewed_on_schedule_while_one_stays_full(tmp_path
 
 
 def test_the_other_outputs_next_renewal_is_not_pushed_back_by_a_retry(tmp_path, logbuf, monkeypatch):
-    """b full for 3 s at renewal_interval 4s: a, written by the failed cycle, is next written about 4 s after it
-    (the schedule), not 4 s after the retry that wrote b (about 7.5 s or more)."""
+    """renewal_interval 8s, b full for 7.5 s: a, written by the failed cycle at t0, is next written by the cycle
+    due at t0 + 8 s. Neither a retry's backoff (retries at 1, 3 and 7 s; the next would be 15 s) nor a retry that
+    succeeds may push that cycle back (before: t0 + 15 s or later)."""
     be = FakeBackend()
-    cfg = two_outputs(tmp_path, watch_ca_rotations=False, renewal_interval="4s", certificate_ttl="20s")
+    cfg = two_outputs(tmp_path, watch_ca_rotations=False, renewal_interval="8s", certificate_ttl="40s")
     agent = Agent(cfg, backend=be, log=logbuf[0], rnd=lambda: 1.0)
     full = _fail_writes_under(monkeypatch, tmp_path / "b", errno.ENOSPC)
     monkeypatch.setattr(fsutil, "free_space", lambda path: None)
@@ -62,14 +63,14 @@ def test_the_other_outputs_next_renewal_is_not_pushed_back_by_a_retry(tmp_path, 
 
     def steps(seen):
         test_service._wait_for(lambda: agent.failures >= 1, "the first failure")
-        time.sleep(3)
+        time.sleep(7.5)
         full["on"] = False
-        test_service._wait_for(lambda: len(times.get("ka", [])) >= 2, "a written again", t=20)
+        test_service._wait_for(lambda: len(times.get("ka", [])) >= 2, "a written again", t=30)
 
     rc, seen = test_service._run_beside(agent, steps)
     assert "error" not in seen, seen.get("error")
     gap = times["ka"][1] - times["ka"][0]
-    assert gap < 6, "a rewritten %.1f s after the failed cycle (interval 4 s)" % gap
+    assert 7 < gap < 11, "a rewritten %.1f s after the failed cycle (interval 8 s)" % gap
 
 
 def test_a_raised_quota_is_written_by_the_next_scheduled_cycle(tmp_path, logbuf, monkeypatch):
