@@ -259,7 +259,7 @@ class AclPolicy:
                                       "%d); run 'machine-id-agent init' as root or chown it to the agent's user"
                                       % (where, os.geteuid(), st.st_uid)) from None
                 elif e.errno in fsutil.NO_SPACE:  # an ACL is an extended attribute: it takes space too
-                    raise fsutil.no_space_error(where, where, e.errno, e.strerror or str(e)) from None
+                    raise fsutil.no_space_from(where, where, e) from None
                 else:
                     raise OutputError("%s: cannot set its ACL (%s)" % (where, e.strerror or e)) from None
         mode = plain_mode(is_dir)

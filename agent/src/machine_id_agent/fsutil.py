@@ -160,7 +160,7 @@ class Dir:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC | _O_NOFOLLOW, mode, dir_fd=self.fd)
         except OSError as e:
             if e.errno in NO_SPACE:
-                raise no_space_error(target, self.path, e.errno, e.strerror or str(e)) from None
+                raise no_space_from(target, self.path, e) from None
             raise OutputError("%s: cannot create a file in %s (%s); make the directory writable by the agent's "
                               "user (run 'machine-id-agent init')" % (target, self.path, e.strerror or e)) from None
         try:
@@ -182,7 +182,7 @@ class Dir:
             except OSError:
                 pass
             if isinstance(e, OSError) and e.errno in NO_SPACE:
-                raise no_space_error(target, self.path, e.errno, e.strerror or str(e)) from None
+                raise no_space_from(target, self.path, e) from None
             if isinstance(e, OSError):
                 raise OutputError("%s: write failed (%s); check free space and permissions of %s"
                                   % (target, e.strerror or e, self.path)) from None
@@ -316,6 +316,11 @@ def no_space_error(target: str, where: str, err: int, why: str, **details) -> Ou
     return OutputError("%s: %s" % (target, cause), retryable=True, no_space=(err, why), **details)
 
 
+def no_space_from(target: str, where: str, e: OSError) -> OutputError:
+    """:func:`no_space_error` for an OSError whose errno is in NO_SPACE."""
+    return no_space_error(target, where, e.errno, e.strerror or str(e))
+
+
 def free_space(path: Union[str, Path]) -> Optional[Tuple[int, int]]:
     """(bytes, inodes) the agent's user may still take on the filesystem of ``path``, or of its nearest existing
     parent (a destination not created yet); None when unknown. Root may also take the reserved blocks."""
@@ -337,7 +342,7 @@ def free_space(path: Union[str, Path]) -> Optional[Tuple[int, int]]:
 
 def _open_error(path: str, where: str, e: OSError, create: Optional[int]) -> OutputError:
     if e.errno in NO_SPACE:  # creating the destination (or a parent) on a full filesystem
-        return no_space_error(path, where, e.errno, e.strerror or str(e))
+        return no_space_from(path, where, e)
     if e.errno == errno.ENOENT:
         if create is None:
             return OutputError("%s: %s does not exist; create it (run 'machine-id-agent init' as root)"
@@ -375,7 +380,7 @@ def _walk(path: str, symlinks: str, create: Optional[int], parents_mode: int) ->
                     pass
                 except OSError as e2:
                     if e2.errno in NO_SPACE:
-                        raise no_space_error(path, where, e2.errno, e2.strerror or str(e2)) from None
+                        raise no_space_from(path, where, e2) from None
                     raise OutputError("%s: %s does not exist and the agent's user (%s) cannot create it (%s); run "
                                       "'machine-id-agent init' as root first, or create it owned by that user"
                                       % (path, where, _uname(os.geteuid()), e2.strerror or e2)) from None

@@ -13,9 +13,9 @@ outputs atomically, and run each output's reload command.
 Timing: the next cycle is due after ``renewal_interval`` x U(0.9, 1.0). A failed cycle is retried with
 exponential backoff (1s, 2s, 4s ... capped at min(renewal_interval, 60s)) x U(0.5, 1.0); the last good outputs
 stay in place. A failure that needs a fix on the host (a config, a permission) is retried at the normal pace
-instead, except a full filesystem (fsutil.NO_SPACE), whose space can come back at any moment. A retry after
-outputs alone failed writes only those outputs (and skips a full one while nothing was freed on its filesystem);
-a scheduled, forced or reloaded cycle writes every output.
+instead, except a full filesystem (fsutil.NO_SPACE), whose space can come back at any moment. A retry writes only
+the outputs the failed cycle could not write (and skips a full one while nothing was freed on its filesystem);
+the cycle due on the schedule, and a forced or reloaded one, writes every output.
 Signals: SIGHUP reloads the config and runs a cycle, SIGUSR1 runs a cycle that renews the bot
 identity, SIGTERM/SIGINT exit 0 (after the running cycle).
 """
@@ -494,7 +494,7 @@ class Agent:
                 except (AgentError, OSError) as e:
                     if isinstance(e, OSError):
                         where = getattr(e, "filename", None) or key
-                        e = (fsutil.no_space_error(where, key, e.errno, e.strerror or str(e)) if e.errno in fsutil.NO_SPACE
+                        e = (fsutil.no_space_from(where, key, e) if e.errno in fsutil.NO_SPACE
                              else OutputError("%s: %s" % (where, e.strerror or e)))
                     cause = e.details.get("no_space")
                     if e.details.get("skipped"):
